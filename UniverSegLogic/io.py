@@ -181,6 +181,9 @@ def atomic_path(final_path: str) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.basename(final_path), dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results get the usual permissions
     return tmp
 
 

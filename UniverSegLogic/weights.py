@@ -18,6 +18,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -117,11 +118,14 @@ def load_file(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor
         raise WeightsError(f"weights file is too large to be UniverSeg v1 ({size} bytes): {path}")
     if sha256 and sha256_of(str(p)).lower() != sha256.lower():
         raise WeightsError(f"weights file {path} does not match its pinned sha256")
+    if not zipfile.is_zipfile(str(p)):
+        raise WeightsError(f"cannot read weights file {path} (corrupt or truncated?): not a "
+                           "PyTorch zip archive")
     try:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and unpickler errors alike
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Weights only load failed" in msg or "Unsupported global" in str(exc):
+        if "Weights only load failed" in msg:  # the archive is intact: its pickle is not plain
             raise WeightsError(f"refused to load {path}: it contains Python objects other than "
                                "tensors (not a plain weights file)") from None
         raise WeightsError(f"cannot read weights file {path} (corrupt or truncated?): {msg}") from None
@@ -194,6 +198,7 @@ def official_path(url: str = OFFICIAL_URL, sha256: Optional[str] = OFFICIAL_SHA2
                   allow_download: bool = True, echo: Callable[[str], None] = print,
                   progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Path of the cached official weights, downloading them on first use."""
+    url = os.environ.get("UNIVERSEG_OFFICIAL_URL", url)  # mirrors / tests
     dest = cache_dir() / OFFICIAL_FILENAME
     if dest.is_file():
         return dest
