@@ -121,6 +121,10 @@ class SliceFrame:
     flip_rows: bool
     flip_cols: bool
     spacing: Tuple[float, float, float]  # slice, row, col spacing in mm
+    #: True when increasing slice index runs towards - of the slicing axis' RAS direction.
+    #: Slice order is kept as stored (slice t is array index t), so slice numbers stay the
+    #: user's; compare positions across volumes with :meth:`relative_position`.
+    slice_reversed: bool = False
 
     @classmethod
     def of(cls, volume: Volume, axis: AxisSpec) -> "SliceFrame":
@@ -134,7 +138,13 @@ class SliceFrame:
         row, col = rest
         sp = volume.spacing_kji
         return cls(a, row, col, bool(sign[row] > 0), bool(sign[col] > 0),
-                   (float(sp[a]), float(sp[row]), float(sp[col])))
+                   (float(sp[a]), float(sp[row]), float(sp[col])), bool(sign[a] < 0))
+
+    def relative_position(self, index, count: int):
+        """Position (0..1) of slice ``index`` of ``count`` along the anatomical direction, so
+        positions agree between volumes whose slices are stored in opposite orders."""
+        pos = np.asarray(index, dtype=np.float64) / max(1, count - 1)
+        return 1.0 - pos if self.slice_reversed else pos
 
     def to_frame(self, array: np.ndarray) -> np.ndarray:
         """KJI array -> (slices, rows, cols) view in the canonical frame."""
