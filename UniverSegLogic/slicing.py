@@ -73,8 +73,11 @@ class Canvas:
         x = slices.unsqueeze(1).float()
         if (self.rows, self.cols) != self.inner:
             shrink = self.inner[0] < self.rows or self.inner[1] < self.cols
-            x = F.interpolate(x, size=self.inner, mode=mode, align_corners=False,
-                              antialias=shrink and mode in ("bilinear", "bicubic"))
+            if mode in ("bilinear", "bicubic"):
+                x = F.interpolate(x, size=self.inner, mode=mode, align_corners=False,
+                                  antialias=shrink)
+            else:
+                x = F.interpolate(x, size=self.inner, mode=mode)
         top, left = self.offset
         bottom = self.size - self.inner[0] - top
         right = self.size - self.inner[1] - left
