@@ -5,10 +5,10 @@ Sources (fetched at run time into a cache folder; nothing here is committed):
 * ``slicerio`` -- the chest CT + ``Segmentation.seg.nrrd`` bundled with the installed slicerio
   package. It is the demo sample, so it is **never** used for training: it is written only to
   ``eval/`` as the *unseen* case.
-* ``totalsegmentator`` -- the sdist of TotalSegmentator 2.18.0, ``tests/reference_files``: abdomen
-  CT + labels (task ``total``), CT DICOM series + labels (task ``total``, stored with a flipped axis,
-  so it is resampled onto the image through physical space), abdomen MR + labels (task
-  ``total_mr``). Labels are that model's outputs, decoded with its class map (parsed as text).
+* ``totalsegmentator`` -- the sdist of TotalSegmentator 2.18.0, ``tests/reference_files``:
+  abdomen CT + labels (task ``total``), CT DICOM series + labels (task ``total``, stored with a
+  flipped axis, so it is resampled onto the image through physical space), abdomen MR + labels
+  (task ``total_mr``). Labels are that model's outputs, decoded with its class map (parsed as text).
 * ``mricron`` -- Debian ``mricron-data``: Colin27 T1 (``ch2``) with the ``aal`` and ``brodmann``
   label maps on the same grid.
 * ``nilearn`` -- the nilearn wheel: MNI152 2009 T1 with grey/white matter from its probability maps.
@@ -17,10 +17,10 @@ Split (:func:`split_aal`, :data:`CASES`): validation = the whole TotalSegmentato
 held-out AAL regions (every 4th AAL region, both hemispheres; zeroed out of the training AAL map).
 Everything else trains. Structures under :data:`MIN_VOXELS` voxels are dropped.
 
-Output (``prepare``), per case and axis: ``train|val/<case>__<axis>.npz`` holding ``image`` (uint8
-N x 128 x 128, canonical slice frame, intensities windowed once per volume), ``labels`` (uint16, same
-canvas, nearest neighbour, contiguous ids), ``names`` (``names[i-1]`` names id i), ``spacing``
-(slice/row/col mm) and ``source``; ``manifest.json``; and ``eval/<case>/image.nrrd`` +
+Output (``prepare``), per case and axis: ``train|val/<case>__<axis>.npz`` holding ``image``
+(uint8 N x 128 x 128, canonical slice frame, intensities windowed once per volume), ``labels``
+(uint16, same canvas, nearest neighbour, contiguous ids), ``names`` (``names[i-1]`` names id i),
+``spacing`` (slice/row/col mm) and ``source``; ``manifest.json``; and ``eval/<case>/image.nrrd`` +
 ``eval/<case>/masks/<structure>.nrrd`` (full-resolution binary masks on the image grid) with
 ``eval/manifest.json``.
 """
@@ -318,8 +318,10 @@ def _run(cmd: List[str], what: str, cwd: Optional[str] = None, timeout: int = 90
     except subprocess.TimeoutExpired:
         raise DataError(f"cannot {what}: timed out after {timeout} s (offline?)") from None
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"exit code {proc.returncode}"
+        err = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        marked = [ln for ln in err if ln.startswith(("ERROR", "E:"))]
+        lines = marked or err or [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+        reason = lines[0] if marked else (lines[-1] if lines else f"exit code {proc.returncode}")
         raise DataError(f"cannot {what} (offline?): {reason}")
 
 
@@ -377,7 +379,8 @@ def _extract_members(archive: str, root: str, members: Iterable[str], dest: str)
         missing = [w for w in wanted if not w.endswith("/") and
                    not os.path.exists(target(w).replace(os.path.normpath(dest), tmp, 1))]
         if missing or not written:
-            raise DataError(f"{os.path.basename(archive)} lacks {', '.join(missing) or 'the files'}")
+            raise DataError(f"{os.path.basename(archive)} lacks "
+                            f"{', '.join(missing) or 'the files'}")
         if os.path.exists(dest):
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -458,7 +461,7 @@ def slicerio_data_dir() -> str:
 
 @dataclass
 class LabeledCase:
-    """A prepared case: image, contiguous label ids on its grid, and the reference SimpleITK image."""
+    """A case to write: image, contiguous label ids on its grid, the reference SimpleITK image."""
 
     spec: CaseSpec
     volume: Volume
@@ -556,7 +559,8 @@ def load_mricron(templates: str) -> List[LabeledCase]:
     ba_names = {int(i): f"Brodmann_area_{int(i)}" for i in np.unique(brodmann) if i != 0}
     src = "Debian mricron-data: templates/ch2.nii.gz + "
     return [
-        _make_case("colin27_aal", t1, train_aal, train_names, src + "aal.nii.gz (training regions)"),
+        _make_case("colin27_aal", t1, train_aal, train_names,
+                   src + "aal.nii.gz (training regions)"),
         _make_case("colin27_aal_heldout", t1, val_aal, val_names,
                    src + "aal.nii.gz (held-out regions)"),
         _make_case("colin27_brodmann", t1, brodmann, ba_names, src + "brodmann.nii.gz"),
@@ -570,7 +574,8 @@ def load_nilearn(folder: str) -> List[LabeledCase]:
     wm = labels_on_grid(_read_sitk(os.path.join(folder, _NILEARN_FILES["wm"])), t1)
     return [_make_case("mni152_gmwm", t1, tissue_labels(gm, wm),
                        {1: "grey_matter", 2: "white_matter"},
-                       f"nilearn {NILEARN_VERSION} wheel: MNI152 2009c T1 + GM/WM probability maps")]
+                       f"nilearn {NILEARN_VERSION} wheel: MNI152 2009c T1 + GM/WM "
+                       "probability maps")]
 
 
 def load_slicerio(folder: str) -> List[LabeledCase]:
@@ -611,7 +616,8 @@ def choose_eval_structures(masks: Dict[str, np.ndarray], min_slices: int = EVAL_
                            limit: Optional[int] = EVAL_MAX_STRUCTURES) -> List[str]:
     """Names of the structures to evaluate: those spanning ``>= min_slices`` slices along axis 0,
     the ``limit`` largest (ties by name), in decreasing size."""
-    ok = [(int(np.count_nonzero(m)), n) for n, m in masks.items() if slices_spanned(m) >= min_slices]
+    ok = [(int(np.count_nonzero(m)), n) for n, m in masks.items()
+          if slices_spanned(m) >= min_slices]
     ok.sort(key=lambda t: (-t[0], t[1]))
     return [n for _, n in (ok if limit is None else ok[:limit])]
 
@@ -636,7 +642,8 @@ def write_eval_case(case: LabeledCase, folder: str, structures: Optional[Sequenc
     import SimpleITK as sitk
 
     masks = case.structure_masks()
-    chosen = list(structures) if structures is not None else choose_eval_structures(masks, limit=limit)
+    chosen = (list(structures) if structures is not None
+              else choose_eval_structures(masks, limit=limit))
     root = os.path.join(folder, case.spec.name)
     os.makedirs(os.path.join(root, "masks"), exist_ok=True)
     sitk.WriteImage(case.reference, os.path.join(root, "image.nrrd"), True)
@@ -720,15 +727,36 @@ class Summary:
             lines.append(f"{name:<22} {rows[0].split:<6} {len(rows[0].structures):>7} {sl:>16} "
                          f"{mb:>6.2f}")
         for e in self.eval_cases:
+            mb = _folder_bytes(os.path.join(self.out, "eval", str(e["case"]))) / 1e6
             lines.append(f"{'eval/' + str(e['case']):<22} {str(e['role']):<6} "
-                         f"{len(e['structures']):>7} {'':>16} "
-                         f"{_folder_bytes(os.path.join(self.out, 'eval', str(e['case']))) / 1e6:>6.2f}")
+                         f"{len(e['structures']):>7} {'':>16} {mb:>6.2f}")
         n_train = sum(len(r[0].structures) for r in cases.values() if r[0].split == "train")
         n_val = sum(len(r[0].structures) for r in cases.values() if r[0].split == "val")
         lines.append(f"train structures: {n_train}, val structures: {n_val}, "
                      f"eval structures: {sum(len(e['structures']) for e in self.eval_cases)}, "
                      f"total size: {self.total_bytes / 1e6:.1f} MB in {self.out}")
         return "\n".join(lines)
+
+
+def source_versions(cache: str, sources: Sequence[str]) -> Dict[str, str]:
+    """Which release of each source was used (for the manifest)."""
+    out = {}
+    for s in sources:
+        if s == "totalsegmentator":
+            out[s] = f"totalsegmentator=={TOTALSEG_VERSION} (sdist)"
+        elif s == "nilearn":
+            out[s] = f"nilearn=={NILEARN_VERSION} (wheel)"
+        elif s == "mricron":
+            debs = sorted(glob.glob(os.path.join(cache, "mricron-data_*.deb")))
+            out[s] = os.path.basename(debs[-1]) if debs else "mricron-data (unpacked earlier)"
+        elif s == "slicerio":
+            from importlib import metadata
+
+            try:
+                out[s] = f"slicerio=={metadata.version('slicerio')}"
+            except metadata.PackageNotFoundError:
+                out[s] = "slicerio"
+    return out
 
 
 def _check_out(out: str) -> None:
@@ -739,7 +767,7 @@ def _check_out(out: str) -> None:
 
 def prepare(out: str, cache: str, sources: Sequence[str] = tuple(SOURCES),
             log: Callable[[str], None] = print) -> Summary:
-    """Fetch ``sources`` into ``cache``, and (re)write the prepared-data folder ``out`` atomically."""
+    """Fetch ``sources`` into ``cache``; (re)write the prepared-data folder ``out`` atomically."""
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise DataError(f"unknown sources: {', '.join(unknown)}")
@@ -769,8 +797,7 @@ def prepare(out: str, cache: str, sources: Sequence[str] = tuple(SOURCES),
                     files += write_case_npz(case, case.spec.role, tmp)
                 if case.spec.role in ("val", "unseen"):
                     limit = None if case.spec.role == "unseen" else EVAL_MAX_STRUCTURES
-                    min_slices = 0 if case.spec.role == "unseen" else EVAL_MIN_SLICES
-                    chosen = choose_eval_structures(case.structure_masks(), min_slices, limit)
+                    chosen = choose_eval_structures(case.structure_masks(), EVAL_MIN_SLICES, limit)
                     eval_cases.append(write_eval_case(case, os.path.join(tmp, "eval"), chosen))
         manifest = {
             "format": "UniverSeg-Slicer prepared data v1",
@@ -786,9 +813,10 @@ def prepare(out: str, cache: str, sources: Sequence[str] = tuple(SOURCES),
                 "aal_heldout": heldout,
                 "slicerio_chest_ct": "demo sample: never in train/ or val/, only in eval/",
                 "eval": f"val structures spanning >= {EVAL_MIN_SLICES} slices along array axis 0, "
-                        f"the {EVAL_MAX_STRUCTURES} largest per case; all segments of the unseen "
-                        f"case",
+                        f"the {EVAL_MAX_STRUCTURES} largest per validation case (no cap for the "
+                        f"unseen case)",
             },
+            "versions": source_versions(cache, sources),
             "cases": [{"case": c.name, "source": c.source, "role": c.role,
                        "description": c.description} for c in CASES if c.source in sources],
             "dropped_small_structures": dropped,
