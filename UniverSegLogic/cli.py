@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 #: Modules that register sub-commands, in help order.
-COMMAND_MODULES = ("propagate", "demo", "evaluate", "data", "train", "benchmark")
+COMMAND_MODULES = ("propagate", "demo", "evaluate", "calibrate", "data", "train", "benchmark")
 
 
 class UsageError(ValueError):

@@ -5,12 +5,17 @@ evaluation. For each segment it
 
 1. views image and mask in the canonical slice frame of the chosen axis (:mod:`geometry`),
 2. finds the labeled slices (:mod:`support`),
-3. picks the targets: the slices between the first and last labeled slice, plus up to one typical
-   gap beyond each end (``max_extrapolation``),
+3. picks the targets: the slices between the first and last labeled slice, plus up to
+   ``FusionParams.extrapolation_gaps`` typical gaps beyond each end (``max_extrapolation``
+   overrides; nothing beyond an end slice that is labeled but empty),
 4. runs UniverSeg on the 128x128 canvas (:mod:`slicing`, :mod:`engine`) with bracketing support,
    optionally ensembled over support subsets and with flipped support copies,
-5. fuses the network's logit with the painted-slice shape prior inside the labeled range
-   (:mod:`prior`), and restacks (:mod:`restack`): labeled slices keep the user's labels.
+5. fuses (:mod:`prior`, unless ``use_prior`` is off): inside the painted range the network's
+   logit with the painted-slice shape prior (interpolated signed distance and, where vtkITK is
+   importable, Slicer's Fill between slices) by a calibrated logistic rule; beyond it the network
+   with a calibrated rule, walking outwards and keeping only regions that overlap the previous
+   slice, stopping (and skipping the network) once a slice comes out empty,
+6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 
 from .engine import Cancelled, InferenceEngine, resolve_device
 from .geometry import AxisSpec, GeometryError, SliceFrame, Volume
-from .prior import DistancePrior, FusionParams
+from .prior import FusionParams, OutsideChain, ShapePrior, fuse_inside, sigmoid
 from .restack import assemble
 from .slicing import Canvas, intensity_window, scale_intensity
 from .support import (ExternalSupport, SupportError, ensemble_subsets, labeled_slices_of,
@@ -41,7 +46,9 @@ class PropagationOptions:
     """How to propagate (defaults are what the CLI and the Slicer module use)."""
 
     axis: AxisSpec = "axial"
-    support_size: int = 8
+    #: labeled slices per target, bracketing first (2 = the two around it: as good as 8 on the
+    #: validation structures, at a fraction of the cost; see Testing/evaluation/README.md)
+    support_size: int = 2
     ensemble: int = 1
     flips: bool = False
     device: str = "auto"
@@ -179,28 +186,147 @@ def _external_support(request: PropagationRequest, name: str) -> Optional[Extern
             continue
         imgs.append(st.canvas_images(idx))
         labs.append(st.canvas_masks(ms, idx))
-        pos.append(np.array(idx, dtype=np.float64) / max(1, st.n - 1))
+        pos.append(st.frame.relative_position(np.array(idx), st.n))
     if not imgs:
         return None
     return ExternalSupport(torch.cat(imgs), torch.cat(labs), np.concatenate(pos))
 
 
-def _targets(n: int, labeled: List[int], max_extrapolation: Optional[int],
-             external: Optional[ExternalSupport]) -> List[int]:
+def _targets(n: int, labeled: List[int], mask_stack: np.ndarray, max_extrapolation: Optional[int],
+             extrapolation_gaps: float, external: Optional[ExternalSupport],
+             frame: SliceFrame) -> List[int]:
+    """Slices to predict: between the labeled slices, plus the extrapolation beyond each end.
+
+    Nothing is predicted beyond an end slice that is labeled but empty (the user confirmed that
+    the structure has ended there).
+    """
     if not labeled:  # external support only: the relative range the structure covers there
-        lo = max(0, int(np.floor((external.positions.min() - 0.1) * (n - 1))))
-        hi = min(n - 1, int(np.ceil((external.positions.max() + 0.1) * (n - 1))))
-        return list(range(lo, hi + 1))
+        rel = frame.relative_position(np.arange(n), n)
+        lo, hi = external.positions.min() - 0.1, external.positions.max() + 0.1
+        return [int(t) for t in np.flatnonzero((rel >= lo) & (rel <= hi))]
     if max_extrapolation is None:
         gaps = np.diff(labeled)
-        ext = int(np.max(gaps)) if len(gaps) else max(2, n // 8)
+        gap = float(np.mean(gaps)) if len(gaps) else float(max(2, n // 8))
+        ext = int(np.ceil(extrapolation_gaps * gap))
     elif max_extrapolation < 0:
         ext = n
     else:
         ext = int(max_extrapolation)
-    lo, hi = max(0, labeled[0] - ext), min(n - 1, labeled[-1] + ext)
+    lo = labeled[0] - (ext if mask_stack[labeled[0]].any() else 0)
+    hi = labeled[-1] + (ext if mask_stack[labeled[-1]].any() else 0)
     lab = set(labeled)
-    return [t for t in range(lo, hi + 1) if t not in lab]
+    return [t for t in range(max(0, lo), min(n - 1, hi) + 1) if t not in lab]
+
+
+def _fill_between_stack(mask_stack: np.ndarray, labeled: List[int],
+                        spacing: Tuple[float, float, float]) -> Optional[np.ndarray]:
+    """Fill between slices on the canonical stack, or None where vtkITK is not importable."""
+    from . import fill_between
+
+    if not fill_between.available():
+        return None
+    return fill_between.fill_between_slices(mask_stack, labeled, 0, spacing)
+
+
+@dataclass
+class _Plan:
+    seg: SegmentRequest
+    mask_stack: np.ndarray      # canonical (slices, rows, cols) user labels
+    labeled: List[int]
+    external: Optional[ExternalSupport]
+    targets: List[int]
+
+
+def _plan(request: PropagationRequest, frame: SliceFrame, n: int, extrapolation_gaps: float,
+          max_extrapolation: Optional[int]) -> List[_Plan]:
+    """Labeled slices and targets of every segment (input errors surface here, before compute)."""
+    plans = []
+    for seg in request.segments:
+        mask_stack = frame.to_frame(np.asarray(seg.mask, dtype=bool))
+        external = _external_support(request, seg.name)
+        if seg.labeled_slices is None and external is not None and not mask_stack.any():
+            labeled: List[int] = []
+        else:
+            labeled = labeled_slices_of(mask_stack, seg.labeled_slices, seg.name)
+        plans.append(_Plan(seg, mask_stack, labeled, external,
+                           _targets(n, labeled, mask_stack, max_extrapolation,
+                                    extrapolation_gaps, external, frame)))
+    return plans
+
+
+def _network_logits(stack: _Stack, plan: _Plan, opts: PropagationOptions,
+                    engine: InferenceEngine, targets: Sequence[int],
+                    tick: Callable[[str, int], None]) -> Dict[int, np.ndarray]:
+    """Mean network logit (canonical native grid) of each target over the ensemble.
+
+    Targets sharing a support set run as one batch; ``tick(message, slices)`` is called before
+    each batch (progress and cancel).
+    """
+    n, labeled, external = stack.n, plan.labeled, plan.external
+    logit_sum: Dict[int, np.ndarray] = {}
+    runs: Dict[int, int] = {}
+    groups: Dict[tuple, List[int]] = {}
+    for t in targets:
+        internal = select_support(t, labeled, opts.support_size) if labeled else ()
+        ext: Tuple[int, ...] = ()
+        room = opts.support_size - len(internal)
+        if external is not None and room > 0:
+            rel = float(stack.frame.relative_position(t, n))
+            pos = round(rel * 16) / 16  # quantized: keeps batches large
+            ext = tuple(sorted(int(i) for i in external.nearest(pos, room)))
+        groups.setdefault((internal, ext), []).append(t)
+    for (internal, ext), group in groups.items():
+        subsets = ensemble_subsets(internal, opts.ensemble, opts.seed) if internal \
+            else [()] * opts.ensemble
+        for subset in subsets:
+            s_img = [stack.canvas_images(subset)] if subset else []
+            s_lab = [stack.canvas_masks(plan.mask_stack, subset)] if subset else []
+            if ext:
+                s_img.append(external.images[list(ext)])
+                s_lab.append(external.labels[list(ext)])
+            s_img_t, s_lab_t = torch.cat(s_img), torch.cat(s_lab)
+            if opts.flips:
+                s_img_t = torch.cat([s_img_t, s_img_t.flip(-1)])
+                s_lab_t = torch.cat([s_lab_t, s_lab_t.flip(-1)])
+            for b in range(0, len(group), engine.batch_size):
+                chunk = group[b:b + engine.batch_size]
+                tick(f"{plan.seg.name}: slices {chunk[0]}..{chunk[-1]}", 0)
+                logits = engine.logits(stack.canvas_images(chunk), s_img_t, s_lab_t)
+                native = stack.canvas.from_canvas(logits).numpy()
+                for t, lg in zip(chunk, native):
+                    logit_sum[t] = logit_sum.get(t, 0.0) + lg
+                    runs[t] = runs.get(t, 0) + 1
+                tick("", len(chunk))
+    return {t: lg / runs[t] for t, lg in logit_sum.items()}
+
+
+def fused_probabilities(prior: ShapePrior, fusion: FusionParams, targets: Sequence[int],
+                        network: Callable[[Sequence[int]], Dict[int, np.ndarray]],
+                        batch: int = 8, skip: Optional[Callable[[int], None]] = None
+                        ) -> Dict[int, np.ndarray]:
+    """Fused probability of every target: the prior-and-network rule inside the painted range,
+    the outside rule with its extent rule beyond each end (computed outwards in batches of
+    ``batch``; once a side stops, its remaining targets are not computed: ``skip(count)``)."""
+    probs: Dict[int, np.ndarray] = {}
+    inside = [t for t in targets if prior.inside_range(t)]
+    if inside:
+        logits = network(inside)
+        for t, lg in logits.items():
+            probs[t] = fuse_inside(prior, fusion, t, lg, logits)
+    lab = prior.labeled
+    for end, side in ((lab[0], sorted((t for t in targets if t < lab[0]), reverse=True)),
+                      (lab[-1], sorted(t for t in targets if t > lab[-1]))):
+        chain = OutsideChain(prior, fusion, end)
+        for b in range(0, len(side), batch):
+            if chain.stopped:  # the structure has ended: the rest stays empty
+                if skip is not None:
+                    skip(len(side) - b)
+                break
+            chunk = side[b:b + batch]
+            lgs = network(chunk)
+            for t in chunk:
+                probs[t] = chain.push(t, lgs[t], lgs)
+    return probs
 
 
 def propagate(request: PropagationRequest, progress: Optional[ProgressFn] = None,
@@ -216,71 +342,63 @@ def propagate(request: PropagationRequest, progress: Optional[ProgressFn] = None
     fusion = fusion or default_fusion(opts.weights)
     stack = _Stack(request.image, opts.axis)
     frame, n = stack.frame, stack.n
-
-    # plan every segment first so that input errors surface before any compute
-    plans = []
-    for seg in request.segments:
-        mask_stack = frame.to_frame(np.asarray(seg.mask, dtype=bool))
-        external = _external_support(request, seg.name)
-        if seg.labeled_slices is None and external is not None and not mask_stack.any():
-            labeled: List[int] = []
-        else:
-            labeled = labeled_slices_of(mask_stack, seg.labeled_slices, seg.name)
-        plans.append((seg, mask_stack, labeled, external,
-                      _targets(n, labeled, opts.max_extrapolation, external)))
-    total = sum(len(p[4]) for p in plans) * opts.ensemble or 1
+    plans = _plan(request, frame, n, fusion.extrapolation_gaps, opts.max_extrapolation)
+    total = sum(len(p.targets) for p in plans) * opts.ensemble or 1
     done = 0
 
-    def report(msg: str) -> None:
+    def tick(msg: str, slices: int) -> None:
+        nonlocal done
+        done += slices
         if cancel is not None and cancel():
             raise Cancelled("propagation cancelled")
-        if progress is not None:
+        if progress is not None and msg:
             progress(min(1.0, done / total), msg)
 
-    report("starting")
+    tick("starting", 0)
     results = []
-    for seg, mask_stack, labeled, external, targets in plans:
-        prior = DistancePrior(mask_stack, labeled, frame.spacing[1:]) if opts.use_prior else None
-        logit_sum: Dict[int, np.ndarray] = {}
-        groups: Dict[tuple, List[int]] = {}
-        for t in targets:
-            internal = select_support(t, labeled, opts.support_size) if labeled else ()
-            ext: Tuple[int, ...] = ()
-            room = opts.support_size - len(internal)
-            if external is not None and room > 0:
-                pos = round(t / max(1, n - 1) * 16) / 16  # quantized: keeps batches large
-                ext = tuple(sorted(int(i) for i in external.nearest(pos, room)))
-            groups.setdefault((internal, ext), []).append(t)
-        for (internal, ext), group in groups.items():
-            for subset in ensemble_subsets(internal, opts.ensemble, opts.seed) if internal \
-                    else [()] * opts.ensemble:
-                s_img = [stack.canvas_images(subset)] if subset else []
-                s_lab = [stack.canvas_masks(mask_stack, subset)] if subset else []
-                if ext:
-                    s_img.append(external.images[list(ext)])
-                    s_lab.append(external.labels[list(ext)])
-                s_img_t, s_lab_t = torch.cat(s_img), torch.cat(s_lab)
-                if opts.flips:
-                    s_img_t = torch.cat([s_img_t, s_img_t.flip(-1)])
-                    s_lab_t = torch.cat([s_lab_t, s_lab_t.flip(-1)])
-                for b in range(0, len(group), engine.batch_size):
-                    chunk = group[b:b + engine.batch_size]
-                    report(f"{seg.name}: slices {chunk[0]}..{chunk[-1]}")
-                    logits = engine.logits(stack.canvas_images(chunk), s_img_t, s_lab_t)
-                    native = stack.canvas.from_canvas(logits).numpy()
-                    for t, lg in zip(chunk, native):
-                        logit_sum[t] = logit_sum.get(t, 0.0) + lg
-                    done += len(chunk)
-        probs = {}
-        for t, lg in logit_sum.items():
-            d = prior.distance(t) if prior is not None else None
-            fused = fusion.fuse(lg / opts.ensemble, d)
-            probs[t] = 1.0 / (1.0 + np.exp(-np.clip(fused, -30, 30)))
-        report(f"{seg.name}: restacking")
-        mask, prob = assemble(frame, seg.mask, labeled, probs)
-        results.append(SegmentResult(seg.name, mask, prob.astype(np.float32), list(labeled),
-                                     sorted(probs)))
+    for plan in plans:
+        def network(targets: Sequence[int], plan=plan) -> Dict[int, np.ndarray]:
+            return _network_logits(stack, plan, opts, engine, targets, tick)
+
+        if opts.use_prior and plan.labeled:
+            fbs = None
+            if fusion.uses_fbs():
+                tick(f"{plan.seg.name}: fill between slices", 0)
+                fbs = _fill_between_stack(plan.mask_stack, plan.labeled, frame.spacing)
+            prior = ShapePrior(plan.mask_stack, plan.labeled, frame.spacing, fbs)
+            probs = fused_probabilities(prior, fusion, plan.targets, network, engine.batch_size,
+                                        lambda k: tick("", k * opts.ensemble))
+        else:
+            probs = {t: sigmoid(lg) for t, lg in network(plan.targets).items()}
+        tick(f"{plan.seg.name}: restacking", 0)
+        mask, prob = assemble(frame, plan.seg.mask, plan.labeled, probs)
+        results.append(SegmentResult(plan.seg.name, mask, prob.astype(np.float32),
+                                     list(plan.labeled), sorted(probs)))
     if progress is not None:
         progress(1.0, "done")
     return PropagationResult(frame.axis, results, engine.device, desc,
                              time.perf_counter() - t0)
+
+
+@dataclass
+class SegmentLogits:
+    """Raw network output of one segment, for calibrating the fusion (:mod:`calibrate`)."""
+
+    frame: SliceFrame
+    mask_stack: np.ndarray
+    labeled: List[int]
+    logits: Dict[int, np.ndarray]
+
+
+def segment_logits(request: PropagationRequest, engine: InferenceEngine,
+                   extrapolation: int) -> List[SegmentLogits]:
+    """Network logits of every target of every segment, ``extrapolation`` slices beyond each end
+    and no extent rule: the raw material :func:`fused_probabilities` works on."""
+    _check_inputs(request)
+    opts = request.options
+    stack = _Stack(request.image, opts.axis)
+    out = []
+    for plan in _plan(request, stack.frame, stack.n, 1.0, extrapolation):
+        lg = _network_logits(stack, plan, opts, engine, plan.targets, lambda m, k: None)
+        out.append(SegmentLogits(stack.frame, plan.mask_stack, plan.labeled, lg))
+    return out
