@@ -31,22 +31,6 @@ def sample_paths() -> Tuple[Path, Path]:
     return image, seg
 
 
-def spread_slices(mask_stack: np.ndarray, k: int) -> List[int]:
-    """The k labeled slices of the evaluation protocol: z0 + floor((i+0.5)(z1-z0)/k + 0.5)."""
-    nz = np.flatnonzero(mask_stack.reshape(mask_stack.shape[0], -1).any(axis=1))
-    if nz.size == 0:
-        raise UsageError("the segment is empty")
-    z0, z1 = int(nz[0]), int(nz[-1])
-    return sorted({z0 + int(np.floor((i + 0.5) * (z1 - z0) / k + 0.5)) for i in range(k)})
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
-
-
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run on the bundled chest CT sample and report Dice",
                        description=__doc__.splitlines()[0])
@@ -94,6 +78,7 @@ def overlay_png(path: str, image_stack: np.ndarray, truth: np.ndarray, pred: np.
 
 
 def run(args) -> int:
+    from .evaluate import dice, extent, labeled_slices_for
     from .geometry import SliceFrame
     from .io import Segmentation, read_image, read_segmentation, write_segmentation
     from .pipeline import PropagationOptions, PropagationRequest, SegmentRequest, propagate
@@ -107,7 +92,10 @@ def run(args) -> int:
     segment = seg.get(args.segment)
     frame = SliceFrame.of(image, "axial")
     truth = frame.to_frame(segment.mask)
-    labeled = spread_slices(truth, args.k)
+    z = extent(truth, 0)
+    if z is None:
+        raise UsageError(f"segment {segment.name!r} is empty in the sample")
+    labeled = labeled_slices_for(z[0], z[1], args.k)
     user = np.zeros_like(truth)
     user[labeled] = truth[labeled]
 
@@ -141,6 +129,12 @@ def run(args) -> int:
         "weights": weights_line or result.weights, "device": result.device,
         "seconds": round(result.seconds, 2),
     }
+    from . import fill_between
+
+    if fill_between.available():  # Slicer's own "Fill between slices" on the same painting
+        fbs = fill_between.fill_between_slices(user, labeled, 0, frame.spacing)
+        metrics["fill_between_slices_dice"] = dice(fbs, truth)
+        metrics["fill_between_slices_dice_hidden_slices"] = dice(fbs[hidden], truth[hidden])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_segmentation(str(out / "demo_result.seg.nrrd"), Segmentation(image, [
@@ -153,6 +147,10 @@ def run(args) -> int:
           f"{labeled} kept as user labels ({args.k} of {truth.shape[0]})")
     print(f"Dice (whole volume): {metrics['dice']:.3f}   Dice (hidden slices only): "
           f"{metrics['dice_hidden_slices']:.3f}   [{result.device}, {result.seconds:.1f} s]")
+    if "fill_between_slices_dice" in metrics:
+        print(f"Slicer's Fill between slices on the same labeled slices: Dice "
+              f"{metrics['fill_between_slices_dice']:.3f}, hidden slices "
+              f"{metrics['fill_between_slices_dice_hidden_slices']:.3f}")
     print(f"wrote {out / 'demo_result.seg.nrrd'}, {out / 'demo_overlay.png'}, "
           f"{out / 'demo_metrics.json'}")
     return 0
