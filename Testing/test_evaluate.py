@@ -164,7 +164,7 @@ def test_evaluate_cli_writes_the_json_schema(tmp_path, capsys):
     got = next(r for r in rows if r["k"] == 3 and r["method"] == "nearest_slice")
     assert got["dice"] == pytest.approx(want)
     figs = sorted(os.listdir(tmp_path / "fig"))
-    assert "dice_vs_k.png" in figs and any(f.startswith("montage_") for f in figs)
+    assert "dice_vs_k.png" in figs and any(f.startswith("montage_") and f.endswith(".jpg") for f in figs)
     printed = capsys.readouterr().out
     assert "ours-FBS" in printed
 

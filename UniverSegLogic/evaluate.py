@@ -279,7 +279,8 @@ def write_json(path: str, outcomes: Sequence[Outcome]) -> None:
 
 def write_figures(folder: str, outcomes: Sequence[Outcome], cases: Sequence[EvalCase],
                   axis: int = 0, montage_k: Optional[int] = None) -> List[str]:
-    """Dice-vs-k curves (mean and per mask) and one overlay montage per mask; returns paths."""
+    """Dice-vs-k curves (mean, per case role, per mask; PNG) and one overlay montage per mask
+    (JPEG: the slices cropped around the structure, k nearest 3); returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,26 +293,35 @@ def write_figures(folder: str, outcomes: Sequence[Outcome], cases: Sequence[Eval
     names = list(dict.fromkeys(o.mask for o in outcomes))
     ks = sorted({o.k for o in outcomes})
 
-    # curves: mean over masks, then one small panel per mask
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax_i, key in enumerate(("dice", "dice_unlabeled")):
-        ax = axes[ax_i]
-        for m in METHODS:
-            ys = [np.mean([getattr(o, key) for o in outcomes if o.k == k and o.method == m] or
-                          [np.nan]) for k in ks]
-            ax.plot(ks, ys, "o-", color=colors[m], label=m)
-        ax.set_xlabel("k (labeled slices)")
-        ax.set_ylabel(f"mean {key}")
-        ax.set_xticks(ks)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
-    fig.suptitle(f"Dice vs k, mean over {len(names)} masks")
-    fig.tight_layout()
-    p = os.path.join(folder, "dice_vs_k.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+    # curves: mean over masks (all cases, then per case role), then one small panel per mask
+    roles: Dict[str, List[str]] = {}
+    for c in cases:
+        roles.setdefault(c.role or "all", []).append(c.name)
+    groups = [("", "all cases", list(outcomes))]
+    if len(roles) > 1:
+        groups += [(f"_{r}", f"role {r} ({', '.join(n)})", [o for o in outcomes if o.case in n])
+                   for r, n in roles.items()]
+    for suffix, title, sel in groups:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax_i, key in enumerate(("dice", "dice_unlabeled")):
+            ax = axes[ax_i]
+            for m in METHODS:
+                ys = [np.mean([getattr(o, key) for o in sel if o.k == k and o.method == m] or
+                              [np.nan]) for k in ks]
+                ax.plot(ks, ys, "o-", color=colors[m], label=m)
+            ax.set_xlabel("k (labeled slices)")
+            ax.set_ylabel(f"mean {key}")
+            ax.set_xticks(ks)
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        axes[0].legend(loc="lower right")
+        fig.suptitle(f"Dice vs k, {title}: mean over {len({o.mask for o in sel})} masks",
+                     fontsize=9)
+        fig.tight_layout()
+        p = os.path.join(folder, f"dice_vs_k{suffix}.png")
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        written.append(p)
 
     cols = min(6, len(names))
     rows = int(math.ceil(len(names) / cols)) if names else 0
@@ -361,17 +371,24 @@ def write_figures(folder: str, outcomes: Sequence[Outcome], cases: Sequence[Eval
                   if z not in labeled]
         show = sorted(set(labeled[:4]) | set(hidden[:max(4, 10 - min(4, len(labeled)))]))
         methods = [mm for mm in METHODS if mm in preds]
+        union = truth.any(0)
+        for mm in methods:
+            union = union | np.moveaxis(preds[mm].prediction, axis, 0).any(0)
+        rr, cc = np.flatnonzero(union.any(1)), np.flatnonzero(union.any(0))
+        pad = max(4, int(0.15 * max(rr[-1] - rr[0], cc[-1] - cc[0])))
+        box = (slice(max(0, rr[0] - pad), rr[-1] + pad + 1),
+               slice(max(0, cc[0] - pad), cc[-1] + pad + 1))
         fig, axes = plt.subplots(len(methods), len(show),
                                  figsize=(1.7 * len(show), 1.8 * len(methods)), squeeze=False)
         for r, mm in enumerate(methods):
             pr = np.moveaxis(preds[mm].prediction, axis, 0)
             for cidx, z in enumerate(show):
                 ax = axes[r][cidx]
-                ax.imshow(img[z], cmap="gray", interpolation="nearest")
-                if truth[z].any():
-                    ax.contour(truth[z], levels=[0.5], colors="lime", linewidths=0.7)
-                if pr[z].any():
-                    ax.contour(pr[z], levels=[0.5], colors=colors[mm], linewidths=0.7)
+                ax.imshow(img[z][box], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+                if truth[z][box].any():
+                    ax.contour(truth[z][box], levels=[0.5], colors="lime", linewidths=0.8)
+                if pr[z][box].any():
+                    ax.contour(pr[z][box], levels=[0.5], colors=colors[mm], linewidths=0.8)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
@@ -380,8 +397,8 @@ def write_figures(folder: str, outcomes: Sequence[Outcome], cases: Sequence[Eval
                     ax.set_ylabel(f"{mm}\n{preds[mm].dice_unlabeled:.2f}", fontsize=7)
         fig.suptitle(f"{n}  k={k_show}  (green truth; L = labeled slice)", fontsize=8)
         fig.tight_layout()
-        p = os.path.join(folder, f"montage_{n.replace('/', '__')}_k{k_show}.png")
-        fig.savefig(p, dpi=90)
+        p = os.path.join(folder, f"montage_{n.replace('/', '__')}_k{k_show}.jpg")
+        fig.savefig(p, dpi=80, pil_kwargs={"quality": 80})
         plt.close(fig)
         written.append(p)
     return written

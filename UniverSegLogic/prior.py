@@ -17,14 +17,16 @@ the network's logit on a target slice plus the painted slices into a fused logit
   replaced by the interpolated distance;
 * ``gap`` -- ``4 w (1 - w)`` for the relative position ``w`` in the gap (0 on a painted slice,
   1 half-way), ``gap_r`` -- the gap length over ``r``;
-* ``model`` -- the network's logit (clipped to +-12).
+* ``model`` -- the network's logit (clipped to +-12); ``model_nb`` -- the mean of that logit on
+  the slices just above and below (a painted neighbour counts as a confident +-12 of its
+  painting): a little 3D context for a 2D network.
 
 *Beyond the painted range* (up to an extent rule, see :class:`FusionParams`):
 
 * ``end_n`` -- signed distance of the nearest painted end slice over its ``r``;
 * ``beyond`` -- slices past that end over the typical gap between painted slices; ``beyond_r`` --
   the same distance in mm over ``r``;
-* ``model``.
+* ``model``, ``model_nb``.
 
 A rule is a logistic regression over named features; ``a*b`` names a product. Rules and extent
 settings are calibrated on validation episodes (:mod:`calibrate`) and shipped in
