@@ -280,3 +280,28 @@ def test_shipped_fusion_is_valid_when_present():
             assert rule.logit(f).shape == (16, 16)
     data = json.loads(path.read_text())
     assert data["inside"]["features"] == p.inside.features
+
+
+@needs_vtkitk
+def test_calibration_scores_exactly_what_the_pipeline_does():
+    """predict_episode (fusion on cached logits) == propagate (network + fusion), slice by slice."""
+    from UniverSegLogic.evaluate import labeled_slices_for
+    from UniverSegLogic.fill_between import fill_between_slices, labeled_only
+    from UniverSegLogic.pipeline import segment_logits
+
+    vol, blob = _phantom()
+    lab = labeled_slices_for(2, 14, 3)
+    painted = labeled_only(blob, lab, 0)
+    fusion = FusionParams(
+        inside=LogisticRule(["model", "model_nb", "sdf_n", "fbs_n", "sdf_n*gap"],
+                            [0.3, 0.2, -2.0, -2.0, -1.0], 0.1),
+        outside=LogisticRule(["model", "model_nb"], [0.5, 0.3], 0.2), extrapolation_gaps=1.0)
+    opts = PropagationOptions(axis=0, support_size=2)
+    engine = _engine()
+    req = PropagationRequest(vol, [SegmentRequest("b", painted, lab)], opts)
+    sl = segment_logits(req, engine, 8)[0]
+    ep = cal.Episode("c", "b", 3, sl.frame.spacing, sl.frame.to_frame(blob), lab, sl.logits,
+                     fill_between_slices(sl.mask_stack, lab, 0, sl.frame.spacing))
+    want = cal.predict_episode(ep, fusion)
+    got = propagate(req, engine=engine, fusion=fusion).segments[0].mask
+    assert np.array_equal(sl.frame.to_frame(got), want)

@@ -36,7 +36,8 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
                    help="slices that count as labeled (an empty one is labeled background); "
                         "'NAME:3,9,15' for one segment, '3,9,15' for all (default: the non-empty "
                         "slices of each segment)")
-    p.add_argument("--support-size", type=int, default=8, help="support slices per target (8)")
+    p.add_argument("--support-size", type=int, default=None,
+                   help="support slices per target, bracketing first (default: 2, as calibrated)")
     p.add_argument("--ensemble", type=int, default=1,
                    help="average predictions over this many support subsets (1)")
     p.add_argument("--flips", action="store_true", help="add mirrored copies of the support")
@@ -95,6 +96,8 @@ class ProgressBar:
 def options_from_args(args) -> "PropagationOptions":
     from .pipeline import PropagationOptions
 
+    if args.support_size is None:
+        args.support_size = PropagationOptions().support_size
     if args.support_size < 1:
         raise UsageError("--support-size must be at least 1")
     if args.ensemble < 1:

@@ -111,7 +111,7 @@ class UniverSegSlicerParameterNode:
     segmentation: vtkMRMLSegmentationNode
     segmentIds: list[str]
     axis: Annotated[str, Choice(AXIS_CHOICES)] = "view"
-    supportSize: Annotated[int, WithinRange(1, 64)] = 8
+    supportSize: Annotated[int, WithinRange(1, 64)] = 2
     ensemble: Annotated[int, WithinRange(1, 8)] = 1
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     weights: Annotated[str, Choice(WEIGHTS_CHOICES)] = "starter"
