@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,7 +37,6 @@ from .support import (ExternalSupport, SupportError, ensemble_subsets, labeled_s
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
-_RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 
 
 @dataclass
@@ -109,8 +107,10 @@ class PropagationResult:
 
 def default_fusion(weights_source: str) -> FusionParams:
     """Fusion parameters calibrated for ``weights_source`` (starter: shipped json)."""
-    path = _RESOURCES / "starter_fusion.json"
-    if weights_source == "starter" and path.is_file():
+    from .weights import resource_file
+
+    path = resource_file("starter_fusion.json") if weights_source == "starter" else None
+    if path is not None:
         return FusionParams.load(path)
     return FusionParams()
 

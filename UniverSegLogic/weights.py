@@ -41,9 +41,9 @@ EXPECTED_TENSORS = 44
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-STARTER_CANDIDATES = (
-    _PACKAGE_DIR / "Resources" / "starter_weights.pt",           # installed package data
-    _PACKAGE_DIR.parent / "Resources" / "starter_weights.pt",    # source checkout / extension
+RESOURCE_DIRS = (
+    _PACKAGE_DIR / "Resources",          # installed package data
+    _PACKAGE_DIR.parent / "Resources",   # source checkout / extension
 )
 
 
@@ -208,12 +208,20 @@ def official_path(url: str = OFFICIAL_URL, sha256: Optional[str] = OFFICIAL_SHA2
     return download(url, dest, sha256=sha256, progress=progress)
 
 
+def resource_file(name: str) -> Optional[Path]:
+    """The shipped file ``Resources/<name>`` (starter weights, fusion), or None if absent."""
+    for folder in RESOURCE_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def starter_path() -> Path:
     """Path of this project's starter weights."""
-    for p in STARTER_CANDIDATES:
-        if p.is_file():
-            return p
-    raise WeightsError("starter weights not found (expected Resources/starter_weights.pt)")
+    path = resource_file("starter_weights.pt")
+    if path is None:
+        raise WeightsError("starter weights not found (expected Resources/starter_weights.pt)")
+    return path
 
 
 def load_weights(source: str = "starter", echo: Callable[[str], None] = print,
