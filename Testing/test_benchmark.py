@@ -1,10 +1,11 @@
 """``universeg-slicer benchmark --quick`` runs and writes the documented JSON schema."""
+
 import json
 
 import pytest
 
-from UniverSegLogic import benchmark
 from UniverSegLogic.cli import main
+from UniverSegLogic.research import benchmark
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,12 @@ def quick_json(tmp_path_factory):
 def test_quick_benchmark_schema(quick_json):
     r = quick_json
     assert isinstance(r["device"], str) and r["device"] == "cpu"
-    for key in ("volume_propagation_s", "mean_abs_prob_diff", "max_abs_prob_diff", "mask_agreement"):
+    for key in (
+        "volume_propagation_s",
+        "mean_abs_prob_diff",
+        "max_abs_prob_diff",
+        "mask_agreement",
+    ):
         assert isinstance(r[key], float), key
     assert r["volume_propagation_s"] > 0
     assert 0.0 <= r["mean_abs_prob_diff"] <= r["max_abs_prob_diff"] <= 1.0
@@ -54,9 +60,10 @@ def test_table_lists_every_row(quick_json):
 def test_sample_slices_available():
     sample, note = benchmark.load_sample()
     assert sample is not None, note
-    cases = benchmark.sample_cases(sample, support=4, max_targets=3,
-                                   segments=["right lung", "ribs"], size=64)
+    cases = benchmark.sample_cases(
+        sample, support=4, max_targets=3, segments=["right lung", "ribs"], size=64
+    )
     assert len(cases) == 2
-    for name, t, si, sl in cases:
+    for _name, t, si, sl in cases:
         assert t.shape[1:] == (1, 64, 64) and si.shape == sl.shape and si.shape[0] == 4
         assert float(sl.sum()) > 0 and 0.0 <= float(t.min()) and float(t.max()) <= 1.0

@@ -1,5 +1,6 @@
 """Command line: propagate along each axis and with a second volume; every error path exits 2
 with one line and leaves no output file; the demo end to end."""
+
 import json
 import os
 import subprocess
@@ -13,9 +14,9 @@ import slicerio
 import torch
 
 from UniverSegLogic.cli import main
-from UniverSegLogic.geometry import Volume, make_ijk_to_ras
-from UniverSegLogic.io import Segment, Segmentation, read_image, write_segmentation
-from UniverSegLogic.model import UniverSeg
+from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
+from UniverSegLogic.core.io import Segment, Segmentation, read_image, write_segmentation
+from UniverSegLogic.core.model import UniverSeg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ def case(tmp_path_factory):
     shape = (14, 18, 22)
     c, s = np.cos(0.3), np.sin(0.3)
     direction = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-    vol = Volume(np.zeros(shape, np.float32), make_ijk_to_ras((1.1, 0.9, 2.5), (10, -20, 30), direction))
+    vol = Volume(
+        np.zeros(shape, np.float32), make_ijk_to_ras((1.1, 0.9, 2.5), (10, -20, 30), direction)
+    )
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     ball = ((k - 7) / 5.5) ** 2 + ((j - 9) / 6.0) ** 2 + ((i - 11) / 7.0) ** 2 <= 1
     box = (k >= 2) & (k <= 11) & (j >= 2) & (j <= 5) & (i >= 2) & (i <= 6)
@@ -49,11 +52,20 @@ def case(tmp_path_factory):
     sparse[[4, 7, 10]] = ball[[4, 7, 10]]
     box_sparse = np.zeros(shape, bool)
     box_sparse[[3, 9]] = box[[3, 9]]
-    write_segmentation(str(d / "labels.seg.nrrd"), Segmentation(ref, [
-        Segment("ball", sparse, (0.9, 0.1, 0.1), "ball_id", {}),
-        Segment("box", box_sparse, (0.1, 0.2, 0.9), "box_id", {})]))
-    write_segmentation(str(d / "full.seg.nrrd"), Segmentation(ref, [
-        Segment("ball", ball, (0.9, 0.1, 0.1), "ball_id", {})]))
+    write_segmentation(
+        str(d / "labels.seg.nrrd"),
+        Segmentation(
+            ref,
+            [
+                Segment("ball", sparse, (0.9, 0.1, 0.1), "ball_id", {}),
+                Segment("box", box_sparse, (0.1, 0.2, 0.9), "box_id", {}),
+            ],
+        ),
+    )
+    write_segmentation(
+        str(d / "full.seg.nrrd"),
+        Segmentation(ref, [Segment("ball", ball, (0.9, 0.1, 0.1), "ball_id", {})]),
+    )
     torch.manual_seed(0)
     torch.save(UniverSeg().state_dict(), d / "weights.pt")
     return d, ball, box
@@ -70,16 +82,34 @@ def test_propagate_each_axis(case, capsys, axis, tmp_path):
     d, ball, box = case
     out = tmp_path / f"{axis}.seg.nrrd"
     labeled = {"axial": "4,7,10", "coronal": "5,9,13", "sagittal": "6,11,16"}[axis]
-    code, stdout, err = _run(["propagate", "--image", str(d / "image.nrrd"), "--labels",
-                              str(d / "full.seg.nrrd"), "--out", str(out), "--axis", axis,
-                              "--labeled-slices", f"ball:{labeled}", "--weights",
-                              str(d / "weights.pt"), "--device", "cpu", "--quiet"], capsys)
+    code, stdout, err = _run(
+        [
+            "propagate",
+            "--image",
+            str(d / "image.nrrd"),
+            "--labels",
+            str(d / "full.seg.nrrd"),
+            "--out",
+            str(out),
+            "--axis",
+            axis,
+            "--labeled-slices",
+            f"ball:{labeled}",
+            "--weights",
+            str(d / "weights.pt"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     seg = slicerio.read_segmentation(str(out))
     assert [s["name"] for s in seg["segments"]] == ["ball"]
     assert seg["segments"][0]["color"] == pytest.approx([0.9, 0.1, 0.1], abs=1e-4)
     mask = slicerio.segment_mask(seg, "ball").transpose(2, 1, 0)
-    from UniverSegLogic.geometry import resolve_axis
+    from UniverSegLogic.core.geometry import resolve_axis
+
     a = resolve_axis(read_image(str(d / "image.nrrd")), axis)
     for t in map(int, labeled.split(",")):
         idx = [slice(None)] * 3
@@ -91,9 +121,23 @@ def test_propagate_each_axis(case, capsys, axis, tmp_path):
 def test_propagate_keeps_other_segments_and_geometry(case, capsys, tmp_path):
     d, ball, box = case
     out = tmp_path / "out.seg.nrrd"
-    code, stdout, err = _run(["propagate", "--image", str(d / "image.nrrd"), "--labels",
-                              str(d / "labels.seg.nrrd"), "--out", str(out), "--segments",
-                              "ball", "--weights", str(d / "weights.pt"), "--quiet"], capsys)
+    code, stdout, err = _run(
+        [
+            "propagate",
+            "--image",
+            str(d / "image.nrrd"),
+            "--labels",
+            str(d / "labels.seg.nrrd"),
+            "--out",
+            str(out),
+            "--segments",
+            "ball",
+            "--weights",
+            str(d / "weights.pt"),
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     src = slicerio.read_segmentation(str(d / "labels.seg.nrrd"))
     res = slicerio.read_segmentation(str(out))
@@ -111,14 +155,37 @@ def test_propagate_with_support_from_a_second_volume(case, capsys, tmp_path):
     # the second (fully labeled) volume
     ref = read_image(str(d / "image.nrrd"))
     only_box = tmp_path / "only_box.seg.nrrd"
-    write_segmentation(str(only_box), Segmentation(ref, [
-        Segment("ball", np.zeros_like(ball), (0.9, 0.1, 0.1), "ball_id", {}),
-        Segment("box", box, (0.1, 0.2, 0.9), "box_id", {})]))
+    write_segmentation(
+        str(only_box),
+        Segmentation(
+            ref,
+            [
+                Segment("ball", np.zeros_like(ball), (0.9, 0.1, 0.1), "ball_id", {}),
+                Segment("box", box, (0.1, 0.2, 0.9), "box_id", {}),
+            ],
+        ),
+    )
     out = tmp_path / "supported.seg.nrrd"
-    code, stdout, err = _run(["propagate", "--image", str(d / "image.nrrd"), "--labels",
-                              str(only_box), "--out", str(out), "--segments", "ball",
-                              "--support", str(d / "image.nrrd"), str(d / "full.seg.nrrd"),
-                              "--weights", str(d / "weights.pt"), "--quiet"], capsys)
+    code, stdout, err = _run(
+        [
+            "propagate",
+            "--image",
+            str(d / "image.nrrd"),
+            "--labels",
+            str(only_box),
+            "--out",
+            str(out),
+            "--segments",
+            "ball",
+            "--support",
+            str(d / "image.nrrd"),
+            str(d / "full.seg.nrrd"),
+            "--weights",
+            str(d / "weights.pt"),
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "ball" in stdout and out.exists()
 
@@ -141,9 +208,28 @@ def _error_cases(d, tmp):
         "2D image": ["--image", str(tmp / "flat.nrrd"), "--labels", lab, "--weights", w],
         "4D image": ["--image", str(tmp / "movie.nrrd"), "--labels", lab, "--weights", w],
         "grid mismatch": ["--image", img, "--labels", str(tmp / "othergrid.nrrd"), "--weights", w],
-        "no labeled slice": ["--image", img, "--labels", lab, "--segments", "ball",
-                             "--axis", "sagittal", "--labeled-slices", "ball:", "--weights", w],
-        "empty segment": ["--image", img, "--labels", str(tmp / "emptyseg.seg.nrrd"), "--weights", w],
+        "no labeled slice": [
+            "--image",
+            img,
+            "--labels",
+            lab,
+            "--segments",
+            "ball",
+            "--axis",
+            "sagittal",
+            "--labeled-slices",
+            "ball:",
+            "--weights",
+            w,
+        ],
+        "empty segment": [
+            "--image",
+            img,
+            "--labels",
+            str(tmp / "emptyseg.seg.nrrd"),
+            "--weights",
+            w,
+        ],
         "unknown segment": ["--image", img, "--labels", lab, "--segments", "liver", "--weights", w],
         "bad weights": ["--image", img, "--labels", lab, "--weights", str(tmp / "bad.pt")],
         "missing weights": ["--image", img, "--labels", lab, "--weights", str(tmp / "none.pt")],
@@ -156,8 +242,10 @@ def test_error_paths_exit_2_with_one_line(case, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UNIVERSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("UNIVERSEG_OFFICIAL_URL", "http://127.0.0.1:9/closed")
     ref = read_image(str(d / "image.nrrd"))
-    write_segmentation(str(tmp_path / "emptyseg.seg.nrrd"),
-                       Segmentation(ref, [Segment("nothing", np.zeros(ref.array.shape, bool))]))
+    write_segmentation(
+        str(tmp_path / "emptyseg.seg.nrrd"),
+        Segmentation(ref, [Segment("nothing", np.zeros(ref.array.shape, bool))]),
+    )
     cases, base = _error_cases(d, tmp_path)
     for name, args in cases.items():
         out = tmp_path / f"{name.replace(' ', '_')}.seg.nrrd"
@@ -172,10 +260,24 @@ def test_error_paths_exit_2_with_one_line(case, capsys, tmp_path, monkeypatch):
 def test_subprocess_error_has_no_traceback(case, tmp_path):
     d, _, _ = case
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "UniverSegLogic", "propagate", "--image",
-                        str(tmp_path / "missing.nrrd"), "--labels", str(d / "labels.seg.nrrd"),
-                        "--out", str(tmp_path / "o.seg.nrrd")], capture_output=True, text=True,
-                       env=env, cwd=REPO)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "UniverSegLogic",
+            "propagate",
+            "--image",
+            str(tmp_path / "missing.nrrd"),
+            "--labels",
+            str(d / "labels.seg.nrrd"),
+            "--out",
+            str(tmp_path / "o.seg.nrrd"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "file not found" in p.stderr
     assert "Traceback" not in p.stderr
@@ -183,8 +285,14 @@ def test_subprocess_error_has_no_traceback(case, tmp_path):
 
 def test_demo_end_to_end(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    p = subprocess.run([sys.executable, "-m", "UniverSegLogic", "demo", "--out", str(tmp_path),
-                        "--quiet"], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "UniverSegLogic", "demo", "--out", str(tmp_path), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr
     assert "weights:" in p.stdout and "Dice" in p.stdout
     metrics = json.loads((tmp_path / "demo_metrics.json").read_text())

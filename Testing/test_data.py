@@ -1,16 +1,18 @@
-"""Tests of data preparation (``UniverSegLogic.data``): offline, on small arrays made here and on
+"""Tests of data preparation (``UniverSegLogic.research.data``): offline, on small arrays made here and on
 slicerio's bundled sample."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 
-from UniverSegLogic import cli, data
-from UniverSegLogic.geometry import Volume, make_ijk_to_ras, resolve_axis
-
+from UniverSegLogic import cli
+from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras, resolve_axis
+from UniverSegLogic.research import data
 
 # ------------------------------------------------------------------ npz conversion
+
 
 def _rotation(axis, degrees):
     t = np.radians(degrees)
@@ -104,10 +106,20 @@ def test_canvas_keeps_the_physical_aspect():
 
 # ------------------------------------------------------------------ split rule
 
+
 def _aal_like_names():
     names, i = {}, 1
-    for region in ["Precentral", "Frontal_Sup", "Frontal_Sup_Orb", "Frontal_Mid", "Insula",
-                   "Cingulum_Ant", "Hippocampus", "Amygdala", "Calcarine"]:
+    for region in [
+        "Precentral",
+        "Frontal_Sup",
+        "Frontal_Sup_Orb",
+        "Frontal_Mid",
+        "Insula",
+        "Cingulum_Ant",
+        "Hippocampus",
+        "Amygdala",
+        "Calcarine",
+    ]:
         for side in ("L", "R"):
             names[i] = f"{region}_{side}"
             i += 1
@@ -143,9 +155,9 @@ def test_split_never_leaks_heldout_structures_into_train():
 
 def test_relabel_renumbers_and_drops_small_structures():
     labels = np.zeros((5, 10, 10), np.int64)
-    labels[0, :, :] = 7          # 100 voxels
-    labels[1, 0, :3] = 4         # 3 voxels: dropped
-    labels[2:4, :, :] = 9        # 200 voxels
+    labels[0, :, :] = 7  # 100 voxels
+    labels[1, 0, :3] = 4  # 3 voxels: dropped
+    labels[2:4, :, :] = 9  # 200 voxels
     out, names, dropped = data.relabel(labels, {4: "small", 7: "seven", 9: "nine", 11: "absent"})
     assert names == ["seven", "nine"] and dropped == ["small"]
     assert out.dtype == np.uint16
@@ -171,11 +183,12 @@ def test_slicerio_demo_sample_is_never_a_training_case():
 def test_prepare_writes_the_demo_sample_only_to_eval(tmp_path):
     import SimpleITK as sitk
 
-    from UniverSegLogic.io import read_image, read_segmentation
+    from UniverSegLogic.core.io import read_image, read_segmentation
 
     out = tmp_path / "prepared"
-    summary = data.prepare(str(out), str(tmp_path / "cache"), sources=["slicerio"],
-                           log=lambda m: None)
+    summary = data.prepare(
+        str(out), str(tmp_path / "cache"), sources=["slicerio"], log=lambda m: None
+    )
     assert summary.files == []
     assert not (out / "train").exists() and not (out / "val").exists()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -187,8 +200,10 @@ def test_prepare_writes_the_demo_sample_only_to_eval(tmp_path):
 
     # masks are full resolution, on the image grid, and equal the original segments
     folder = data.slicerio_data_dir()
-    original = read_segmentation(os.path.join(folder, "Segmentation.seg.nrrd"),
-                                 read_image(os.path.join(folder, "CTChest4.nrrd")))
+    original = read_segmentation(
+        os.path.join(folder, "Segmentation.seg.nrrd"),
+        read_image(os.path.join(folder, "CTChest4.nrrd")),
+    )
     image = read_image(str(out / "eval" / case["image"]))
     for s in case["structures"]:
         m = sitk.ReadImage(str(out / "eval" / s["mask"]))
@@ -204,8 +219,9 @@ def test_prepare_writes_the_demo_sample_only_to_eval(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(data.DataError, match="refusing"):
-        data.prepare(str(foreign), str(tmp_path / "cache"), sources=["slicerio"],
-                     log=lambda m: None)
+        data.prepare(
+            str(foreign), str(tmp_path / "cache"), sources=["slicerio"], log=lambda m: None
+        )
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -216,13 +232,26 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "x").write_text("x")
-    assert cli.main(["data", "prepare", "--out", str(foreign), "--cache", str(tmp_path / "c"),
-                     "--sources", "slicerio"]) == 2
+    assert (
+        cli.main(
+            [
+                "data",
+                "prepare",
+                "--out",
+                str(foreign),
+                "--cache",
+                str(tmp_path / "c"),
+                "--sources",
+                "slicerio",
+            ]
+        )
+        == 2
+    )
 
 
 # ------------------------------------------------------------------ parsers and labels
 
-CLASS_MAP_TEXT = '''
+CLASS_MAP_TEXT = """
 import os
 raise RuntimeError("this module must not be executed")
 
@@ -238,13 +267,15 @@ class_map = {
 
 commercial_models = {"x": 1}
 other = dict(a=1)
-'''
+"""
 
 
 def test_class_map_parser_reads_text_without_running_it():
     maps = data.parse_class_map(CLASS_MAP_TEXT)
-    assert maps == {"total": {1: "spleen", 2: "kidney_right", 10: "pancreas"},
-                    "total_mr": {1: "spleen", 3: "liver"}}
+    assert maps == {
+        "total": {1: "spleen", 2: "kidney_right", 10: "pancreas"},
+        "total_mr": {1: "spleen", 3: "liver"},
+    }
     with pytest.raises(data.DataError, match="int: str"):
         data.parse_class_map(CLASS_MAP_TEXT, "commercial_models")
 

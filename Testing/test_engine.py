@@ -1,13 +1,18 @@
 """InferenceEngine: the fast path equals the reference forward pass; batching and memory sizing."""
+
 import os
 
 import pytest
 import torch
 
-from UniverSegLogic import engine as eng_mod
-from UniverSegLogic.engine import (InferenceEngine, engine_flops, estimate_bytes_per_target,
-                                   reference_flops)
-from UniverSegLogic.model import EmptySupportError, UniverSeg
+from UniverSegLogic.core import engine as eng_mod
+from UniverSegLogic.core.engine import (
+    InferenceEngine,
+    engine_flops,
+    estimate_bytes_per_target,
+    reference_flops,
+)
+from UniverSegLogic.core.model import EmptySupportError, UniverSeg
 
 
 def _model(seed=0, out_scale=1.0, dtype=torch.float32):
@@ -26,7 +31,7 @@ def _data(b, s, size=64, seed=1, dtype=torch.float32):
     # blobby labels so that the support stream carries structure
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     r = torch.rand(s, 1, 1, 1, generator=g) * 0.5 + 0.2
-    sl = ((yy ** 2 + xx ** 2)[None, None] < r ** 2).to(dtype)
+    sl = ((yy**2 + xx**2)[None, None] < r**2).to(dtype)
     return t, si, sl
 
 
@@ -155,7 +160,7 @@ def test_engine_sees_weights_edited_after_creation():
 def test_batch_sizing_for_a_512x512x600_job():
     """Every slice goes through the 128x128 canvas: memory per target depends on S only."""
     e = InferenceEngine(_model(), "cpu", precision="fp32", memory_budget_mb=2048)
-    budget = 2048 * 2 ** 20
+    budget = 2048 * 2**20
     sizes = []
     for s in (1, 8, 16, 64):
         n = e.max_batch(s)
@@ -168,19 +173,19 @@ def test_batch_sizing_for_a_512x512x600_job():
     assert sizes == sorted(sizes, reverse=True)  # more support -> smaller batches
     assert sizes[-1] < sizes[0]
     # a big (GPU-like) budget allows larger batches, a tiny one still gives 1
-    assert e.max_batch(64, budget_bytes=40 * 2 ** 30) >= sizes[-1]
+    assert e.max_batch(64, budget_bytes=40 * 2**30) >= sizes[-1]
     assert e.max_batch(64, budget_bytes=1) == 1
     # estimates grow linearly in S and are in a sane range (fp32, 128x128): tens of MiB per
     # target at S=1, a few hundred MiB at S=64; the reference path needs far more
-    assert 10 * 2 ** 20 < estimate_bytes_per_target(1) < 200 * 2 ** 20
-    assert 100 * 2 ** 20 < estimate_bytes_per_target(64) < 1024 * 2 ** 20
+    assert 10 * 2**20 < estimate_bytes_per_target(1) < 200 * 2**20
+    assert 100 * 2**20 < estimate_bytes_per_target(64) < 1024 * 2**20
     assert estimate_bytes_per_target(64, mode="reference") > 4 * estimate_bytes_per_target(64)
 
 
 def test_default_budget_uses_available_ram():
     e = InferenceEngine(_model(), "cpu")
     b = e.memory_budget_bytes()
-    assert 0 < b <= 6 * 2 ** 30
+    assert 0 < b <= 6 * 2**30
     assert b <= eng_mod.available_ram_bytes()
 
 
@@ -219,7 +224,8 @@ def test_flop_counts_match_the_published_figures():
     assert engine_flops(64, 16) < reference_flops(64, official=False) / 4
     assert engine_flops(16, 16) < reference_flops(16, official=False) / 3
     assert engine_flops(64) - engine_flops(32) == pytest.approx(
-        2 * (engine_flops(32) - engine_flops(16)), rel=1e-9)
+        2 * (engine_flops(32) - engine_flops(16)), rel=1e-9
+    )
     assert engine_flops(16, 16) < engine_flops(16, 1)
 
 
@@ -252,6 +258,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(fn, **kw):
         def run(*a, **k):
             raise RuntimeError("inductor exploded")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken)

@@ -1,4 +1,5 @@
 """Evaluation protocol: labeled-slice rule, Dice arithmetic, the two baselines, the CLI."""
+
 import json
 import os
 
@@ -6,22 +7,26 @@ import numpy as np
 import pytest
 import torch
 
-from UniverSegLogic import evaluate as ev
-from UniverSegLogic.fill_between import available, fill_between_slices, slicer_extent
+from UniverSegLogic.core.fill_between import available, fill_between_slices, slicer_extent
+from UniverSegLogic.research import evaluate as ev
 
 needs_vtkitk = pytest.mark.skipif(not available(), reason="slicer-core / vtkITK not importable")
 
 
 # ----------------------------------------------------------------------- labeled-slice rule
 
-@pytest.mark.parametrize("z0,z1,k,want", [
-    (0, 29, 2, [7, 22]),            # floor(0.5*29/2 + .5) = 7, floor(1.5*29/2 + .5) = 22
-    (0, 29, 3, [5, 15, 24]),        # 5.33 -> 5, 15 -> 15, 24.67 -> 24
-    (4, 19, 5, [6, 9, 12, 15, 18]),  # 4 + floor((i + .5) * 3 + .5)
-    (10, 17, 8, [10, 11, 12, 13, 14, 15, 16, 17]),
-    (3, 3, 3, [3]),                 # a one-slice structure: duplicates collapse
-    (0, 1, 4, [0, 1]),
-])
+
+@pytest.mark.parametrize(
+    "z0,z1,k,want",
+    [
+        (0, 29, 2, [7, 22]),  # floor(0.5*29/2 + .5) = 7, floor(1.5*29/2 + .5) = 22
+        (0, 29, 3, [5, 15, 24]),  # 5.33 -> 5, 15 -> 15, 24.67 -> 24
+        (4, 19, 5, [6, 9, 12, 15, 18]),  # 4 + floor((i + .5) * 3 + .5)
+        (10, 17, 8, [10, 11, 12, 13, 14, 15, 16, 17]),
+        (3, 3, 3, [3]),  # a one-slice structure: duplicates collapse
+        (0, 1, 4, [0, 1]),
+    ],
+)
 def test_labeled_slice_rule(z0, z1, k, want):
     assert ev.labeled_slices_for(z0, z1, k) == want
 
@@ -39,21 +44,23 @@ def test_labeled_slices_follow_the_mask_extent_along_the_axis():
 
 # ----------------------------------------------------------------------- Dice arithmetic
 
+
 def test_dice_and_dice_unlabeled_on_crafted_masks():
     truth = np.zeros((4, 5, 5), dtype=bool)
     pred = np.zeros_like(truth)
-    truth[1, 0, :4] = True   # slice 1: truth 4, pred 4, overlap 4 (a labeled slice)
+    truth[1, 0, :4] = True  # slice 1: truth 4, pred 4, overlap 4 (a labeled slice)
     pred[1, 0, :4] = True
-    truth[2, 0, :2] = True   # slice 2: truth 2, pred 3, overlap 1
+    truth[2, 0, :2] = True  # slice 2: truth 2, pred 3, overlap 1
     pred[2, 0, 1:4] = True
-    pred[3, 4, 4] = True     # slice 3: one false positive
+    pred[3, 4, 4] = True  # slice 3: one false positive
     # whole volume: 2 * (4 + 1) / (6 + 8)
     assert ev.dice(pred, truth) == pytest.approx(10 / 14)
     # slice 1 labeled: hidden slices 0, 2, 3 -> 2 * 1 / (2 + 4)
     assert ev.dice_unlabeled(pred, truth, [1]) == pytest.approx(2 / 6)
     # the same along another axis: move the slice axis to position 2
-    assert ev.dice_unlabeled(np.moveaxis(pred, 0, 2), np.moveaxis(truth, 0, 2), [1],
-                             axis=2) == pytest.approx(2 / 6)
+    assert ev.dice_unlabeled(
+        np.moveaxis(pred, 0, 2), np.moveaxis(truth, 0, 2), [1], axis=2
+    ) == pytest.approx(2 / 6)
     assert ev.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
     assert ev.dice(np.ones(3, bool), np.zeros(3, bool)) == 0.0
 
@@ -65,7 +72,7 @@ def test_nearest_slice_copy_inside_the_labeled_range_only():
     out = ev.nearest_slice_copy(m, [2, 6])
     for z in (0, 1, 7, 8, 9):
         assert not out[z].any(), z
-    for z in (2, 3, 4):   # 4 is a tie between 2 and 6: the lower one wins
+    for z in (2, 3, 4):  # 4 is a tie between 2 and 6: the lower one wins
         assert np.array_equal(out[z], m[2]), z
     for z in (5, 6):
         assert np.array_equal(out[z], m[6]), z
@@ -76,8 +83,9 @@ def test_nearest_slice_copy_inside_the_labeled_range_only():
 
 # ----------------------------------------------------------------------- Fill between slices
 
+
 def _cylinder(shape=(30, 40, 50), z=(5, 25), r=10):
-    k, j, i = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    k, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]]
     return ((j - 20) ** 2 + (i - 25) ** 2 <= r * r) & (k >= z[0]) & (k <= z[1])
 
 
@@ -109,19 +117,20 @@ def test_slicer_extent_margin():
     m[10:41, 5, 30:32] = True
     # margins: max(3, 0.1 * 30) = 3 along K; 3 along J (clamped at 0); 3 along I
     assert slicer_extent(m) == ((7, 43), (2, 8), (27, 34))
-    m[10:41, 5:56, 30:32] = True   # J extent 50 -> margin 5, clamped to 59
+    m[10:41, 5:56, 30:32] = True  # J extent 50 -> margin 5, clamped to 59
     assert slicer_extent(m)[1] == (0, 59)
     assert slicer_extent(np.zeros((3, 3, 3), bool)) is None
 
 
 # ----------------------------------------------------------------------- CLI
 
+
 def _tiny_case(tmp_path):
     import SimpleITK as sitk
 
     k, j, i = np.mgrid[:14, :24, :20]
     mask = ((j - 12) ** 2 / 36 + (i - 10) ** 2 / 25 + (k - 7) ** 2 / 30) <= 1
-    image = (mask * 800 - 100 + np.random.default_rng(0).normal(0, 10, mask.shape))
+    image = mask * 800 - 100 + np.random.default_rng(0).normal(0, 10, mask.shape)
     paths = {}
     for name, arr in (("image", image.astype(np.float32)), ("blob", mask.astype(np.uint8))):
         img = sitk.GetImageFromArray(arr)
@@ -129,7 +138,7 @@ def _tiny_case(tmp_path):
         paths[name] = str(tmp_path / f"{name}.nrrd")
         sitk.WriteImage(img, paths[name])
     torch.manual_seed(0)
-    from UniverSegLogic.model import UniverSeg
+    from UniverSegLogic.core.model import UniverSeg
 
     paths["weights"] = str(tmp_path / "random.pt")
     torch.save(UniverSeg().state_dict(), paths["weights"])
@@ -142,16 +151,34 @@ def test_evaluate_cli_writes_the_json_schema(tmp_path, capsys):
 
     paths, mask = _tiny_case(tmp_path)
     out = tmp_path / "out.json"
-    rc = main(["evaluate", "--image", paths["image"], "--mask", paths["blob"], "--k", "2,3",
-               "--weights", paths["weights"], "--device", "cpu", "--json", str(out),
-               "--figures", str(tmp_path / "fig"), "--quiet"])
+    rc = main(
+        [
+            "evaluate",
+            "--image",
+            paths["image"],
+            "--mask",
+            paths["blob"],
+            "--k",
+            "2,3",
+            "--weights",
+            paths["weights"],
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+            "--figures",
+            str(tmp_path / "fig"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert set(data) == {"results"}
     rows = data["results"]
     assert len(rows) == 2 * 3
     assert {(r["k"], r["method"]) for r in rows} == {
-        (k, m) for k in (2, 3) for m in ("universeg", "fill_between_slices", "nearest_slice")}
+        (k, m) for k in (2, 3) for m in ("universeg", "fill_between_slices", "nearest_slice")
+    }
     for r in rows:
         assert set(r) == {"mask", "k", "method", "dice", "dice_unlabeled", "seconds"}
         assert r["mask"] == "blob"
@@ -164,7 +191,9 @@ def test_evaluate_cli_writes_the_json_schema(tmp_path, capsys):
     got = next(r for r in rows if r["k"] == 3 and r["method"] == "nearest_slice")
     assert got["dice"] == pytest.approx(want)
     figs = sorted(os.listdir(tmp_path / "fig"))
-    assert "dice_vs_k.png" in figs and any(f.startswith("montage_") and f.endswith(".jpg") for f in figs)
+    assert "dice_vs_k.png" in figs and any(
+        f.startswith("montage_") and f.endswith(".jpg") for f in figs
+    )
     printed = capsys.readouterr().out
     assert "ours-FBS" in printed
 
@@ -174,34 +203,102 @@ def test_evaluate_cli_reads_a_manifest(tmp_path, capsys):
     from UniverSegLogic.cli import main
 
     paths, _ = _tiny_case(tmp_path)
-    manifest = {"cases": [{"case": "tiny", "role": "val", "image": "image.nrrd",
-                           "structures": [{"name": "blob", "mask": "blob.nrrd"}]},
-                          {"case": "other", "role": "unseen", "image": "image.nrrd",
-                           "structures": [{"name": "blob", "mask": "blob.nrrd"}]}]}
+    manifest = {
+        "cases": [
+            {
+                "case": "tiny",
+                "role": "val",
+                "image": "image.nrrd",
+                "structures": [{"name": "blob", "mask": "blob.nrrd"}],
+            },
+            {
+                "case": "other",
+                "role": "unseen",
+                "image": "image.nrrd",
+                "structures": [{"name": "blob", "mask": "blob.nrrd"}],
+            },
+        ]
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "m.json"
-    rc = main(["evaluate", "--cases", str(tmp_path / "manifest.json"), "--roles", "val",
-               "--k", "2", "--methods", "fill_between_slices,nearest_slice",
-               "--json", str(out), "--quiet"])
+    rc = main(
+        [
+            "evaluate",
+            "--cases",
+            str(tmp_path / "manifest.json"),
+            "--roles",
+            "val",
+            "--k",
+            "2",
+            "--methods",
+            "fill_between_slices,nearest_slice",
+            "--json",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     rows = json.loads(out.read_text())["results"]
     assert {r["mask"] for r in rows} == {"blob"} and len(rows) == 2
-    rc = main(["evaluate", "--cases", str(tmp_path / "manifest.json"), "--k", "2",
-               "--methods", "nearest_slice", "--json", str(out), "--quiet"])
+    rc = main(
+        [
+            "evaluate",
+            "--cases",
+            str(tmp_path / "manifest.json"),
+            "--k",
+            "2",
+            "--methods",
+            "nearest_slice",
+            "--json",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert {r["mask"] for r in json.loads(out.read_text())["results"]} == {
-        "tiny/blob", "other/blob"}
+        "tiny/blob",
+        "other/blob",
+    }
     assert "role unseen" in capsys.readouterr().out
 
 
 def test_evaluate_cli_usage_errors(tmp_path, capsys):
     from UniverSegLogic.cli import main
 
-    assert main(["evaluate", "--image", "x.nrrd", "--k", "2", "--json",
-                 str(tmp_path / "o.json")]) == 2
+    assert (
+        main(["evaluate", "--image", "x.nrrd", "--k", "2", "--json", str(tmp_path / "o.json")]) == 2
+    )
     assert "--mask" in capsys.readouterr().err
-    assert main(["evaluate", "--image", "x.nrrd", "--mask", "m.nrrd", "--k", "two",
-                 "--json", str(tmp_path / "o.json")]) == 2
-    assert main(["evaluate", "--image", "x.nrrd", "--mask", "m.nrrd", "--methods", "magic",
-                 "--json", str(tmp_path / "o.json")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--image",
+                "x.nrrd",
+                "--mask",
+                "m.nrrd",
+                "--k",
+                "two",
+                "--json",
+                str(tmp_path / "o.json"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--image",
+                "x.nrrd",
+                "--mask",
+                "m.nrrd",
+                "--methods",
+                "magic",
+                "--json",
+                str(tmp_path / "o.json"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "o.json").exists()

@@ -1,11 +1,17 @@
 """Geometry: axis names through the direction matrix, the canonical slice frame, the canvas."""
+
 import numpy as np
 import pytest
 import torch
 
-from UniverSegLogic.geometry import (GeometryError, SliceFrame, Volume, make_ijk_to_ras,
-                                     resolve_axis)
-from UniverSegLogic.slicing import Canvas, intensity_window, scale_intensity
+from UniverSegLogic.core.canvas import Canvas, intensity_window, scale_intensity
+from UniverSegLogic.core.geometry import (
+    GeometryError,
+    SliceFrame,
+    Volume,
+    make_ijk_to_ras,
+    resolve_axis,
+)
 
 
 def _rotation(ax, deg):
@@ -49,7 +55,9 @@ def test_frame_round_trip_and_slice_identity(axis):
     idx = [slice(None)] * 3
     idx[axis] = 5
     marker[tuple(idx)] = 1
-    assert np.flatnonzero(f.to_frame(marker).reshape(f.to_frame(marker).shape[0], -1).any(1)).tolist() == [5]
+    assert np.flatnonzero(
+        f.to_frame(marker).reshape(f.to_frame(marker).shape[0], -1).any(1)
+    ).tolist() == [5]
     assert f.spacing[0] == pytest.approx(v.spacing_kji[axis])
 
 
@@ -72,8 +80,9 @@ def test_frames_of_differently_stored_volumes_agree():
         assert np.array_equal(sa, sb), name
         n = sa.shape[0]
         same_slice_in_b = np.arange(n)[::-1] if fb.slice_reversed else np.arange(n)
-        assert np.allclose(fa.relative_position(np.arange(n), n),
-                           fb.relative_position(same_slice_in_b, n))
+        assert np.allclose(
+            fa.relative_position(np.arange(n), n), fb.relative_position(same_slice_in_b, n)
+        )
 
 
 def test_bad_volumes():
@@ -83,8 +92,10 @@ def test_bad_volumes():
         Volume(np.zeros((2, 2, 2)), np.diag([1.0, 0.0, 1.0, 1.0]))
 
 
-@pytest.mark.parametrize("rows,cols,sr,sc", [(40, 90, 1.0, 1.0), (90, 40, 0.7, 1.9),
-                                             (512, 300, 0.5, 0.5), (20, 20, 3.0, 3.0)])
+@pytest.mark.parametrize(
+    "rows,cols,sr,sc",
+    [(40, 90, 1.0, 1.0), (90, 40, 0.7, 1.9), (512, 300, 0.5, 0.5), (20, 20, 3.0, 3.0)],
+)
 def test_canvas_keeps_aspect_and_position(rows, cols, sr, sc):
     c = Canvas.for_slices(rows, cols, sr, sc)
     er, ec = rows * sr, cols * sc
@@ -92,16 +103,18 @@ def test_canvas_keeps_aspect_and_position(rows, cols, sr, sc):
     assert c.inner[0] / c.inner[1] == pytest.approx(er / ec, rel=0.03)
     # a block label goes to the canvas and comes back on the same pixels
     m = np.zeros((1, rows, cols), np.float32)
-    m[0, rows // 4: rows // 2, cols // 3: (2 * cols) // 3] = 1
+    m[0, rows // 4 : rows // 2, cols // 3 : (2 * cols) // 3] = 1
     back = c.from_canvas(c.to_canvas(torch.from_numpy(m))).numpy() >= 0.5
     centroid = np.argwhere(m[0] > 0).mean(0)
-    assert np.abs(np.argwhere(back[0]).mean(0) - centroid).max() < max(rows / c.inner[0], cols / c.inner[1])
+    assert np.abs(np.argwhere(back[0]).mean(0) - centroid).max() < max(
+        rows / c.inner[0], cols / c.inner[1]
+    )
     inter = np.logical_and(back[0], m[0] > 0).sum()
     assert 2 * inter / (back.sum() + m.sum()) > 0.9
     # the canvas is zero outside the resized slice
     full = c.to_canvas(torch.ones(1, rows, cols))[0, 0]
     top, left = c.offset
-    assert full[top:top + c.inner[0], left:left + c.inner[1]].min() > 0.99
+    assert full[top : top + c.inner[0], left : left + c.inner[1]].min() > 0.99
     assert full.sum().item() == pytest.approx(c.inner[0] * c.inner[1], rel=0.02)
 
 

@@ -3,6 +3,7 @@
 The network is the real UniverSeg (fixed-seed random weights, or the shipped starter weights when
 present); Fill between slices is the real vtkITK interpolator from slicer-core.
 """
+
 import json
 from pathlib import Path
 
@@ -10,27 +11,40 @@ import numpy as np
 import pytest
 import torch
 
-from UniverSegLogic import calibrate as cal
-from UniverSegLogic.engine import InferenceEngine
-from UniverSegLogic.fill_between import available
-from UniverSegLogic.geometry import Volume, make_ijk_to_ras
-from UniverSegLogic.model import UniverSeg
-from UniverSegLogic.pipeline import (PropagationOptions, PropagationRequest, SegmentRequest,
-                                     fused_probabilities, propagate)
-from UniverSegLogic.prior import (FeatureSource, FusionParams, LogisticRule, OutsideChain,
-                                  ShapePrior, keep_overlapping, signed_distance)
+from UniverSegLogic.core.engine import InferenceEngine
+from UniverSegLogic.core.fill_between import available
+from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
+from UniverSegLogic.core.model import UniverSeg
+from UniverSegLogic.core.pipeline import (
+    PropagationOptions,
+    PropagationRequest,
+    SegmentRequest,
+    fused_probabilities,
+    propagate,
+)
+from UniverSegLogic.core.prior import (
+    FeatureSource,
+    FusionParams,
+    LogisticRule,
+    OutsideChain,
+    ShapePrior,
+    keep_overlapping,
+    signed_distance,
+)
+from UniverSegLogic.research import calibrate as cal
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 needs_vtkitk = pytest.mark.skipif(not available(), reason="slicer-core / vtkITK not importable")
 
 
 def disc(shape, r, centre=None):
-    j, i = np.mgrid[:shape[0], :shape[1]]
+    j, i = np.mgrid[: shape[0], : shape[1]]
     cj, ci = centre if centre is not None else (shape[0] / 2 - 0.5, shape[1] / 2 - 0.5)
     return (j - cj) ** 2 + (i - ci) ** 2 <= r * r
 
 
 # ----------------------------------------------------------------------- the prior
+
 
 def test_interpolated_sdf_of_two_discs_is_the_intermediate_disc():
     stack = np.zeros((9, 64, 64), dtype=bool)
@@ -48,14 +62,14 @@ def test_interpolated_sdf_of_two_discs_is_the_intermediate_disc():
 
 def test_sdf_uses_pixel_spacing_and_an_empty_labeled_slice_shrinks_the_shape():
     m = np.zeros((20, 40), dtype=bool)
-    m[:, 10:30] = True           # a band 20 columns wide
+    m[:, 10:30] = True  # a band 20 columns wide
     d = signed_distance(m, (1.0, 2.0))  # columns are 2 mm
     assert d[5, 20] == pytest.approx(-20.0, abs=2.1)  # 10 columns from the edge = 20 mm
     assert d[5, 0] == pytest.approx(20.0, abs=2.1)
     rough = np.random.default_rng(0).random((30, 30)) > 0.6
     assert np.array_equal(signed_distance(rough, (1.0, 2.5)) <= 0, rough)  # zero level = mask
     stack = np.zeros((5, 40, 40), dtype=bool)
-    stack[0] = disc((40, 40), 12)   # slice 4 is labeled and empty: the structure ends
+    stack[0] = disc((40, 40), 12)  # slice 4 is labeled and empty: the structure ends
     prior = ShapePrior(stack, [0, 4], (1.0, 1.0, 1.0))
     areas = [int((prior.distance(t) <= 0).sum()) for t in (1, 2, 3)]
     # shrinks to (almost) nothing half-way, nothing after
@@ -72,28 +86,33 @@ def test_features_inside_and_beyond_the_painted_range():
     logit = np.full((32, 32), 30.0, np.float32)
     region, f = prior.features(5, logit)
     assert region == "inside"
-    assert f.get("model").max() == 12.0             # clipped
+    assert f.get("model").max() == 12.0  # clipped
     assert float(f.get("gap").max()) == pytest.approx(1.0)  # half-way
     r = np.sqrt(stack[3].sum() / np.pi)
     assert float(f.get("gap_r").max()) == pytest.approx(4 * 2.0 / r)
     centre = f.get("sdf_n")[16, 16]
-    assert -1.1 < centre < -0.6       # about one radius inside (distance to the boundary pixels)
+    assert -1.1 < centre < -0.6  # about one radius inside (distance to the boundary pixels)
     assert np.allclose(f.get("sdf_n*gap"), f.get("sdf_n") * f.get("gap"))
     region, f = prior.features(9, logit)
     assert region == "outside"
     assert float(f.get("beyond").max()) == pytest.approx(2 / 4)
     with pytest.raises(KeyError):
-        f.get("sdf_n")                                 # no interpolation beyond the range
+        f.get("sdf_n")  # no interpolation beyond the range
 
 
 def test_logistic_rule_and_fusion_params_round_trip(tmp_path):
-    feats = FeatureSource({"a": np.array([[1.0, 2.0]]), "b": lambda: np.array([[3.0, -1.0]])},
-                          (1, 2))
+    feats = FeatureSource(
+        {"a": np.array([[1.0, 2.0]]), "b": lambda: np.array([[3.0, -1.0]])}, (1, 2)
+    )
     rule = LogisticRule(["a", "b", "a*b"], [1.0, 2.0, 0.5], -1.0)
     assert np.allclose(rule.logit(feats), [[-1 + 1 + 6 + 1.5, -1 + 2 - 2 - 1.0]])
-    p = FusionParams(inside=LogisticRule(["model", "fbs_n"], [1.0, -3.0], 0.5),
-                     inside_no_fbs=LogisticRule(["model", "sdf_n"], [1.0, -4.0], 0.2),
-                     extrapolation_gaps=0.75, chain_outside=False, source="test")
+    p = FusionParams(
+        inside=LogisticRule(["model", "fbs_n"], [1.0, -3.0], 0.5),
+        inside_no_fbs=LogisticRule(["model", "sdf_n"], [1.0, -4.0], 0.2),
+        extrapolation_gaps=0.75,
+        chain_outside=False,
+        source="test",
+    )
     path = tmp_path / "f.json"
     p.save(path, {"weights": "x"})
     q = FusionParams.load(path)
@@ -111,7 +130,7 @@ def test_outside_chain_keeps_overlapping_regions_and_stops_once_empty():
     params = FusionParams(outside=LogisticRule(["model"], [1.0], 0.0))
     chain = OutsideChain(prior, params, 5)
     lg = np.full((20, 20), -5.0, np.float32)
-    lg[6:9, 6:9] = 5.0      # overlaps the painted end slice: kept
+    lg[6:9, 6:9] = 5.0  # overlaps the painted end slice: kept
     lg[15:18, 15:18] = 5.0  # a detached false positive: dropped
     p6 = chain.push(6, lg)
     assert (p6 >= 0.5).sum() == 9 and p6[16, 16] == 0.0
@@ -134,16 +153,24 @@ def test_fused_probabilities_skips_the_network_once_a_side_has_stopped():
         return {t: np.full((16, 16), -8.0, np.float32) for t in ts}
 
     skipped = []
-    params = FusionParams(inside=LogisticRule(["sdf_n"], [-10.0]),
-                          outside=LogisticRule(["model"], [1.0]))
-    probs = fused_probabilities(prior, params, list(range(0, 10)) + [11, 12, 13] +
-                                list(range(15, 30)), network, batch=2, skip=skipped.append)
-    assert set(asked) == {11, 12, 13, 9, 8, 15, 16}   # one batch per side, then stop
+    params = FusionParams(
+        inside=LogisticRule(["sdf_n"], [-10.0]), outside=LogisticRule(["model"], [1.0])
+    )
+    probs = fused_probabilities(
+        prior,
+        params,
+        list(range(0, 10)) + [11, 12, 13] + list(range(15, 30)),
+        network,
+        batch=2,
+        skip=skipped.append,
+    )
+    assert set(asked) == {11, 12, 13, 9, 8, 15, 16}  # one batch per side, then stop
     assert sum(skipped) == (10 - 2) + (15 - 2)
     assert all((probs[t] >= 0.5).sum() == 64 for t in (11, 12, 13))  # the prior carries
 
 
 # ----------------------------------------------------------------------- the pipeline
+
 
 def _phantom():
     k, j, i = np.mgrid[:16, :28, :30]
@@ -165,13 +192,18 @@ def test_labeled_slices_are_never_altered(use_fbs):
     vol, blob = _phantom()
     user = np.zeros_like(blob)
     user[[4, 8, 12]] = blob[[4, 8, 12]]
-    user[8, :3, :3] = True              # paint that disagrees with the image
+    user[8, :3, :3] = True  # paint that disagrees with the image
     user[8, 12:16, 13:17] = False
-    fusion = FusionParams(inside=LogisticRule(["model", "fbs_n" if use_fbs else "sdf_n"],
-                                              [1.0, -5.0]))
-    res = propagate(PropagationRequest(vol, [SegmentRequest("b", user)],
-                                       PropagationOptions(axis=0, support_size=2)),
-                    engine=_engine(), fusion=fusion)
+    fusion = FusionParams(
+        inside=LogisticRule(["model", "fbs_n" if use_fbs else "sdf_n"], [1.0, -5.0])
+    )
+    res = propagate(
+        PropagationRequest(
+            vol, [SegmentRequest("b", user)], PropagationOptions(axis=0, support_size=2)
+        ),
+        engine=_engine(),
+        fusion=fusion,
+    )
     r = res.segments[0]
     assert r.labeled_slices == [4, 8, 12]
     assert np.array_equal(r.mask[[4, 8, 12]], user[[4, 8, 12]])
@@ -181,16 +213,21 @@ def test_labeled_slices_are_never_altered(use_fbs):
 
 @needs_vtkitk
 def test_a_fill_between_rule_reproduces_fill_between_slices_inside_the_range():
-    from UniverSegLogic.fill_between import fill_between_slices
+    from UniverSegLogic.core.fill_between import fill_between_slices
 
     vol, blob = _phantom()
     user = np.zeros_like(blob)
     user[[4, 11]] = blob[[4, 11]]
-    fusion = FusionParams(inside=LogisticRule(["fbs"], [20.0]),
-                          outside=LogisticRule(["one"], [0.0], -50.0))
-    r = propagate(PropagationRequest(vol, [SegmentRequest("b", user)],
-                                     PropagationOptions(axis=0, support_size=2)),
-                  engine=_engine(), fusion=fusion).segments[0]
+    fusion = FusionParams(
+        inside=LogisticRule(["fbs"], [20.0]), outside=LogisticRule(["one"], [0.0], -50.0)
+    )
+    r = propagate(
+        PropagationRequest(
+            vol, [SegmentRequest("b", user)], PropagationOptions(axis=0, support_size=2)
+        ),
+        engine=_engine(),
+        fusion=fusion,
+    ).segments[0]
     want = fill_between_slices(user, [4, 11], 0, vol.spacing_kji)
     assert np.array_equal(r.mask[4:12], want[4:12])
     assert not r.mask[:4].any() and not r.mask[12:].any()
@@ -200,15 +237,19 @@ def test_no_extrapolation_beyond_a_labeled_empty_end_slice():
     vol, blob = _phantom()
     user = np.zeros_like(blob)
     user[[5, 9]] = blob[[5, 9]]
-    res = propagate(PropagationRequest(vol, [SegmentRequest("b", user, [5, 9, 11])],
-                                       PropagationOptions(axis=0, support_size=2)),
-                    engine=_engine())
+    res = propagate(
+        PropagationRequest(
+            vol, [SegmentRequest("b", user, [5, 9, 11])], PropagationOptions(axis=0, support_size=2)
+        ),
+        engine=_engine(),
+    )
     r = res.segments[0]
     assert max(r.predicted_slices) < 11 and not r.mask[11:].any()
-    assert min(r.predicted_slices) < 5        # the other end still extrapolates
+    assert min(r.predicted_slices) < 5  # the other end still extrapolates
 
 
 # ----------------------------------------------------------------------- calibration
+
 
 def test_fit_logistic_recovers_known_weights():
     rng = np.random.default_rng(0)
@@ -227,13 +268,20 @@ def _synthetic_episodes(n=4):
         k, j, i = np.mgrid[:14, :24, :24]
         r = 5 + e
         truth = ((j - 12) ** 2 + (i - 12 - e) ** 2) <= (r * np.sin(np.pi * (k + 0.5) / 14)) ** 2
-        ext = (int(np.flatnonzero(truth.any((1, 2)))[0]), int(np.flatnonzero(truth.any((1, 2)))[-1]))
+        ext = (
+            int(np.flatnonzero(truth.any((1, 2)))[0]),
+            int(np.flatnonzero(truth.any((1, 2)))[-1]),
+        )
         for kk in (2, 3):
             lab = cal.labeled_slices_for(ext[0], ext[1], kk)
-            logits = {t: (6.0 * (truth[t] - 0.5) + rng.normal(0, 2, truth[t].shape)).astype(
-                np.float32) for t in range(14) if t not in lab}
-            eps.append(cal.Episode(f"case{e % 2}", f"s{e}", kk, (2.0, 1.0, 1.0), truth, lab,
-                                   logits, None))
+            logits = {
+                t: (6.0 * (truth[t] - 0.5) + rng.normal(0, 2, truth[t].shape)).astype(np.float32)
+                for t in range(14)
+                if t not in lab
+            }
+            eps.append(
+                cal.Episode(f"case{e % 2}", f"s{e}", kk, (2.0, 1.0, 1.0), truth, lab, logits, None)
+            )
     return eps
 
 
@@ -244,8 +292,9 @@ def test_calibration_learns_to_use_an_informative_network():
     assert set(report["candidates"]) == {"sdf_gap+model_nb"}
     w = dict(zip(params.inside.features, params.inside.weights))
     assert w["model"] > 0 and w["sdf_n"] < 0
-    prior_only = FusionParams(inside=LogisticRule(["sdf_n"], [-20.0]),
-                              outside=LogisticRule(["one"], [0.0], -50.0))
+    prior_only = FusionParams(
+        inside=LogisticRule(["sdf_n"], [-20.0]), outside=LogisticRule(["one"], [0.0], -50.0)
+    )
     assert cal.objective(cal.score(eps, params)) > cal.objective(cal.score(eps, prior_only)) + 0.02
 
 
@@ -272,10 +321,13 @@ def test_shipped_fusion_is_valid_when_present():
     stack[6] = disc((16, 16), 5)
     prior = ShapePrior(stack, [2, 6], (2.0, 1.0, 1.0), stack.copy())
     lg = np.zeros((16, 16), np.float32)
-    for t in (4, 8):   # every feature the file names exists
+    for t in (4, 8):  # every feature the file names exists
         region, f = prior.features(t, lg)
-        rules = [p.inside] + ([p.inside_no_fbs] if p.inside_no_fbs else []) \
-            if region == "inside" else [p.outside]
+        rules = (
+            [p.inside] + ([p.inside_no_fbs] if p.inside_no_fbs else [])
+            if region == "inside"
+            else [p.outside]
+        )
         for rule in rules:
             assert rule.logit(f).shape == (16, 16)
     data = json.loads(path.read_text())
@@ -285,23 +337,34 @@ def test_shipped_fusion_is_valid_when_present():
 @needs_vtkitk
 def test_calibration_scores_exactly_what_the_pipeline_does():
     """predict_episode (fusion on cached logits) == propagate (network + fusion), slice by slice."""
-    from UniverSegLogic.evaluate import labeled_slices_for
-    from UniverSegLogic.fill_between import fill_between_slices, labeled_only
-    from UniverSegLogic.pipeline import segment_logits
+    from UniverSegLogic.core.fill_between import fill_between_slices, labeled_only
+    from UniverSegLogic.core.pipeline import segment_logits
+    from UniverSegLogic.research.evaluate import labeled_slices_for
 
     vol, blob = _phantom()
     lab = labeled_slices_for(2, 14, 3)
     painted = labeled_only(blob, lab, 0)
     fusion = FusionParams(
-        inside=LogisticRule(["model", "model_nb", "sdf_n", "fbs_n", "sdf_n*gap"],
-                            [0.3, 0.2, -2.0, -2.0, -1.0], 0.1),
-        outside=LogisticRule(["model", "model_nb"], [0.5, 0.3], 0.2), extrapolation_gaps=1.0)
+        inside=LogisticRule(
+            ["model", "model_nb", "sdf_n", "fbs_n", "sdf_n*gap"], [0.3, 0.2, -2.0, -2.0, -1.0], 0.1
+        ),
+        outside=LogisticRule(["model", "model_nb"], [0.5, 0.3], 0.2),
+        extrapolation_gaps=1.0,
+    )
     opts = PropagationOptions(axis=0, support_size=2)
     engine = _engine()
     req = PropagationRequest(vol, [SegmentRequest("b", painted, lab)], opts)
     sl = segment_logits(req, engine, 8)[0]
-    ep = cal.Episode("c", "b", 3, sl.frame.spacing, sl.frame.to_frame(blob), lab, sl.logits,
-                     fill_between_slices(sl.mask_stack, lab, 0, sl.frame.spacing))
+    ep = cal.Episode(
+        "c",
+        "b",
+        3,
+        sl.frame.spacing,
+        sl.frame.to_frame(blob),
+        lab,
+        sl.logits,
+        fill_between_slices(sl.mask_stack, lab, 0, sl.frame.spacing),
+    )
     want = cal.predict_episode(ep, fusion)
     got = propagate(req, engine=engine, fusion=fusion).segments[0].mask
     assert np.array_equal(sl.frame.to_frame(got), want)

@@ -1,10 +1,11 @@
 """The v1 network: checkpoint layout and the properties of the released model."""
+
 from pathlib import Path
 
 import pytest
 import torch
 
-from UniverSegLogic.model import EmptySupportError, UniverSeg, parameter_count
+from UniverSegLogic.core.model import EmptySupportError, UniverSeg, parameter_count
 
 TSV = Path(__file__).parent / "reference" / "universeg_v1_state_dict.tsv"
 
@@ -46,7 +47,9 @@ def test_official_key_file_loads_strict(tmp_path):
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     m = UniverSeg()
     m.load_state_dict(loaded, strict=True)
-    assert torch.equal(m.enc_blocks[2].cross.cross_conv.weight, state["enc_blocks.2.cross.cross_conv.weight"])
+    assert torch.equal(
+        m.enc_blocks[2].cross.cross_conv.weight, state["enc_blocks.2.cross.cross_conv.weight"]
+    )
 
 
 def _inputs(b=2, s=3, size=32, seed=1):
@@ -61,7 +64,7 @@ def test_shared_support_equals_official_form(model64):
     t, si, sl = _inputs(b=3, s=4)
     with torch.no_grad():
         shared = model64.forward_shared(t, si[0], sl[0])
-        official = torch.cat([model64(t[i:i + 1], si[:1], sl[:1]) for i in range(3)])
+        official = torch.cat([model64(t[i : i + 1], si[:1], sl[:1]) for i in range(3)])
     assert shared.shape == (3, 1, 32, 32)
     assert (shared - official).abs().max().item() <= 1e-5
 

@@ -5,6 +5,7 @@ Most runs use ``ConstantLogitEngine``, a test double for the inference engine (f
 everywhere), so that what gets written where is tested independently of the network; one test runs
 a real (random-weight) UniverSeg network.
 """
+
 import os
 
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Platform")  # before slicer-core's ITK
@@ -20,8 +21,8 @@ import torch
 import vtk
 
 from UniverSegLogic import mrml
-from UniverSegLogic.engine import Cancelled, InferenceEngine
-from UniverSegLogic.model import UniverSeg
+from UniverSegLogic.core.engine import Cancelled, InferenceEngine
+from UniverSegLogic.core.model import UniverSeg
 
 SHAPE = (16, 20, 24)  # K, J, I: a 24 x 20 x 16 volume
 LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
@@ -58,7 +59,7 @@ def _ras_of_voxels(ijk_to_ras, shape):
 def _paint(seg_node, segment_id, mask, ijk_to_ras):
     """Store ``mask`` (on the grid ``ijk_to_ras``) as the segment's content, as an editor would."""
     extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
-    image = mrml._oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
+    image = mrml.vtkglue._oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg_node, segment_id, LOGIC.MODE_REPLACE)
 
 
@@ -69,15 +70,15 @@ def _slices(mask, axis, indices):
 def stored(seg_node, segment_id):
     """A segment exactly as stored: grid matrix and sorted foreground voxel indices (I, J, K)."""
     lm = seg_node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    values = mrml._scalars(lm)
-    if values is None or mrml._extent_empty(lm.GetExtent()):
+    values = mrml.vtkglue._scalars(lm)
+    if values is None or mrml.vtkglue._extent_empty(lm.GetExtent()):
         return None, np.zeros((0, 3), int)
     m = vtk.vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
     label = seg_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     e = lm.GetExtent()
     kji = np.argwhere(values == label) + np.array([e[4], e[2], e[0]])
-    return np.round(mrml._np_from_vtk_matrix(m), 9), kji[:, ::-1]
+    return np.round(mrml.vtkglue._np_from_vtk_matrix(m), 9), kji[:, ::-1]
 
 
 def state(seg_node):
@@ -88,10 +89,19 @@ def state(seg_node):
         sid = segmentation.GetNthSegmentID(n)
         segment = segmentation.GetSegment(sid)
         matrix, voxels = stored(seg_node, sid)
-        tags = mrml._tags_of(segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED, mrml.TAG_SOURCE))
-        out.append((sid, segment.GetName(), tuple(np.round(segment.GetColor(), 6)),
-                    None if matrix is None else matrix.tobytes(), voxels.tobytes(),
-                    tuple(sorted(tags.items()))))
+        tags = mrml.record._tags_of(
+            segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED, mrml.TAG_SOURCE)
+        )
+        out.append(
+            (
+                sid,
+                segment.GetName(),
+                tuple(np.round(segment.GetColor(), 6)),
+                None if matrix is None else matrix.tobytes(),
+                voxels.tobytes(),
+                tuple(sorted(tags.items())),
+            )
+        )
     return out
 
 
@@ -134,13 +144,13 @@ def case(tmp_path):
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
 
-    ijk_to_ras = mrml._local_ijk_to_ras(volume)
+    ijk_to_ras = mrml.nodes._local_ijk_to_ras(volume)
     ras = _ras_of_voxels(ijk_to_ras, SHAPE)
     center = ijk_to_ras @ np.array([11.5, 9.5, 7.5, 1.0])
     axis = mrml.array_axis(volume, "axial")
     d = (ras - center[:3, None, None, None]) / np.array([7.0, 8.0, 13.0])[:, None, None, None]
-    ellipsoid = (d ** 2).sum(axis=0) <= 1.0
-    present = mrml._nonempty_slices(ellipsoid, axis)
+    ellipsoid = (d**2).sum(axis=0) <= 1.0
+    present = mrml.record._nonempty_slices(ellipsoid, axis)
     labeled = [present[1], present[len(present) // 2], present[-2]]
     user = np.zeros(SHAPE, bool)
     take = [slice(None)] * 3
@@ -155,17 +165,35 @@ def case(tmp_path):
     other_id = segmentation.AddEmptySegment("", "other", [0.2, 0.3, 0.9])
     _paint(seg, target_id, user, ijk_to_ras)
     _paint(seg, other_id, other, ijk_to_ras)
-    return SimpleNamespace(scene=scene, volume=volume, seg=seg, axis=axis, user=user,
-                           labeled=labeled, ellipsoid=ellipsoid, other=other, target=target_id,
-                           other_id=other_id, ijk_to_ras=ijk_to_ras, path=path, itk=itk,
-                           tmp=tmp_path)
+    return SimpleNamespace(
+        scene=scene,
+        volume=volume,
+        seg=seg,
+        axis=axis,
+        user=user,
+        labeled=labeled,
+        ellipsoid=ellipsoid,
+        other=other,
+        target=target_id,
+        other_id=other_id,
+        ijk_to_ras=ijk_to_ras,
+        path=path,
+        itk=itk,
+        tmp=tmp_path,
+    )
 
 
 def run(case, mode="fill", engine=None, **options):
     """prepare + run + apply, returning (job, result) so tests see the pipeline's own result."""
     options.setdefault("use_prior", False)
-    job = mrml.prepare_propagation(case.volume, case.seg, [case.target], mode=mode,
-                                   engine=engine or ConstantLogitEngine(), **options)
+    job = mrml.prepare_propagation(
+        case.volume,
+        case.seg,
+        [case.target],
+        mode=mode,
+        engine=engine or ConstantLogitEngine(),
+        **options,
+    )
     job.run()
     return job, job.apply()
 
@@ -230,13 +258,15 @@ def test_new_mode_writes_a_review_segment_and_rerun_replaces_it(case):
     assert state(case.seg)[:2] == before  # source and other segment unchanged
     review = mrml.segment_mask(case.volume, case.seg, out_id)
     assert np.array_equal(review, job.result.segments[0].mask)
-    assert np.array_equal(_slices(review, case.axis, case.labeled),
-                          _slices(case.user, case.axis, case.labeled))
+    assert np.array_equal(
+        _slices(review, case.axis, case.labeled), _slices(case.user, case.axis, case.labeled)
+    )
 
     job, again = run(case, "new", support_size=1, max_extrapolation=0)
     assert again.segment_ids == [out_id]
-    assert np.array_equal(mrml.segment_mask(case.volume, case.seg, out_id),
-                          job.result.segments[0].mask)
+    assert np.array_equal(
+        mrml.segment_mask(case.volume, case.seg, out_id), job.result.segments[0].mask
+    )
     assert not np.array_equal(job.result.segments[0].mask, review)  # really replaced
     assert segmentation.GetNumberOfSegments() == 3
     assert state(case.seg)[:2] == before
@@ -260,11 +290,14 @@ def test_annotation_loop_corrected_slices_become_labeled_untouched_ones_never(ca
     status = mrml.slice_status(case.volume, case.seg, case.target, "axial")
     assert status.edited == [corrected]
     assert status.labeled == sorted(case.labeled + [corrected])
-    assert corrected not in status.predicted and set(status.predicted) == set(predicted) - {corrected}
+    assert corrected not in status.predicted and set(status.predicted) == set(predicted) - {
+        corrected
+    }
 
     engine = ConstantLogitEngine()
-    job = mrml.prepare_propagation(case.volume, case.seg, [case.target], engine=engine,
-                                   use_prior=False)
+    job = mrml.prepare_propagation(
+        case.volume, case.seg, [case.target], engine=engine, use_prior=False
+    )
     assert job.request.segments[0].labeled_slices == sorted(case.labeled + [corrected])
     job.run()
     job.apply()
@@ -284,12 +317,14 @@ def test_marked_empty_slice_is_labeled_and_erased_label_is_not(case):
     assert not _slices(after, case.axis, [empty]).any()  # a labeled empty slice stays empty
     assert empty not in job.result.segments[0].predicted_slices
 
-    status = mrml.mark_slice_labeled(case.volume, case.seg, case.target, "axial", empty,
-                                     labeled=False)
+    status = mrml.mark_slice_labeled(
+        case.volume, case.seg, case.target, "axial", empty, labeled=False
+    )
     assert empty not in status.labeled
     with pytest.raises(mrml.MRMLError, match="painted voxels"):
-        mrml.mark_slice_labeled(case.volume, case.seg, case.target, "axial", case.labeled[0],
-                                labeled=False)
+        mrml.mark_slice_labeled(
+            case.volume, case.seg, case.target, "axial", case.labeled[0], labeled=False
+        )
 
     # the user erases a painted slice completely: it is no longer labeled
     mask = mrml.segment_mask(case.volume, case.seg, case.target)
@@ -310,16 +345,24 @@ def test_cancel_mid_run_leaves_the_segmentation_identical(case, mode):
         return len(calls) > 2  # after the first batches have run
 
     with pytest.raises(Cancelled):
-        mrml.propagate_segmentation(case.volume, case.seg, [case.target], mode=mode,
-                                    cancel=cancel, engine=ConstantLogitEngine(), use_prior=False,
-                                    batch_size=2)
+        mrml.propagate_segmentation(
+            case.volume,
+            case.seg,
+            [case.target],
+            mode=mode,
+            cancel=cancel,
+            engine=ConstantLogitEngine(),
+            use_prior=False,
+            batch_size=2,
+        )
     assert len(calls) > 2
     assert state(case.seg) == before
 
 
 def test_edit_during_the_run_is_not_overwritten(case):
-    job = mrml.prepare_propagation(case.volume, case.seg, [case.target],
-                                   engine=ConstantLogitEngine(), use_prior=False)
+    job = mrml.prepare_propagation(
+        case.volume, case.seg, [case.target], engine=ConstantLogitEngine(), use_prior=False
+    )
     job.run()
     edited = case.user.copy()
     edited[tuple(np.argwhere(~case.user)[0])] = True  # the user paints one voxel meanwhile
@@ -332,10 +375,15 @@ def test_edit_during_the_run_is_not_overwritten(case):
 
 def test_failure_while_writing_restores_what_was_written(case, monkeypatch):
     before = state(case.seg)
-    job = mrml.prepare_propagation(case.volume, case.seg, [case.target, case.other_id],
-                                   engine=ConstantLogitEngine(), use_prior=False)
+    job = mrml.prepare_propagation(
+        case.volume,
+        case.seg,
+        [case.target, case.other_id],
+        engine=ConstantLogitEngine(),
+        use_prior=False,
+    )
     job.run()
-    real = mrml._write_segment
+    real = mrml.writing._write_segment
     written = []
 
     def fail_on_second(seg_node, volume_node, w, segment_id, *args):
@@ -344,29 +392,34 @@ def test_failure_while_writing_restores_what_was_written(case, monkeypatch):
         written.append(segment_id)
         return real(seg_node, volume_node, w, segment_id, *args)
 
-    monkeypatch.setattr(mrml, "_write_segment", fail_on_second)
+    monkeypatch.setattr(mrml.writing, "_write_segment", fail_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
         job.apply()
     assert written == [case.target]
-    assert [(s[0], s[1], s[4], s[5]) for s in state(case.seg)] == \
-        [(s[0], s[1], s[4], s[5]) for s in before]
+    assert [(s[0], s[1], s[4], s[5]) for s in state(case.seg)] == [
+        (s[0], s[1], s[4], s[5]) for s in before
+    ]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"segmentIds": ["no such segment"]}, "no segment 'no such segment'"),
-    ({"mode": "replace"}, "unknown output mode"),
-    ({"support_sise": 4}, "unknown option 'support_sise'"),
-    ({"axis": "oblique"}, "unknown axis"),
-    ({"segmentIds": ["empty"]}, "no labeled slice"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"segmentIds": ["no such segment"]}, "no segment 'no such segment'"),
+        ({"mode": "replace"}, "unknown output mode"),
+        ({"support_sise": 4}, "unknown option 'support_sise'"),
+        ({"axis": "oblique"}, "unknown axis"),
+        ({"segmentIds": ["empty"]}, "no labeled slice"),
+    ],
+)
 def test_bad_input_gives_one_line_error_and_changes_nothing(case, kwargs, message):
     case.seg.GetSegmentation().AddEmptySegment("empty", "empty")
     before = state(case.seg)
     kwargs = dict(kwargs)
     ids = kwargs.pop("segmentIds", [case.target])
     with pytest.raises(ValueError, match=message) as info:
-        mrml.propagate_segmentation(case.volume, case.seg, ids, engine=ConstantLogitEngine(),
-                                    **kwargs)
+        mrml.propagate_segmentation(
+            case.volume, case.seg, ids, engine=ConstantLogitEngine(), **kwargs
+        )
     assert "\n" not in str(info.value)
     assert state(case.seg) == before
 
@@ -397,7 +450,7 @@ def test_closed_surface_segmentation_is_refused(case):
 
 def _linear_transform(scene, matrix):
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "T")
-    node.SetMatrixTransformToParent(mrml._vtk_matrix(matrix))
+    node.SetMatrixTransformToParent(mrml.vtkglue._vtk_matrix(matrix))
     return node
 
 
@@ -410,17 +463,26 @@ def test_common_parent_transform_is_handled_in_world_space(case):
     case.seg.SetAndObserveTransformNodeID(t.GetID())
     other_before = stored(case.seg, case.other_id)
     assert mrml.array_axis(case.volume, "coronal") == case.axis  # world orientation is used
-    job = mrml.prepare_propagation(case.volume, case.seg, [case.target], axis="coronal",
-                                   engine=ConstantLogitEngine(), use_prior=False)
+    job = mrml.prepare_propagation(
+        case.volume,
+        case.seg,
+        [case.target],
+        axis="coronal",
+        engine=ConstantLogitEngine(),
+        use_prior=False,
+    )
     job.run()
     job.apply()
     after = mrml.segment_mask(case.volume, case.seg, case.target)
     res = job.result.segments[0]
     assert res.labeled_slices == case.labeled
-    assert np.array_equal(_slices(after, case.axis, case.labeled),
-                          _slices(case.user, case.axis, case.labeled))
-    assert np.array_equal(_slices(after, case.axis, res.predicted_slices),
-                          _slices(res.mask, case.axis, res.predicted_slices))
+    assert np.array_equal(
+        _slices(after, case.axis, case.labeled), _slices(case.user, case.axis, case.labeled)
+    )
+    assert np.array_equal(
+        _slices(after, case.axis, res.predicted_slices),
+        _slices(res.mask, case.axis, res.predicted_slices),
+    )
     assert_same_stored(case.seg, case.other_id, other_before)
 
 
@@ -437,8 +499,10 @@ def test_volume_under_its_own_transform_is_resampled_by_slicer(case):
     job, _ = run(case, "fill")
     res = job.result.segments[0]
     after = mrml.segment_mask(case.volume, case.seg, case.target)
-    assert np.array_equal(_slices(after, case.axis, res.predicted_slices),
-                          _slices(res.mask, case.axis, res.predicted_slices))
+    assert np.array_equal(
+        _slices(after, case.axis, res.predicted_slices),
+        _slices(res.mask, case.axis, res.predicted_slices),
+    )
     assert_same_stored(case.seg, case.other_id, other_before)
     # the painted voxels themselves are still stored, unmoved
     kept = {tuple(v) for v in stored(case.seg, case.target)[1]}
@@ -478,14 +542,15 @@ def test_non_linear_transform_is_refused_with_a_clear_message(case):
     image.SetOrigin(-100, -100, -100)
     image.SetSpacing(100, 100, 100)
     image.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    mrml._scalars(image)[...] = 1.0
+    mrml.vtkglue._scalars(image)[...] = 1.0
     displacement.SetDisplacementGridData(image)
     grid.SetAndObserveTransformFromParent(displacement)
     case.seg.SetAndObserveTransformNodeID(grid.GetID())
     before = state(case.seg)
     with pytest.raises(mrml.MRMLError, match="non-linear transform .*harden"):
-        mrml.propagate_segmentation(case.volume, case.seg, [case.target],
-                                    engine=ConstantLogitEngine())
+        mrml.propagate_segmentation(
+            case.volume, case.seg, [case.target], engine=ConstantLogitEngine()
+        )
     assert state(case.seg) == before
 
 
@@ -497,11 +562,13 @@ def test_oversampled_segmentation_keeps_its_stored_labels_bit_for_bit(case):
     fine[:3, :3] /= 2.0
     fine[:3, 3] -= case.ijk_to_ras[:3, :3] @ np.array([0.25, 0.25, 0.25])
     fine_shape = tuple(2 * s for s in SHAPE)
-    geometry = mrml._geometry_image((0, fine_shape[2] - 1, 0, fine_shape[1] - 1, 0,
-                                     fine_shape[0] - 1), fine)
+    geometry = mrml.vtkglue._geometry_image(
+        (0, fine_shape[2] - 1, 0, fine_shape[1] - 1, 0, fine_shape[0] - 1), fine
+    )
     seg.GetSegmentation().SetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
-        slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry),
+    )
     sid = seg.GetSegmentation().AddEmptySegment("", "target")
     # fine labels: the coarse labels plus a detail smaller than a coarse voxel
     labels = case.user.repeat(2, 0).repeat(2, 1).repeat(2, 2)
@@ -514,8 +581,9 @@ def test_oversampled_segmentation_keeps_its_stored_labels_bit_for_bit(case):
     detail[tuple(take)] = detail_plane
     _paint(seg, sid, labels | detail, fine)
     before = stored(seg, sid)
-    job = mrml.prepare_propagation(case.volume, seg, [sid], engine=ConstantLogitEngine(),
-                                   use_prior=False)
+    job = mrml.prepare_propagation(
+        case.volume, seg, [sid], engine=ConstantLogitEngine(), use_prior=False
+    )
     job.run()
     job.apply()
     res = job.result.segments[0]
@@ -527,8 +595,10 @@ def test_oversampled_segmentation_keeps_its_stored_labels_bit_for_bit(case):
     assert np.array_equal(keep_before, keep_after)
     assert np.allclose(after[0], fine)
     coarse = mrml.segment_mask(case.volume, seg, sid)
-    assert np.array_equal(_slices(coarse, case.axis, res.predicted_slices),
-                          _slices(res.mask, case.axis, res.predicted_slices))
+    assert np.array_equal(
+        _slices(coarse, case.axis, res.predicted_slices),
+        _slices(res.mask, case.axis, res.predicted_slices),
+    )
     # the record reads back consistently: nothing counts as corrected
     assert not mrml.slice_status(case.volume, seg, sid, "axial").edited
 
@@ -542,6 +612,7 @@ def test_segment_content_outside_the_volume_is_kept(case):
     mask[:, 5:9, 1:4] = True  # outside the volume (I < 0)
     _paint(case.seg, case.target, mask, wide)
     assert np.array_equal(mrml.segment_mask(case.volume, case.seg, case.target), case.user)
+
     def outside():
         matrix, voxels = stored(case.seg, case.target)
         ijk = np.linalg.solve(case.ijk_to_ras, matrix @ np.c_[voxels, np.ones(len(voxels))].T)
@@ -559,16 +630,29 @@ def test_one_undo_step_restores_the_segmentation(case):
     history.SetSegmentation(case.seg.GetSegmentation())
     history.SetMaximumNumberOfStates(10)
     before = state(case.seg)
-    mrml.propagate_segmentation(case.volume, case.seg, [case.target], mode="new",
-                                engine=ConstantLogitEngine(), undo=history, use_prior=False)
+    mrml.propagate_segmentation(
+        case.volume,
+        case.seg,
+        [case.target],
+        mode="new",
+        engine=ConstantLogitEngine(),
+        undo=history,
+        use_prior=False,
+    )
     assert history.GetNumberOfStates() == 1
     assert state(case.seg) != before
     assert history.RestorePreviousState()
-    assert [(s[0], s[1], s[4], s[5]) for s in state(case.seg)] == \
-        [(s[0], s[1], s[4], s[5]) for s in before]
+    assert [(s[0], s[1], s[4], s[5]) for s in state(case.seg)] == [
+        (s[0], s[1], s[4], s[5]) for s in before
+    ]
     calls = []
-    mrml.propagate_segmentation(case.volume, case.seg, [case.target],
-                                engine=ConstantLogitEngine(), undo=lambda: calls.append(1))
+    mrml.propagate_segmentation(
+        case.volume,
+        case.seg,
+        [case.target],
+        engine=ConstantLogitEngine(),
+        undo=lambda: calls.append(1),
+    )
     assert calls == [1]
 
 
@@ -605,8 +689,11 @@ def test_saved_seg_nrrd_reads_back_with_names_colors_and_the_record(case):
     assert reader.ReadData(reloaded)
     sid = reloaded.GetSegmentation().GetSegmentIdBySegmentName("target")
     status = mrml.slice_status(case.volume, reloaded, sid, "axial")
-    assert (status.labeled, status.predicted, status.edited) == \
-        (status_before.labeled, status_before.predicted, [])
+    assert (status.labeled, status.predicted, status.edited) == (
+        status_before.labeled,
+        status_before.predicted,
+        [],
+    )
 
 
 def test_other_loaded_pair_serves_as_support(case):
@@ -625,30 +712,39 @@ def test_other_loaded_pair_serves_as_support(case):
     # the target segment of the first pair is empty: support comes from the other pair only
     empty_id = case.seg.GetSegmentation().AddEmptySegment("", "target")
     engine = ConstantLogitEngine()
-    job = mrml.prepare_propagation(case.volume, case.seg, [empty_id], supportPairs=[(volume2, seg2)],
-                                   engine=engine, use_prior=False)
+    job = mrml.prepare_propagation(
+        case.volume,
+        case.seg,
+        [empty_id],
+        supportPairs=[(volume2, seg2)],
+        engine=engine,
+        use_prior=False,
+    )
     job.run()
     result = job.apply()
     assert result.predicted_slices[empty_id]
     assert mrml.segment_mask(case.volume, case.seg, empty_id).any()
     with pytest.raises(mrml.MRMLError, match="no segment named 'other'"):
-        mrml.prepare_propagation(case.volume, case.seg, [case.other_id],
-                                 supportPairs=[(volume2, seg2)], engine=engine)
+        mrml.prepare_propagation(
+            case.volume, case.seg, [case.other_id], supportPairs=[(volume2, seg2)], engine=engine
+        )
 
 
 def test_another_axis_needs_the_prediction_cleared_first(case):
     run(case, "fill")
     before = state(case.seg)
     with pytest.raises(mrml.MRMLError, match="clear the prediction"):
-        mrml.propagate_segmentation(case.volume, case.seg, [case.target], axis="sagittal",
-                                    engine=ConstantLogitEngine())
+        mrml.propagate_segmentation(
+            case.volume, case.seg, [case.target], axis="sagittal", engine=ConstantLogitEngine()
+        )
     assert state(case.seg) == before
     assert mrml.slice_status(case.volume, case.seg, case.target, "sagittal").conflict
     erased = mrml.clear_predictions(case.volume, case.seg, case.target)
     assert erased and not set(erased) & set(case.labeled)
     assert np.array_equal(mrml.segment_mask(case.volume, case.seg, case.target), case.user)
-    job = mrml.prepare_propagation(case.volume, case.seg, [case.target], axis="sagittal",
-                                   engine=ConstantLogitEngine())
+    job = mrml.prepare_propagation(
+        case.volume, case.seg, [case.target], axis="sagittal", engine=ConstantLogitEngine()
+    )
     assert job.axis != case.axis
 
 
@@ -656,8 +752,9 @@ def test_real_network_writes_only_predicted_slices(case):
     torch.manual_seed(0)
     engine = InferenceEngine(UniverSeg(), "cpu")
     other_before = stored(case.seg, case.other_id)
-    job = mrml.prepare_propagation(case.volume, case.seg, [case.target], engine=engine,
-                                   support_size=2, max_extrapolation=0)
+    job = mrml.prepare_propagation(
+        case.volume, case.seg, [case.target], engine=engine, support_size=2, max_extrapolation=0
+    )
     job.run()
     result = job.apply()
     res = job.result.segments[0]
@@ -665,10 +762,12 @@ def test_real_network_writes_only_predicted_slices(case):
     assert predicted and all(case.labeled[0] < t < case.labeled[-1] for t in predicted)
     after = mrml.segment_mask(case.volume, case.seg, case.target)
     untouched = [t for t in range(SHAPE[case.axis]) if t not in predicted]
-    assert np.array_equal(_slices(after, case.axis, untouched),
-                          _slices(case.user, case.axis, untouched))
-    assert np.array_equal(_slices(after, case.axis, predicted),
-                          _slices(res.mask, case.axis, predicted))
+    assert np.array_equal(
+        _slices(after, case.axis, untouched), _slices(case.user, case.axis, untouched)
+    )
+    assert np.array_equal(
+        _slices(after, case.axis, predicted), _slices(res.mask, case.axis, predicted)
+    )
     assert_same_stored(case.seg, case.other_id, other_before)
 
 

@@ -6,6 +6,7 @@ a Python file the module needs, or a file it loads, is not listed; when the Exte
 ``self.ui.<name>`` that the .ui file does not define. Each check is also run on a broken copy of
 the repository to show that it can fail.
 """
+
 import ast
 import json
 import py_compile
@@ -25,7 +26,6 @@ LOGIC_DIR = "UniverSegLogic"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import update_cmake_lists  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # reading the sources
 
@@ -37,52 +37,105 @@ def _strip_cmake_comments(text: str) -> str:
 def cmake_set(text: str, name: str) -> List[str]:
     """Values of ``set(<name> ...)`` (all occurrences concatenated), comments removed."""
     values: List[str] = []
-    for m in re.finditer(r"\bset\(\s*" + re.escape(name) + r"\b(.*?)\)",
-                         _strip_cmake_comments(text), re.S):
+    for m in re.finditer(
+        r"\bset\(\s*" + re.escape(name) + r"\b(.*?)\)", _strip_cmake_comments(text), re.S
+    ):
         values += [v.strip('"') for v in m.group(1).split()]
     return values
 
 
 def cmake_call_args(text: str, command: str) -> List[str]:
-    return [m.group(1).strip() for m in re.finditer(r"\b" + command + r"\(\s*(.*?)\)",
-                                                    _strip_cmake_comments(text), re.S)]
+    return [
+        m.group(1).strip()
+        for m in re.finditer(r"\b" + command + r"\(\s*(.*?)\)", _strip_cmake_comments(text), re.S)
+    ]
 
 
 def module_cmake(root: Path) -> Dict[str, List[str]]:
     text = (root / MODULE_DIR / "CMakeLists.txt").read_text()
     name = cmake_set(text, "MODULE_NAME")[0]
     sub = lambda values: [v.replace("${MODULE_NAME}", name) for v in values]  # noqa: E731
-    return {"text": text, "name": name,
-            "scripts": sub(cmake_set(text, "MODULE_PYTHON_SCRIPTS")),
-            "resources": sub(cmake_set(text, "MODULE_PYTHON_RESOURCES")),
-            "logic": cmake_set(text, "UNIVERSEG_LOGIC_FILES"),
-            "data": cmake_set(text, "UNIVERSEG_DATA_FILES")}
+    return {
+        "text": text,
+        "name": name,
+        "scripts": sub(cmake_set(text, "MODULE_PYTHON_SCRIPTS")),
+        "resources": sub(cmake_set(text, "MODULE_PYTHON_RESOURCES")),
+        "logic": cmake_set(text, "UNIVERSEG_LOGIC_FILES"),
+        "data": cmake_set(text, "UNIVERSEG_DATA_FILES"),
+    }
 
 
-def imported_modules(path: Path, package: str = LOGIC_DIR) -> Set[str]:
-    """Modules of ``package`` that ``path`` imports (absolute, or relative inside the package)."""
+def _module_parts(path: Path, root: Path) -> List[str]:
+    """Dotted parts of the package a file belongs to, relative to UniverSegLogic."""
+    rel = path.resolve().relative_to((root / LOGIC_DIR).resolve())
+    return list(rel.parts[:-1])
+
+
+def imported_modules(path: Path, root: Path = ROOT, package: str = LOGIC_DIR) -> Set[str]:
+    """Dotted names (relative to ``package``) of the package's modules that ``path`` imports,
+    absolutely or relatively; ``from X import name`` also yields ``X.name`` (it may be a module).
+    """
     tree = ast.parse(path.read_text(), str(path))
-    inside = path.parent.name == package
+    inside = (root / LOGIC_DIR).resolve() in path.resolve().parents
+    here = _module_parts(path, root) if inside else None
     found: Set[str] = set()
+
+    def add(parts: List[str], names=()):
+        found.add(".".join(parts) or "__init__")
+        for n in names:
+            found.add(".".join(parts + [n]))
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == package:
-                    found.add(parts[1] if len(parts) > 1 else "__init__")
+                    add(parts[1:])
         elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
             if node.level == 0 and node.module and node.module.split(".")[0] == package:
-                parts = node.module.split(".")
-                if len(parts) > 1:
-                    found.add(parts[1])
-                else:  # from UniverSegLogic import x: x may be a submodule
-                    found.add("__init__")
-                    found.update(a.name for a in node.names)
-            elif node.level == 1 and inside:
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
+                add(node.module.split(".")[1:], names)
+            elif node.level > 0 and here is not None:
+                base = here[: len(here) - (node.level - 1)]
+                add(base + (node.module.split(".") if node.module else []), names)
+    return found
+
+
+def module_file(root: Path, dotted: str):
+    """The file of module ``dotted`` (relative to UniverSegLogic), or None."""
+    if dotted == "__init__":
+        return root / LOGIC_DIR / "__init__.py"
+    base = root / LOGIC_DIR / Path(*dotted.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def runtime_closure(root: Path, start: Path) -> Dict[str, Path]:
+    """Every UniverSegLogic module ``start`` needs at run time (its imports, theirs, and the
+    ``__init__`` of each package on the way), as dotted name -> file."""
+    found: Dict[str, Path] = {}
+    todo = [start]
+    while todo:
+        for mod in imported_modules(todo.pop(), root):
+            parts = mod.split(".") if mod != "__init__" else []
+            for i in range(len(parts) + 1):  # the packages' __init__ run first
+                name = ".".join(parts[:i]) if i else "__init__"
+                path = module_file(root, name)
+                if i < len(parts) and name != "__init__":
+                    init = root / LOGIC_DIR / Path(*parts[:i]) / "__init__.py"
+                    path = init if init.is_file() else None
+                    name = name + ".__init__"
+                if path is not None and name not in found:
+                    found[name] = path
+                    todo.append(path)
+            if module_file(root, mod) is None and len(parts) > 1:
+                parent = module_file(root, ".".join(parts[:-1]))
+                if parent is None:
+                    found.setdefault("missing:" + mod, None)
+            elif module_file(root, mod) is None and parts:
+                found.setdefault("missing:" + mod, None)
     return found
 
 
@@ -104,7 +157,8 @@ def parameter_node_fields(module_path: Path) -> Set[str]:
     tree = ast.parse(module_path.read_text())
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
-                getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
+            getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list
+        ):
             return {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)}
     return set()
 
@@ -133,48 +187,58 @@ def check_module_files(root: Path) -> List[str]:
     loaded.add(f"Resources/Icons/{cm['name']}.png")  # the module icon Slicer shows
     for resource in sorted(loaded - set(cm["resources"])):
         problems.append(f"{cm['name']}.py loads {resource}, not in MODULE_PYTHON_RESOURCES")
-    if "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" not in cm["text"] or \
-            "RESOURCES ${MODULE_PYTHON_RESOURCES}" not in cm["text"]:
+    if (
+        "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" not in cm["text"]
+        or "RESOURCES ${MODULE_PYTHON_RESOURCES}" not in cm["text"]
+    ):
         problems.append("slicerMacroBuildScriptedModule does not get the module's lists")
     return problems
 
 
 def check_logic_files(root: Path) -> List[str]:
-    """Every UniverSegLogic/*.py (and everything the module imports from it) is listed."""
+    """Every shipped UniverSegLogic file (and everything the module imports from the package)
+    is listed; nothing under cli/ or research/ is listed or imported by the module."""
     cm = module_cmake(root)
     problems = []
     logic_dir = root / LOGIC_DIR
-    present = sorted(p.name for p in logic_dir.glob("*.py"))
+    present = update_cmake_lists.logic_files(root)
     for name in present:
         if name not in cm["logic"]:
-            problems.append(f"{LOGIC_DIR}/{name} is not in UNIVERSEG_LOGIC_FILES "
-                            "(run python Testing/update_cmake_lists.py)")
+            problems.append(
+                f"{LOGIC_DIR}/{name} is not in UNIVERSEG_LOGIC_FILES "
+                "(run python Testing/update_cmake_lists.py)"
+            )
     for name in cm["logic"]:
-        if name not in present:
+        if not (logic_dir / name).is_file():
             problems.append(f"UNIVERSEG_LOGIC_FILES lists missing file {LOGIC_DIR}/{name}")
+        if name.split("/")[0] in update_cmake_lists.NOT_SHIPPED:
+            problems.append(
+                f"UNIVERSEG_LOGIC_FILES lists {name}: {name.split('/')[0]}/ is "
+                "never shipped in the extension"
+            )
     # what the module needs at run time: its imports, and theirs, inside the package
-    todo = [root / MODULE_DIR / f"{cm['name']}.py"]
-    seen: Set[str] = set()
-    while todo:
-        for mod in imported_modules(todo.pop()):
-            if mod in seen:
+    for script in sorted((root / MODULE_DIR).glob("*.py")):
+        for name, path in runtime_closure(root, script).items():
+            if name.startswith("missing:"):
+                problems.append(
+                    f"{script.name} imports {LOGIC_DIR}.{name[8:]}, which does not exist"
+                )
                 continue
-            seen.add(mod)
-            path = logic_dir / f"{mod}.py"
-            if path.is_file():
-                todo.append(path)
-                if path.name not in cm["logic"]:
-                    problems.append(f"{LOGIC_DIR}/{path.name} is imported but not listed")
-            elif not (logic_dir / mod).is_dir() and not hasattr(__builtins__, mod):
-                # `from UniverSegLogic import name` may import a function of __init__
-                init = (logic_dir / "__init__.py").read_text()
-                if not re.search(r"\b" + re.escape(mod) + r"\b", init):
-                    problems.append(f"the module imports {LOGIC_DIR}.{mod}, which does not exist")
-    if "list(APPEND MODULE_PYTHON_SCRIPTS ${CMAKE_CURRENT_BINARY_DIR}/UniverSegLogic/${_file})" \
-            not in cm["text"]:
+            rel = path.relative_to(logic_dir).as_posix()
+            if rel.split("/")[0] in update_cmake_lists.NOT_SHIPPED:
+                problems.append(
+                    f"{script.name} imports {LOGIC_DIR}/{rel}, which is never "
+                    "shipped in the extension"
+                )
+            elif rel not in cm["logic"]:
+                problems.append(f"{LOGIC_DIR}/{rel} is imported but not listed")
+    if (
+        "list(APPEND MODULE_PYTHON_SCRIPTS ${CMAKE_CURRENT_BINARY_DIR}/UniverSegLogic/${_file})"
+        not in cm["text"]
+    ):
         problems.append("UNIVERSEG_LOGIC_FILES are not added to MODULE_PYTHON_SCRIPTS")
-    # data the logic loads from Resources/
-    logic_source = "\n".join(p.read_text() for p in logic_dir.glob("*.py"))
+    # data the shipped logic loads from Resources/
+    logic_source = "\n".join((logic_dir / name).read_text() for name in present)
     for data in sorted(set(re.findall(r"[\"'](starter_\w+\.(?:pt|json))[\"']", logic_source))):
         if data not in cm["data"]:
             problems.append(f"the logic loads Resources/{data}, not in UNIVERSEG_DATA_FILES")
@@ -188,11 +252,14 @@ def check_ui_names(root: Path) -> List[str]:
     ui = root / MODULE_DIR / "Resources" / "UI" / f"{cm['name']}.ui"
     names = ui_widget_names(ui)
     used = set(re.findall(r"\bself\.ui\.(\w+)", module.read_text()))
-    problems = [f"{module.name} uses self.ui.{n}, not defined in {ui.name}"
-                for n in sorted(used - names)]
+    problems = [
+        f"{module.name} uses self.ui.{n}, not defined in {ui.name}" for n in sorted(used - names)
+    ]
     fields = parameter_node_fields(module)
-    problems += [f"{ui.name}: SlicerParameterName {n!r} is not a parameter of the module"
-                 for n in sorted(ui_parameter_names(ui) - fields)]
+    problems += [
+        f"{ui.name}: SlicerParameterName {n!r} is not a parameter of the module"
+        for n in sorted(ui_parameter_names(ui) - fields)
+    ]
     return problems
 
 
@@ -210,8 +277,10 @@ def check_extension_metadata(root: Path) -> List[str]:
     entry = json.loads(index.read_text())
     depends = [d for d in cmake_set(text, "EXTENSION_DEPENDS") if d != "NA"]
     if sorted(entry.get("build_dependencies", [])) != sorted(depends):
-        problems.append(f"{index.name} build_dependencies {entry.get('build_dependencies')} != "
-                        f"EXTENSION_DEPENDS {depends}")
+        problems.append(
+            f"{index.name} build_dependencies {entry.get('build_dependencies')} != "
+            f"EXTENSION_DEPENDS {depends}"
+        )
     category = " ".join(cmake_set(text, "EXTENSION_CATEGORY"))
     if entry.get("category") != category:
         problems.append(f"{index.name} category {entry.get('category')!r} != {category!r}")
@@ -222,14 +291,24 @@ def check_extension_metadata(root: Path) -> List[str]:
     for key in ("scm_url", "scm_revision", "build_subdirectory", "category"):
         if not entry.get(key):
             problems.append(f"{index.name} lacks {key}")
-    for var in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
-                "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
-                "EXTENSION_DEPENDS"):
+    for var in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
         if not cmake_set(text, var):
             problems.append(f"top-level CMakeLists.txt does not set {var}")
-    for needed in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
-                   f"add_subdirectory({MODULE_DIR})", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
-                   "include(${Slicer_EXTENSION_CPACK})"):
+    for needed in (
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        f"add_subdirectory({MODULE_DIR})",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ):
         if needed not in text:
             problems.append(f"top-level CMakeLists.txt lacks {needed}")
     icon = re.search(r"/main/(.+\.png)", " ".join(cmake_set(text, "EXTENSION_ICONURL")))
@@ -289,31 +368,50 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 def test_new_logic_file_must_be_listed_and_the_update_script_lists_it(copy):
     (copy / LOGIC_DIR / "newfeature.py").write_text("X = 1\n")
-    assert any("newfeature.py is not in UNIVERSEG_LOGIC_FILES" in p for p in check_logic_files(copy))
+    assert any(
+        "newfeature.py is not in UNIVERSEG_LOGIC_FILES" in p for p in check_logic_files(copy)
+    )
     assert update_cmake_lists.main(["--check", "--root", str(copy)]) == 1
     assert update_cmake_lists.main(["--root", str(copy)]) == 0
     assert check_logic_files(copy) == []
     assert "  newfeature.py\n" in (copy / MODULE_DIR / "CMakeLists.txt").read_text()
+    (copy / LOGIC_DIR / "core" / "newcore.py").write_text("X = 1\n")
+    assert any(
+        "core/newcore.py is not in UNIVERSEG_LOGIC_FILES" in p for p in check_logic_files(copy)
+    )
+    (copy / LOGIC_DIR / "research" / "newtool.py").write_text("X = 1\n")
+    assert update_cmake_lists.main(["--root", str(copy)]) == 0
+    assert "research/newtool.py" not in (copy / MODULE_DIR / "CMakeLists.txt").read_text()
 
 
 def test_removed_logic_file_must_leave_the_list(copy):
-    (copy / LOGIC_DIR / "restack.py").unlink()
-    assert any("lists missing file UniverSegLogic/restack.py" in p
-               for p in check_logic_files(copy))
+    (copy / LOGIC_DIR / "core" / "restack.py").unlink()
+    assert any(
+        "lists missing file UniverSegLogic/core/restack.py" in p for p in check_logic_files(copy)
+    )
 
 
 def test_module_import_of_an_unlisted_or_missing_logic_module_fails(copy):
     module = copy / MODULE_DIR / f"{MODULE_DIR}.py"
     _edit(module, "import logging\n", "import logging\nimport UniverSegLogic.ghost\n")
     assert any("UniverSegLogic.ghost, which does not exist" in p for p in check_logic_files(copy))
-    _edit(copy / MODULE_DIR / "CMakeLists.txt", "  geometry.py\n", "")
-    assert any("geometry.py is imported but not listed" in p for p in check_logic_files(copy))
+    _edit(copy / MODULE_DIR / "CMakeLists.txt", "  core/geometry.py\n", "")
+    assert any("core/geometry.py is imported but not listed" in p for p in check_logic_files(copy))
+
+
+def test_module_import_of_research_or_cli_fails(copy):
+    module = copy / MODULE_DIR / f"{MODULE_DIR}.py"
+    _edit(module, "import logging\n", "import logging\nfrom UniverSegLogic.research import train\n")
+    assert any("research/train.py, which is never shipped" in p for p in check_logic_files(copy))
 
 
 def test_unlisted_module_script_and_resource_fail(copy):
     (copy / MODULE_DIR / "Helpers.py").write_text("pass\n")
-    _edit(copy / MODULE_DIR / f"{MODULE_DIR}.py", 'resourcePath("UI/UniverSegSlicer.ui")',
-          'resourcePath("UI/Other.ui")')
+    _edit(
+        copy / MODULE_DIR / f"{MODULE_DIR}.py",
+        'resourcePath("UI/UniverSegSlicer.ui")',
+        'resourcePath("UI/Other.ui")',
+    )
     problems = check_module_files(copy)
     assert any("Helpers.py is not in MODULE_PYTHON_SCRIPTS" in p for p in problems)
     assert any("loads Resources/UI/Other.ui" in p for p in problems)
@@ -321,31 +419,50 @@ def test_unlisted_module_script_and_resource_fail(copy):
 
 def test_unlisted_starter_data_fails(copy):
     _edit(copy / MODULE_DIR / "CMakeLists.txt", "  starter_fusion.json\n", "")
-    assert any("starter_fusion.json, not in UNIVERSEG_DATA_FILES" in p
-               for p in check_logic_files(copy))
+    assert any(
+        "starter_fusion.json, not in UNIVERSEG_DATA_FILES" in p for p in check_logic_files(copy)
+    )
 
 
 def test_unknown_ui_name_fails(copy):
-    _edit(copy / MODULE_DIR / f"{MODULE_DIR}.py", "self.ui.cancelButton.clicked",
-          "self.ui.stopButton.clicked")
-    assert check_ui_names(copy) == [f"{MODULE_DIR}.py uses self.ui.stopButton, not defined in "
-                                    f"{MODULE_DIR}.ui"]
+    _edit(
+        copy / MODULE_DIR / f"{MODULE_DIR}.py",
+        "self.ui.cancelButton.clicked",
+        "self.ui.stopButton.clicked",
+    )
+    assert check_ui_names(copy) == [
+        f"{MODULE_DIR}.py uses self.ui.stopButton, not defined in {MODULE_DIR}.ui"
+    ]
 
 
 def test_ui_parameter_without_wrapper_field_fails(copy):
-    _edit(copy / MODULE_DIR / "Resources" / "UI" / f"{MODULE_DIR}.ui", "<string>ensemble</string>",
-          "<string>ensembleSize</string>")
+    _edit(
+        copy / MODULE_DIR / "Resources" / "UI" / f"{MODULE_DIR}.ui",
+        "<string>ensemble</string>",
+        "<string>ensembleSize</string>",
+    )
     assert any("'ensembleSize'" in p for p in check_ui_names(copy))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (("CMakeLists.txt", 'set(EXTENSION_DEPENDS "PyTorch")', 'set(EXTENSION_DEPENDS "PyTorch NNUNet")'),
-     "build_dependencies"),
-    (("UniverSeg.json", '"Segmentation"', '"Examples"'), "category"),
-    (("CMakeLists.txt", "project(UniverSeg)", "project(UniverSegExtension)"),
-     "no ExtensionsIndex entry UniverSegExtension.json"),
-    (("UniverSeg.json", "SlicerUniverSeg\"", "SlicerUniverSeg2\""), "scm_url"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            (
+                "CMakeLists.txt",
+                'set(EXTENSION_DEPENDS "PyTorch")',
+                'set(EXTENSION_DEPENDS "PyTorch NNUNet")',
+            ),
+            "build_dependencies",
+        ),
+        (("UniverSeg.json", '"Segmentation"', '"Examples"'), "category"),
+        (
+            ("CMakeLists.txt", "project(UniverSeg)", "project(UniverSegExtension)"),
+            "no ExtensionsIndex entry UniverSegExtension.json",
+        ),
+        (("UniverSeg.json", 'SlicerUniverSeg"', 'SlicerUniverSeg2"'), "scm_url"),
+    ],
+)
 def test_metadata_disagreement_fails(copy, edit, message):
     _edit(copy / edit[0], edit[1], edit[2])
     assert any(message in p for p in check_extension_metadata(copy))

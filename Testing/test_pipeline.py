@@ -4,16 +4,21 @@ Geometry is isolated from the network with ``ThresholdEngineDouble`` (a test dou
 it "segments" a target slice as the pixels brighter than mid-grey, so for an image whose bright
 region *is* the structure, a correct pipeline reproduces the structure on every slice.
 """
+
 import numpy as np
 import pytest
 import torch
 
-from UniverSegLogic.engine import Cancelled, InferenceEngine
-from UniverSegLogic.geometry import GeometryError, Volume, make_ijk_to_ras
-from UniverSegLogic.model import UniverSeg
-from UniverSegLogic.pipeline import (PropagationOptions, PropagationRequest, SegmentRequest,
-                                     propagate)
-from UniverSegLogic.support import SupportError
+from UniverSegLogic.core.engine import Cancelled, InferenceEngine
+from UniverSegLogic.core.geometry import GeometryError, Volume, make_ijk_to_ras
+from UniverSegLogic.core.model import UniverSeg
+from UniverSegLogic.core.pipeline import (
+    PropagationOptions,
+    PropagationRequest,
+    SegmentRequest,
+    propagate,
+)
+from UniverSegLogic.core.support import SupportError
 
 
 class ThresholdEngineDouble:
@@ -34,7 +39,8 @@ class ThresholdEngineDouble:
 def _rot(deg):
     c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ np.array(
-        [[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+        [[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]]
+    )
 
 
 def phantom(shape=(18, 26, 34), spacing=(0.9, 1.4, 2.5)):
@@ -65,15 +71,17 @@ def _dice(a, b):
 @pytest.mark.parametrize("axis", [0, 1, 2, "axial", "coronal", "sagittal"])
 def test_predictions_land_on_their_slices(axis):
     vol, truth = phantom()
-    from UniverSegLogic.geometry import resolve_axis
+    from UniverSegLogic.core.geometry import resolve_axis
 
     a = resolve_axis(vol, axis)
     extent = np.flatnonzero(np.moveaxis(truth, a, 0).reshape(truth.shape[a], -1).any(1))
     labeled = [int(extent[1]), int(extent[len(extent) // 2]), int(extent[-2])]
     user = _labeled_only(truth, a, labeled)
     opts = PropagationOptions(axis=axis, use_prior=False, max_extrapolation=-1)
-    res = propagate(PropagationRequest(vol, [SegmentRequest("blob", user)], opts),
-                    engine=ThresholdEngineDouble())
+    res = propagate(
+        PropagationRequest(vol, [SegmentRequest("blob", user)], opts),
+        engine=ThresholdEngineDouble(),
+    )
     r = res.segments[0]
     assert res.axis == a and r.labeled_slices == labeled
     assert set(r.predicted_slices) == set(range(truth.shape[a])) - set(labeled)
@@ -99,9 +107,10 @@ def test_labeled_slices_are_kept_bit_for_bit_and_segments_are_independent():
     other[5, 2:6, 3:9] = True
     other[11, 2:7, 3:9] = True
     opts = PropagationOptions(axis=0, use_prior=False)
-    res = propagate(PropagationRequest(vol, [SegmentRequest("a", user_a),
-                                             SegmentRequest("b", other)], opts),
-                    engine=ThresholdEngineDouble())
+    res = propagate(
+        PropagationRequest(vol, [SegmentRequest("a", user_a), SegmentRequest("b", other)], opts),
+        engine=ThresholdEngineDouble(),
+    )
     ra, rb = res.get("a"), res.get("b")
     for t in (3, 8, 12):
         assert np.array_equal(ra.mask[t], user_a[t])
@@ -117,8 +126,10 @@ def test_explicit_labeled_slices_include_confirmed_empty_ones():
     vol, truth = phantom()
     user = _labeled_only(truth, 0, [4, 9])
     opts = PropagationOptions(axis=0, use_prior=False, max_extrapolation=-1)
-    res = propagate(PropagationRequest(vol, [SegmentRequest("a", user, [4, 9, 16])], opts),
-                    engine=ThresholdEngineDouble())
+    res = propagate(
+        PropagationRequest(vol, [SegmentRequest("a", user, [4, 9, 16])], opts),
+        engine=ThresholdEngineDouble(),
+    )
     r = res.segments[0]
     assert r.labeled_slices == [4, 9, 16]
     assert not r.mask[16].any()  # the confirmed-empty slice stays empty
@@ -143,14 +154,24 @@ def test_input_errors():
     vol, truth = phantom()
     eng = ThresholdEngineDouble()
     with pytest.raises(SupportError, match="no labeled slice"):
-        propagate(PropagationRequest(vol, [SegmentRequest("empty", np.zeros_like(truth))],
-                                     PropagationOptions(axis=0)), engine=eng)
+        propagate(
+            PropagationRequest(
+                vol, [SegmentRequest("empty", np.zeros_like(truth))], PropagationOptions(axis=0)
+            ),
+            engine=eng,
+        )
     with pytest.raises(GeometryError, match="does not match"):
-        propagate(PropagationRequest(vol, [SegmentRequest("bad", truth[:-1])],
-                                     PropagationOptions(axis=0)), engine=eng)
+        propagate(
+            PropagationRequest(
+                vol, [SegmentRequest("bad", truth[:-1])], PropagationOptions(axis=0)
+            ),
+            engine=eng,
+        )
     with pytest.raises(SupportError):
-        propagate(PropagationRequest(vol, [SegmentRequest("a", truth, [99])],
-                                     PropagationOptions(axis=0)), engine=eng)
+        propagate(
+            PropagationRequest(vol, [SegmentRequest("a", truth, [99])], PropagationOptions(axis=0)),
+            engine=eng,
+        )
     assert eng.calls == 0
 
 
@@ -159,9 +180,12 @@ def test_real_network_runs_end_to_end():
     torch.manual_seed(0)
     vol, truth = phantom(shape=(10, 16, 20))
     user = _labeled_only(truth, 0, [3, 6])
-    res = propagate(PropagationRequest(vol, [SegmentRequest("a", user)],
-                                       PropagationOptions(axis=0, support_size=2)),
-                    engine=InferenceEngine(UniverSeg(), "cpu", batch_size=4))
+    res = propagate(
+        PropagationRequest(
+            vol, [SegmentRequest("a", user)], PropagationOptions(axis=0, support_size=2)
+        ),
+        engine=InferenceEngine(UniverSeg(), "cpu", batch_size=4),
+    )
     r = res.segments[0]
     assert r.mask.shape == truth.shape and r.probability.shape == truth.shape
     assert 0.0 <= r.probability.min() and r.probability.max() <= 1.0

@@ -1,6 +1,6 @@
 """Weights: verification, safe loading, download to the cache (with a local HTTP server)."""
+
 import http.server
-import io
 import os
 import pickle
 import threading
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from UniverSegLogic import weights as W
-from UniverSegLogic.model import UniverSeg
+from UniverSegLogic.core import weights as W
+from UniverSegLogic.core.model import UniverSeg
 
 
 @pytest.fixture()
@@ -32,7 +32,9 @@ def cache(tmp_path, monkeypatch):
 def test_good_file_loads_and_builds(good_file):
     sd = W.load_file(str(good_file))
     m = W.build_model(W.LoadedWeights(sd, "file", str(good_file), "x"))
-    assert torch.equal(m.out_conv.conv.bias, torch.load(good_file, weights_only=True)["out_conv.conv.bias"])
+    assert torch.equal(
+        m.out_conv.conv.bias, torch.load(good_file, weights_only=True)["out_conv.conv.bias"]
+    )
 
 
 def test_gpu_saved_file_loads_on_cpu(good_file, tmp_path):

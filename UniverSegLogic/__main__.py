@@ -1,4 +1,5 @@
 """``python -m UniverSegLogic`` runs the command line."""
+
 import sys
 
 from .cli import main

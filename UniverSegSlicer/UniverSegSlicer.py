@@ -4,6 +4,7 @@ The Slicer module is a thin panel over the Qt-free package ``UniverSegLogic`` (i
 this file by the extension; in a source checkout it is the package at the repository top level).
 All MRML reading and writing happens in ``UniverSegLogic.mrml``.
 """
+
 import logging
 import os
 import pathlib
@@ -12,15 +13,17 @@ from typing import Annotated, Optional
 
 import ctk
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest,
-                                           ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 try:  # the classes of loadable modules reach the slicer namespace late: import them directly
@@ -126,8 +129,12 @@ class UniverSegSlicerParameterNode:
 
 
 class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    SEGMENTATION_EVENTS = ("SegmentAdded", "SegmentRemoved", "SegmentModified",
-                           "RepresentationModified")
+    SEGMENTATION_EVENTS = (
+        "SegmentAdded",
+        "SegmentRemoved",
+        "SegmentModified",
+        "RepresentationModified",
+    )
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -193,8 +200,9 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                self.onParameterNodeModified)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
         crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
         event = slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent
         if crosshair and self.hasObserver(crosshair, event, self.onCursorMoved):
@@ -223,15 +231,18 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[UniverSegSlicerParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                self.onParameterNodeModified):
-                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                    self.onParameterNodeModified)
+            if self.hasObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            ):
+                self.removeObserver(
+                    self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+                )
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                             self.onParameterNodeModified)
+            self.addObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
         self.onParameterNodeModified()
 
     # ---------------------------------------------------------------- state -> GUI
@@ -247,13 +258,19 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._observedSegmentation is not None:
             for name in self.SEGMENTATION_EVENTS:
-                self.removeObserver(self._observedSegmentation.GetSegmentation(),
-                                    getattr(slicer.vtkSegmentation, name), self.onSegmentationChanged)
+                self.removeObserver(
+                    self._observedSegmentation.GetSegmentation(),
+                    getattr(slicer.vtkSegmentation, name),
+                    self.onSegmentationChanged,
+                )
         self._observedSegmentation = segmentationNode
         if segmentationNode is not None:
             for name in self.SEGMENTATION_EVENTS:
-                self.addObserver(segmentationNode.GetSegmentation(),
-                                 getattr(slicer.vtkSegmentation, name), self.onSegmentationChanged)
+                self.addObserver(
+                    segmentationNode.GetSegmentation(),
+                    getattr(slicer.vtkSegmentation, name),
+                    self.onSegmentationChanged,
+                )
 
     def onSegmentationChanged(self, caller=None, event=None) -> None:
         if not self._running:
@@ -287,8 +304,9 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             import UniverSegLogic.mrml as mrml
 
             segmentation = segmentationNode.GetSegmentation()
-            ids = [segmentation.GetNthSegmentID(i)
-                   for i in range(segmentation.GetNumberOfSegments())]
+            ids = [
+                segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+            ]
             checked = set(p.segmentIds).intersection(ids)
             if not checked:  # default: every segment that is not a review output
                 checked = {i for i in ids if not segmentation.GetSegment(i).HasTag(mrml.TAG_SOURCE)}
@@ -341,8 +359,13 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 volume = self.logic.referenceVolumeOf(node)
                 if node is p.segmentation or volume is None or volume is p.inputVolume:
                     continue
-                rows.append((node.GetID(), f"{node.GetName()}  ({volume.GetName()})",
-                             node.GetID() in chosen))
+                rows.append(
+                    (
+                        node.GetID(),
+                        f"{node.GetName()}  ({volume.GetName()})",
+                        node.GetID() in chosen,
+                    )
+                )
         if rows != self._supportSignature:
             self._supportSignature = rows
             self.fillCheckList(self.ui.supportList, rows)
@@ -358,18 +381,25 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = bool(p and p.inputVolume and p.segmentation and self.checkedSegmentIds())
         self.ui.propagateButton.enabled = ready and not self._running
         self.ui.propagateButton.toolTip = (
-            _("Predict the unlabeled slices of the checked segments") if ready else
-            _("Select a volume, a segmentation and at least one segment"))
+            _("Predict the unlabeled slices of the checked segments")
+            if ready
+            else _("Select a volume, a segmentation and at least one segment")
+        )
         canEdit = bool(p and p.inputVolume and p.segmentation) and not self._running
-        for button in (self.ui.markSliceButton, self.ui.unmarkSliceButton,
-                       self.ui.clearPredictionButton):
+        for button in (
+            self.ui.markSliceButton,
+            self.ui.unmarkSliceButton,
+            self.ui.clearPredictionButton,
+        ):
             button.enabled = canEdit
         self.ui.weightsPathLineEdit.enabled = bool(p and p.weights == "file")
         for widget in (self.ui.inputsCollapsibleButton, self.ui.settingsCollapsibleButton):
             widget.enabled = not self._running
 
     def currentSliceNode(self):
-        node = slicer.mrmlScene.GetNodeByID(self._lastSliceNodeId) if self._lastSliceNodeId else None
+        node = (
+            slicer.mrmlScene.GetNodeByID(self._lastSliceNodeId) if self._lastSliceNodeId else None
+        )
         return node or slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
 
     def resolvedAxis(self):
@@ -392,8 +422,9 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if item.checkState() != qt.Qt.Checked:
                     item.setToolTip("")
                     continue
-                status = self.logic.sliceStatus(p.inputVolume, p.segmentation,
-                                                item.data(qt.Qt.UserRole), axis)
+                status = self.logic.sliceStatus(
+                    p.inputVolume, p.segmentation, item.data(qt.Qt.UserRole), axis
+                )
                 item.setToolTip(status.summary())
                 lines.append(f"<b>{status.name}</b> &mdash; {status.summary()}")
             self.ui.summaryLabel.text = "<br>".join(lines) or _("No segment checked.")
@@ -408,18 +439,26 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ids = self.checkedSegmentIds()
             if len(ids) != 1:
                 raise ValueError(_("Check exactly one segment to mark a slice for."))
-            status = self.logic.markCurrentSlice(p.inputVolume, p.segmentation, ids[0],
-                                                 self.resolvedAxis(), self.currentSliceNode(),
-                                                 labeled)
+            status = self.logic.markCurrentSlice(
+                p.inputVolume,
+                p.segmentation,
+                ids[0],
+                self.resolvedAxis(),
+                self.currentSliceNode(),
+                labeled,
+            )
             self.ui.statusLabel.text = status.summary()
         self._refreshTimer.start()
 
     def onClearPrediction(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not clear the prediction."), waitCursor=True):
-            erased = self.logic.clearPredictions(p.inputVolume, p.segmentation,
-                                                 self.checkedSegmentIds(),
-                                                 self.logic.segmentEditorUndo(p.segmentation))
+            erased = self.logic.clearPredictions(
+                p.inputVolume,
+                p.segmentation,
+                self.checkedSegmentIds(),
+                self.logic.segmentEditorUndo(p.segmentation),
+            )
             self.ui.statusLabel.text = _("Erased {count} predicted slices.").format(count=erased)
         self._refreshTimer.start()
 
@@ -445,35 +484,51 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._running:
             return
         p = self._parameterNode
-        from UniverSegLogic.engine import Cancelled
+        from UniverSegLogic.core.engine import Cancelled
 
         self._cancelRequested = False
         self.setRunning(True)
         try:
-            with slicer.util.tryWithErrorDisplay(_("UniverSeg propagation failed."),
-                                                 waitCursor=False):
+            with slicer.util.tryWithErrorDisplay(
+                _("UniverSeg propagation failed."), waitCursor=False
+            ):
                 weights = self.logic.prepareRun(p.weights, p.weightsFile, progress=self.onProgress)
                 if weights is None or self._cancelRequested:
                     self.ui.statusLabel.text = _("Cancelled: nothing changed.")
                     return
-                supportPairs = [(self.logic.referenceVolumeOf(n), n)
-                                for n in p.supportSegmentations if n is not None]
+                supportPairs = [
+                    (self.logic.referenceVolumeOf(n), n)
+                    for n in p.supportSegmentations
+                    if n is not None
+                ]
                 try:
                     result = self.logic.process(
-                        p.inputVolume, p.segmentation, self.checkedSegmentIds(),
-                        mode=p.outputMode, supportPairs=supportPairs,
-                        progress=self.onProgress, cancel=lambda: self._cancelRequested,
-                        axis=self.resolvedAxis(), support_size=p.supportSize,
-                        ensemble=p.ensemble, device=p.device, weights=weights)
+                        p.inputVolume,
+                        p.segmentation,
+                        self.checkedSegmentIds(),
+                        mode=p.outputMode,
+                        supportPairs=supportPairs,
+                        progress=self.onProgress,
+                        cancel=lambda: self._cancelRequested,
+                        axis=self.resolvedAxis(),
+                        support_size=p.supportSize,
+                        ensemble=p.ensemble,
+                        device=p.device,
+                        weights=weights,
+                    )
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing changed.")
                     return
                 self.ui.statusLabel.text = _(
                     "Predicted {slices} slices of {segments} segment(s) along the {axis} axis "
-                    "in {seconds:.1f} s ({device}).").format(
-                        slices=sum(len(v) for v in result.predicted_slices.values()),
-                        segments=len(result.source_ids), axis=result.axis_name,
-                        seconds=result.seconds, device=result.device)
+                    "in {seconds:.1f} s ({device})."
+                ).format(
+                    slices=sum(len(v) for v in result.predicted_slices.values()),
+                    segments=len(result.source_ids),
+                    axis=result.axis_name,
+                    seconds=result.seconds,
+                    device=result.device,
+                )
         finally:
             self.setRunning(False)
             self._refreshTimer.start()
@@ -516,8 +571,9 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
         return mrml.slice_status(volumeNode, segmentationNode, segmentId, axis)
 
-    def markCurrentSlice(self, volumeNode, segmentationNode, segmentId, axis, sliceNode,
-                         labeled=True):
+    def markCurrentSlice(
+        self, volumeNode, segmentationNode, segmentId, axis, sliceNode, labeled=True
+    ):
         """Mark (or unmark) the slice shown in ``sliceNode`` as labeled for one segment."""
         import UniverSegLogic.mrml as mrml
 
@@ -528,18 +584,25 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         volumeAxis = mrml.axis_for_slice_normal(volumeNode, normal)
         geometryAxis = mrml.array_axis(volumeNode, axis)
         if volumeAxis != geometryAxis:
-            raise ValueError(_("The slice view {view} does not show slices along the chosen axis: "
-                               "use a view with that orientation.").format(view=sliceNode.GetName()))
+            raise ValueError(
+                _(
+                    "The slice view {view} does not show slices along the chosen axis: "
+                    "use a view with that orientation."
+                ).format(view=sliceNode.GetName())
+            )
         center = [m.GetElement(i, 3) for i in range(3)]
         index = mrml.slice_index_at(volumeNode, geometryAxis, center)
-        return mrml.mark_slice_labeled(volumeNode, segmentationNode, segmentId, geometryAxis,
-                                       index, labeled)
+        return mrml.mark_slice_labeled(
+            volumeNode, segmentationNode, segmentId, geometryAxis, index, labeled
+        )
 
     def clearPredictions(self, volumeNode, segmentationNode, segmentIds, undo=None) -> int:
         import UniverSegLogic.mrml as mrml
 
-        return sum(len(mrml.clear_predictions(volumeNode, segmentationNode, sid, undo))
-                   for sid in segmentIds)
+        return sum(
+            len(mrml.clear_predictions(volumeNode, segmentationNode, sid, undo))
+            for sid in segmentIds
+        )
 
     @staticmethod
     def segmentEditorUndo(segmentationNode):
@@ -566,18 +629,26 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
-            raise RuntimeError(_("UniverSeg needs the PyTorch extension: install 'PyTorch' from "
-                                 "the Extensions Manager and restart Slicer.")) from None
+            raise RuntimeError(
+                _(
+                    "UniverSeg needs the PyTorch extension: install 'PyTorch' from "
+                    "the Extensions Manager and restart Slicer."
+                )
+            ) from None
         if not slicer.util.confirmOkCancelDisplay(
-                _("UniverSeg needs the PyTorch Python package, which is not installed yet.\n\n"
-                  "Install it now? The download is large (up to a few GB with GPU support) "
-                  "and may take several minutes."),
-                windowTitle=_("Install PyTorch")):
+            _(
+                "UniverSeg needs the PyTorch Python package, which is not installed yet.\n\n"
+                "Install it now? The download is large (up to a few GB with GPU support) "
+                "and may take several minutes."
+            ),
+            windowTitle=_("Install PyTorch"),
+        ):
             return False
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         with slicer.util.WaitCursor():
-            installed = torchLogic.installTorch(askConfirmation=False,
-                                            torchVersionRequirement=TORCH_REQUIREMENT)
+            installed = torchLogic.installTorch(
+                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT
+            )
         if installed is None:
             raise RuntimeError(_("PyTorch could not be installed (see the Python console)."))
         return True
@@ -591,7 +662,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
     def ensureOfficialWeights(self, progress=None) -> bool:
         """Download and verify the official weights after the user accepts their license."""
         self.useSlicerCache()
-        from UniverSegLogic import weights
+        from UniverSegLogic.core import weights
 
         path = weights.cache_dir() / weights.OFFICIAL_FILENAME
         if path.is_file():
@@ -599,15 +670,18 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         settings = qt.QSettings()
         if not slicer.util.toBool(settings.value(SETTINGS_LICENSE_ACCEPTED, False)):
             if not slicer.util.confirmOkCancelDisplay(
-                    weights.OFFICIAL_LICENSE_NOTICE + "\n\n" + _("Download them now (about 5 MB)?"),
-                    windowTitle=_("Official UniverSeg weights")):
+                weights.OFFICIAL_LICENSE_NOTICE + "\n\n" + _("Download them now (about 5 MB)?"),
+                windowTitle=_("Official UniverSeg weights"),
+            ):
                 return False
             settings.setValue(SETTINGS_LICENSE_ACCEPTED, True)
 
         def report(done, total):
             if progress is not None:
-                progress(done / total if total else 0.0,
-                         _("Downloading official weights: {mb:.1f} MB").format(mb=done / 1e6))
+                progress(
+                    done / total if total else 0.0,
+                    _("Downloading official weights: {mb:.1f} MB").format(mb=done / 1e6),
+                )
 
         weights.official_path(allow_download=True, echo=logging.info, progress=report)
         return True
@@ -628,9 +702,19 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------ propagation
 
-    def process(self, volumeNode, segmentationNode, segmentIds=None, mode="fill",
-                supportPairs=(), progress=None, cancel=None, undo="segmenteditor", engine=None,
-                **options):
+    def process(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentIds=None,
+        mode="fill",
+        supportPairs=(),
+        progress=None,
+        cancel=None,
+        undo="segmenteditor",
+        engine=None,
+        **options,
+    ):
         """Propagate and write into ``segmentationNode`` (see
         ``UniverSegLogic.mrml.propagate_segmentation``). ``undo="segmenteditor"`` makes the run
         one undo step in Segment Editor when it shows this segmentation."""
@@ -640,11 +724,21 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
             undo = self.segmentEditorUndo(segmentationNode)
         self.useSlicerCache()
         logging.info("UniverSeg: propagating %s", segmentIds)
-        result = mrml.propagate_segmentation(volumeNode, segmentationNode, segmentIds, mode,
-                                             supportPairs, progress=progress, cancel=cancel,
-                                             engine=engine, undo=undo, **options)
-        logging.info("UniverSeg: done in %.1f s on %s (%s)", result.seconds, result.device,
-                     result.weights)
+        result = mrml.propagate_segmentation(
+            volumeNode,
+            segmentationNode,
+            segmentIds,
+            mode,
+            supportPairs,
+            progress=progress,
+            cancel=cancel,
+            engine=engine,
+            undo=undo,
+            **options,
+        )
+        logging.info(
+            "UniverSeg: done in %.1f s on %s (%s)", result.seconds, result.device, result.weights
+        )
         return result
 
 
@@ -675,9 +769,18 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         air = sitk.GetImageFromArray(((hu > -950) & (hu < -400)).astype(np.uint8))
         labels = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(air)))
         planes = np.moveaxis(labels, axis, 0)
-        border = set(np.unique(np.concatenate([
-            planes[:, 0].ravel(), planes[:, -1].ravel(), planes[:, :, 0].ravel(),
-            planes[:, :, -1].ravel()])))
+        border = set(
+            np.unique(
+                np.concatenate(
+                    [
+                        planes[:, 0].ravel(),
+                        planes[:, -1].ravel(),
+                        planes[:, :, 0].ravel(),
+                        planes[:, :, -1].ravel(),
+                    ]
+                )
+            )
+        )
         keep = [v for v in range(1, 6) if v not in border]
         return np.isin(labels, keep[:2])
 
@@ -704,18 +807,27 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", "lungs")
-        slicer.util.updateSegmentBinaryLabelmapFromArray(labels.astype(np.uint8), segmentationNode,
-                                                         segmentId, volumeNode)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            labels.astype(np.uint8), segmentationNode, segmentId, volumeNode
+        )
 
         self.delayDisplay("Propagating with the starter weights")
         logic = UniverSegSlicerLogic()
         self.assertTrue(logic.ensureTorch())
-        result = logic.process(volumeNode, segmentationNode, [segmentId], mode="fill",
-                               axis="axial", weights="starter", device="auto")
+        result = logic.process(
+            volumeNode,
+            segmentationNode,
+            [segmentId],
+            mode="fill",
+            axis="axial",
+            weights="starter",
+            device="auto",
+        )
         self.assertEqual(result.labeled_slices[segmentId], painted)
 
-        out = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId,
-                                                         volumeNode) > 0
+        out = (
+            slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode) > 0
+        )
         for k in painted:  # labeled slices untouched
             take[axis] = k
             self.assertTrue(np.array_equal(out[tuple(take)], labels[tuple(take)]))

@@ -8,6 +8,7 @@
 * ``Resources/Icons/UniverSeg.png`` and ``UniverSegSlicer/Resources/Icons/UniverSegSlicer.png``
   -- the extension and module icons (128 x 128).
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -28,8 +29,7 @@ EXAMPLES = {
     "segmentationSelector": "Segmentation",
     "segmentsList": [("lungs", "#7fb3d5", True), ("heart", "#e8523f", False)],
     "axisComboBox": "view",
-    "summaryLabel": "lungs \u2014 axial: 4 labeled (20, 31, 45, 60), 1 corrected, "
-                    "38 predicted",
+    "summaryLabel": "lungs \u2014 axial: 4 labeled (20, 31, 45, 60), 1 corrected, 38 predicted",
     "outputModeComboBox": "fill",
     "supportSizeSpinBox": "8",
     "ensembleSpinBox": "1",
@@ -76,8 +76,15 @@ def _draw_widget(ax, w, x, y, width, h):
         ax.add_patch(FancyBboxPatch((x, y - h), width, h, fc="white", ec="#9aa3ad", **box))
         ax.text(x + 0.012, y - h / 2, str(value), va="center", fontsize=7.5)
         if cls != "ctkPathLineEdit":
-            ax.text(x + width - 0.02, y - h / 2, "\u25be" if cls != "QSpinBox" else "\u21c5",
-                    va="center", ha="center", fontsize=8, color="#555")
+            ax.text(
+                x + width - 0.02,
+                y - h / 2,
+                "\u25be" if cls != "QSpinBox" else "\u21c5",
+                va="center",
+                ha="center",
+                fontsize=8,
+                color="#555",
+            )
         else:
             ax.text(x + width - 0.02, y - h / 2, "\u2026", va="center", ha="center", fontsize=8)
         return h
@@ -87,8 +94,9 @@ def _draw_widget(ax, w, x, y, width, h):
         ax.add_patch(FancyBboxPatch((x, y - hh), width, hh, fc="white", ec="#9aa3ad", **box))
         for n, (label, color, checked) in enumerate(rows):
             yy = y - 0.006 - (n + 0.5) * h * 0.9
-            ax.add_patch(Rectangle((x + 0.01, yy - 0.008), 0.016, 0.016, fc="white", ec="#555",
-                                   lw=0.7))
+            ax.add_patch(
+                Rectangle((x + 0.01, yy - 0.008), 0.016, 0.016, fc="white", ec="#555", lw=0.7)
+            )
             if checked:
                 ax.text(x + 0.018, yy, "\u2713", ha="center", va="center", fontsize=7)
             dx = 0.035
@@ -102,10 +110,12 @@ def _draw_widget(ax, w, x, y, width, h):
         ax.text(x + width / 2, y - h / 2, _text(w), ha="center", va="center", fontsize=7.5)
         return h
     if cls == "QProgressBar":
-        ax.add_patch(FancyBboxPatch((x, y - h * 0.8), width, h * 0.8, fc="white", ec="#9aa3ad",
-                                    **box))
-        ax.add_patch(Rectangle((x, y - h * 0.8), width * value / 100, h * 0.8, fc="#4a90d9",
-                               ec="none"))
+        ax.add_patch(
+            FancyBboxPatch((x, y - h * 0.8), width, h * 0.8, fc="white", ec="#9aa3ad", **box)
+        )
+        ax.add_patch(
+            Rectangle((x, y - h * 0.8), width * value / 100, h * 0.8, fc="#4a90d9", ec="none")
+        )
         ax.text(x + width / 2, y - h * 0.4, f"{value}%", ha="center", va="center", fontsize=7)
         return h * 0.8
     if cls == "QLabel":
@@ -135,10 +145,25 @@ def _draw_layout(ax, layout, y, x0=0.04, x1=0.96):
             continue
         cls = widget.get("class")
         if cls == "ctkCollapsibleButton":
-            ax.add_patch(FancyBboxPatch((x0, y - h), x1 - x0, h, fc="#dde3ea", ec="#b7c0ca",
-                                        boxstyle="round,pad=0,rounding_size=0.006", lw=0.8))
-            ax.text(x0 + 0.012, y - h / 2, "\u25be  " + _text(widget), va="center", fontsize=8,
-                    weight="bold")
+            ax.add_patch(
+                FancyBboxPatch(
+                    (x0, y - h),
+                    x1 - x0,
+                    h,
+                    fc="#dde3ea",
+                    ec="#b7c0ca",
+                    boxstyle="round,pad=0,rounding_size=0.006",
+                    lw=0.8,
+                )
+            )
+            ax.text(
+                x0 + 0.012,
+                y - h / 2,
+                "\u25be  " + _text(widget),
+                va="center",
+                fontsize=8,
+                weight="bold",
+            )
             y -= h + 0.012
             inner = widget.find("layout")
             if inner is not None:
@@ -164,8 +189,15 @@ def render_panel(path: Path) -> None:
     ax.axis("off")
     ax.add_patch(Rectangle((0, 0), 1, 1, fc="#f6f7f9", ec="none"))
     ax.text(0.04, 0.975, "UniverSeg", fontsize=11, weight="bold", va="center")
-    ax.text(0.96, 0.975, "Modules \u25b8 Segmentation", fontsize=7, color="#666", ha="right",
-            va="center")
+    ax.text(
+        0.96,
+        0.975,
+        "Modules \u25b8 Segmentation",
+        fontsize=7,
+        color="#666",
+        ha="right",
+        va="center",
+    )
     # show the collapsed Settings section expanded in the figure
     _draw_layout(ax, root.find("layout"), 0.945)
     fig.savefig(path, dpi=150)
@@ -175,15 +207,28 @@ def render_panel(path: Path) -> None:
 def render_loop(path: Path) -> None:
     """Slices along the axis: run 1 predicts, the user corrects one, run 2 uses it as support."""
     fig, axes = plt.subplots(1, 3, figsize=(9.0, 2.8), dpi=150)
-    colors = {"painted": "#e8523f", "predicted": "#f5a623", "corrected": "#7b3fe4",
-              "empty": "#ffffff"}
+    colors = {
+        "painted": "#e8523f",
+        "predicted": "#f5a623",
+        "corrected": "#7b3fe4",
+        "empty": "#ffffff",
+    }
     stages = [
         ("1. paint a few slices", {2: "painted", 8: "painted", 13: "painted"}),
-        ("2. Propagate: the rest is predicted",
-         {**{i: "predicted" for i in range(0, 16)}, 2: "painted", 8: "painted", 13: "painted"}),
-        ("3. correct one slice, Propagate again",
-         {**{i: "predicted" for i in range(0, 16)}, 2: "painted", 8: "painted", 13: "painted",
-          5: "corrected"}),
+        (
+            "2. Propagate: the rest is predicted",
+            {**{i: "predicted" for i in range(0, 16)}, 2: "painted", 8: "painted", 13: "painted"},
+        ),
+        (
+            "3. correct one slice, Propagate again",
+            {
+                **{i: "predicted" for i in range(0, 16)},
+                2: "painted",
+                8: "painted",
+                13: "painted",
+                5: "corrected",
+            },
+        ),
     ]
     for ax, (title, kinds) in zip(axes, stages):
         ax.set_xlim(-0.5, 15.5)
@@ -196,12 +241,23 @@ def render_loop(path: Path) -> None:
             if kind in ("painted", "corrected") and title.startswith("3"):
                 ax.text(i, 0.75, "S", ha="center", fontsize=7, weight="bold")
         ax.text(7.5, -1.05, "slice index along the slicing axis \u2192", ha="center", fontsize=7)
-    fig.text(0.5, 0.13, "S = support for run 2: painted and corrected slices. Untouched "
-             "predictions are predicted again and never serve as support.", ha="center",
-             fontsize=7)
+    fig.text(
+        0.5,
+        0.13,
+        "S = support for run 2: painted and corrected slices. Untouched "
+        "predictions are predicted again and never serve as support.",
+        ha="center",
+        fontsize=7,
+    )
     handles = [Rectangle((0, 0), 1, 1, fc=c, ec="#555") for c in colors.values()]
-    fig.legend(handles, ["painted (labeled)", "predicted", "corrected (becomes labeled)",
-                         "not labeled"], loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.legend(
+        handles,
+        ["painted (labeled)", "predicted", "corrected (becomes labeled)", "not labeled"],
+        loc="lower center",
+        ncol=4,
+        fontsize=7,
+        frameon=False,
+    )
     fig.subplots_adjust(bottom=0.22, top=0.85, wspace=0.05, left=0.01, right=0.99)
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -214,19 +270,41 @@ def render_icon(path: Path, size: int = 128) -> None:
     ax.set_ylim(0, 1)
     ax.axis("off")
     fig.patch.set_alpha(0)
-    ax.add_patch(FancyBboxPatch((0.04, 0.04), 0.92, 0.92, fc="#1f2a44", ec="none",
-                                boxstyle="round,pad=0,rounding_size=0.16"))
+    ax.add_patch(
+        FancyBboxPatch(
+            (0.04, 0.04),
+            0.92,
+            0.92,
+            fc="#1f2a44",
+            ec="none",
+            boxstyle="round,pad=0,rounding_size=0.16",
+        )
+    )
     n = 5
     for s in range(n):
         y = 0.18 + s * 0.135
         painted = s in (0, n - 1)
-        ax.add_patch(Polygon([(0.14, y), (0.62, y), (0.86, y + 0.11), (0.38, y + 0.11)],
-                             closed=True, fc="#e8edf5" if painted else "#8fa0bd", ec="#1f2a44",
-                             lw=size / 128 * 1.2, alpha=0.97))
+        ax.add_patch(
+            Polygon(
+                [(0.14, y), (0.62, y), (0.86, y + 0.11), (0.38, y + 0.11)],
+                closed=True,
+                fc="#e8edf5" if painted else "#8fa0bd",
+                ec="#1f2a44",
+                lw=size / 128 * 1.2,
+                alpha=0.97,
+            )
+        )
         r = 0.15 - 0.035 * abs(s - 2)
-        ax.add_patch(Ellipse((0.5, y + 0.055), r * 2, r * 0.62,
-                             fc="#e8523f" if painted else "#f5a623", ec="none",
-                             alpha=1.0 if painted else 0.9))
+        ax.add_patch(
+            Ellipse(
+                (0.5, y + 0.055),
+                r * 2,
+                r * 0.62,
+                fc="#e8523f" if painted else "#f5a623",
+                ec="none",
+                alpha=1.0 if painted else 0.9,
+            )
+        )
     fig.savefig(path, dpi=size, transparent=True)
     plt.close(fig)
 

@@ -1,0 +1,106 @@
+"""``universeg-slicer benchmark``: reference vs engine speed, exactness, volume propagation.
+
+Also runnable without the CLI's other commands (and their imaging dependencies):
+``python -m UniverSegLogic.cli.benchmark --device cuda --json OUT.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Tuple
+
+
+def _shape(text: str) -> Tuple[int, int, int]:
+    parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(
+            "volume shape must be K,J,I (slices,rows,cols), e.g. 200,256,256"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (32x32 canvas, S=2/4, small volume): checks that it runs",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="engine precision (auto: fp16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (best is kept)")
+    p.add_argument(
+        "--support",
+        type=int,
+        action="append",
+        default=None,
+        metavar="S",
+        help="support sizes to time (repeatable; default 16 and 64)",
+    )
+    p.add_argument("--batch", type=int, default=None, help="engine target batch")
+    p.add_argument("--ref-batch", type=int, default=None, help="reference target batch")
+    p.add_argument(
+        "--volume-shape",
+        type=_shape,
+        action="append",
+        default=None,
+        metavar="K,J,I",
+        help="volume(s) for the propagation timing (default 200,256,256)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="let the engine use torch.compile for large calls (opt-in; slow to start)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..research.benchmark import run_benchmark, write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_benchmark(
+        device=args.device,
+        quick=args.quick,
+        precision=args.precision,
+        repeats=args.repeats,
+        volume_shapes=args.volume_shape,
+        supports=args.support,
+        batch=args.batch,
+        ref_batch=args.ref_batch,
+        compile=args.compile,
+    )
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "benchmark",
+        help="time the reference forward pass against the inference engine",
+        description="Slices/s and peak memory of the reference forward pass and the engine "
+        "(S=16, S=64), exactness on sample data, and an end-to-end propagation.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="universeg-slicer benchmark")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``universeg-slicer calibrate``: fit the network/prior fusion on validation structures."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ..errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit how the network and the painted-slice prior are combined",
+        description="Build evaluation-protocol episodes (k labeled slices per validation "
+        "structure), run the network once per episode (cached), choose the fusion "
+        "features on leave-one-case-out Dice, fit them on all episodes and write the "
+        "fusion JSON (Resources/starter_fusion.json for the starter weights).",
+    )
+    p.add_argument(
+        "--cases",
+        required=True,
+        metavar="MANIFEST",
+        help="evaluation manifest (eval/manifest.json written by 'data prepare')",
+    )
+    p.add_argument("--roles", default="val", help="case roles to calibrate on (default: val)")
+    p.add_argument(
+        "--weights",
+        default="starter",
+        help="official, starter, or a weights file path (default: starter)",
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--k", default="2,3,5,8", help="numbers of labeled slices per episode")
+    p.add_argument(
+        "--support-size",
+        type=int,
+        default=None,
+        help="support slices per target (default: the propagation default)",
+    )
+    p.add_argument(
+        "--cache",
+        default=os.path.join(".data", "calibration"),
+        help="folder caching the network's logits per episode",
+    )
+    p.add_argument("--out", required=True, help="fusion JSON to write")
+    p.add_argument("--report", default=None, help="JSON report of the candidates' scores")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..core.pipeline import PropagationOptions, get_engine
+    from ..core.weights import load_weights
+    from ..research import calibrate as cal
+    from ..research.evaluate import load_manifest
+    from .evaluate import _ints
+
+    ks = _ints(args.k, "--k")
+    support = args.support_size or PropagationOptions().support_size
+    if support < 1:
+        raise UsageError("--support-size must be at least 1")
+    cases = load_manifest(args.cases, [r for r in args.roles.split(",") if r])
+    w = load_weights(args.weights)
+    engine, desc = get_engine(args.weights, args.device)
+    cache = os.path.join(args.cache, cal.weights_key(w.path))
+    t0 = time.perf_counter()
+    episodes = cal.build_episodes(
+        cases, engine, cache, ks, 0, support, log=lambda s: print(s, flush=True)
+    )
+    print(f"{len(episodes)} episodes ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    params, report = cal.calibrate(episodes, log=lambda s: print(s, flush=True))
+    params.save(args.out, {"weights": desc, "support_size": support, "ks": ks})
+    print(f"wrote {args.out}: {params.source}")
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return 0

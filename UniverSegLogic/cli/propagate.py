@@ -1,0 +1,211 @@
+"""``universeg-slicer propagate``: propagate labeled slices of segments through an image file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List, Optional
+
+from ..errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "propagate",
+        help="fill in every slice of segments from a few labeled slices",
+        description="Propagate the labeled slices of segments through the image with UniverSeg and "
+        "write a .seg.nrrd (names, colors and geometry kept; labeled slices unchanged).",
+    )
+    p.add_argument("--image", required=True, help="image file (NRRD, NIfTI, ...)")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="labels on the image grid: .seg.nrrd or an integer label map",
+    )
+    p.add_argument("--out", required=True, help="output .seg.nrrd")
+    add_propagation_options(p)
+    p.add_argument(
+        "--support",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("IMG", "SEG"),
+        help="another labeled volume whose same-named segments serve as support (repeatable)",
+    )
+    p.set_defaults(func=run)
+
+
+def add_propagation_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``propagate`` and ``demo``."""
+    p.add_argument(
+        "--segments",
+        default=None,
+        help="comma-separated segment names or IDs to propagate (default: all)",
+    )
+    p.add_argument(
+        "--axis",
+        default="axial",
+        help="slicing axis: axial, coronal, sagittal, or an array axis 0/1/2 of the KJI "
+        "array (default: axial)",
+    )
+    p.add_argument(
+        "--labeled-slices",
+        action="append",
+        default=[],
+        metavar="[NAME:]I,J,...",
+        help="slices that count as labeled (an empty one is labeled background); "
+        "'NAME:3,9,15' for one segment, '3,9,15' for all (default: the non-empty "
+        "slices of each segment)",
+    )
+    p.add_argument(
+        "--support-size",
+        type=int,
+        default=None,
+        help="support slices per target, bracketing first (default: 2, as calibrated)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="average predictions over this many support subsets (1)",
+    )
+    p.add_argument("--flips", action="store_true", help="add mirrored copies of the support")
+    p.add_argument(
+        "--no-prior",
+        action="store_true",
+        help="network only: no shape prior between labeled slices",
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--weights",
+        default="starter",
+        help="official (downloaded once, research-only license), starter, or a file path",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parse_labeled_slices(values: List[str], names: List[str]) -> Dict[str, List[int]]:
+    """``['3,9', 'liver:1,2']`` -> {name: [slices]}; a bare list applies to every segment."""
+    out: Dict[str, List[int]] = {}
+    for v in values:
+        name, _, lst = v.rpartition(":")
+        try:
+            idx = [int(x) for x in lst.replace(" ", "").split(",") if x != ""]
+        except ValueError:
+            raise UsageError(
+                f"--labeled-slices {v!r}: expected comma-separated slice numbers"
+            ) from None
+        if not idx:
+            raise UsageError(f"--labeled-slices {v!r}: no slice number given")
+        targets = names if not name else [name]
+        for n in targets:
+            if n not in names:
+                raise UsageError(f"--labeled-slices: unknown segment {n!r}")
+            out.setdefault(n, []).extend(idx)
+    return out
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr."""
+
+    def __init__(self, enabled: bool = True, width: int = 30):
+        self.enabled = enabled and sys.stderr is not None
+        self.width = width
+        self._last = -1
+        self._finished = False
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if not self.enabled or self._finished:
+            return
+        pct = int(fraction * 100)
+        if pct == self._last and fraction < 1.0:
+            return
+        self._last = pct
+        filled = int(self.width * fraction)
+        bar = "#" * filled + "-" * (self.width - filled)
+        sys.stderr.write(f"\r[{bar}] {pct:3d}% {message[:40]:<40}")
+        if fraction >= 1.0:
+            sys.stderr.write("\n")
+            self._finished = True
+        sys.stderr.flush()
+
+
+def options_from_args(args):
+    from ..core.pipeline import PropagationOptions
+
+    if args.support_size is None:
+        args.support_size = PropagationOptions().support_size
+    if args.support_size < 1:
+        raise UsageError("--support-size must be at least 1")
+    if args.ensemble < 1:
+        raise UsageError("--ensemble must be at least 1")
+    axis = int(args.axis) if str(args.axis).isdigit() else args.axis
+    return PropagationOptions(
+        axis=axis,
+        support_size=args.support_size,
+        ensemble=args.ensemble,
+        flips=args.flips,
+        device=args.device,
+        weights=args.weights,
+        use_prior=not args.no_prior,
+    )
+
+
+def select_segments(seg, spec: Optional[str]) -> List:
+    """The segments named in ``spec`` (comma-separated names or IDs), or all of them."""
+    if not seg.segments:
+        raise UsageError("the segmentation holds no segment")
+    if not spec:
+        return list(seg.segments)
+    return [seg.get(n.strip()) for n in spec.split(",") if n.strip()]
+
+
+def run(args) -> int:
+    from ..core.io import Segmentation, read_image, read_segmentation, write_segmentation
+    from ..core.pipeline import PropagationRequest, SegmentRequest, SupportVolume, propagate
+
+    if not args.out.lower().endswith(".seg.nrrd"):
+        raise UsageError(f"--out must end with .seg.nrrd, got {args.out}")
+    image = read_image(args.image)
+    labels = read_segmentation(args.labels, image)
+    chosen = select_segments(labels, args.segments)
+    names = [s.name for s in chosen]
+    labeled = parse_labeled_slices(args.labeled_slices, names)
+    support = []
+    for img_path, seg_path in args.support:
+        simg = read_image(img_path)
+        sseg = read_segmentation(seg_path, simg)
+        support.append(SupportVolume(simg, {s.name: s.mask for s in sseg.segments}))
+    options = options_from_args(args)
+    request = PropagationRequest(
+        image,
+        [SegmentRequest(s.name, s.mask, labeled.get(s.name)) for s in chosen],
+        options,
+        support,
+    )
+    result = propagate(request, progress=ProgressBar(not args.quiet))
+    by_name = {r.name: r for r in result.segments}
+    out_segments = []
+    for s in labels.segments:
+        r = by_name.get(s.name) if any(s is c for c in chosen) else None
+        out_segments.append(
+            type(s)(s.name, r.mask if r is not None else s.mask, s.color, s.id, dict(s.fields))
+        )
+    write_segmentation(args.out, Segmentation(image, out_segments))
+    print(f"weights: {result.weights}; device: {result.device}; {result.seconds:.1f} s")
+    for r in result.segments:
+        print(
+            f"  {r.name}: labeled slices {_ranges(r.labeled_slices)}; predicted "
+            f"{len(r.predicted_slices)} slices"
+        )
+    print(f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+def _ranges(idx: List[int]) -> str:
+    return (
+        ",".join(str(i) for i in idx)
+        if len(idx) <= 12
+        else f"{','.join(str(i) for i in idx[:6])},...({len(idx)} slices)"
+    )

@@ -1,0 +1,143 @@
+"""Slicer's "Fill between slices", run outside the Slicer application.
+
+Slicer's Segment Editor effect ("Fill between slices") runs ``vtkITKMorphologicalContourInterpolator``
+(Slicer's vtkITK wrapper of ITK's morphological contour interpolation, Zukic et al. 2016) with all
+settings at their defaults (label 0 = every label, axis -1 = every axis with annotated slices,
+heuristic alignment on, repeated dilations instead of a distance transform, cross structuring
+element) on the merged labelmap of the visible segments. That labelmap covers the segments'
+effective extent grown by ``max(3, 10 % of the extent)`` voxels on every side (clamped to the image),
+and segment *n* has label value *n*. :func:`fill_between_slices` reproduces exactly that for one
+binary mask, so the comparison with our propagation is the comparison a Slicer user would see.
+
+The filter ships with the Slicer application (``vtkITK``) and with the ``slicer-core`` wheel
+(``slicer.vtkITKMorphologicalContourInterpolator``). With slicer-core, ITK's default thread pool
+can crash the process at exit after two or more runs; :func:`interpolator_class` therefore selects
+ITK's ``Platform`` threader (``ITK_GLOBAL_DEFAULT_THREADER``) unless the caller chose one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import UniverSegError
+
+#: Slicer's AbstractScriptedSegmentEditorAutoCompleteEffect: extent growth ratio and minimum margin.
+EXTENT_GROWTH_RATIO = 0.1
+MINIMUM_EXTENT_MARGIN = 3
+
+_CLASS = None
+
+
+class FillBetweenUnavailable(UniverSegError):
+    """Neither the Slicer application's vtkITK nor the slicer-core wheel is importable."""
+
+
+def interpolator_class():
+    """The ``vtkITKMorphologicalContourInterpolator`` class (raises FillBetweenUnavailable)."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Platform")
+    try:  # inside the Slicer application
+        from vtkITK import vtkITKMorphologicalContourInterpolator as cls  # type: ignore
+    except ImportError:
+        try:  # slicer-core wheel
+            import slicer  # type: ignore
+
+            cls = slicer.vtkITKMorphologicalContourInterpolator
+        except (ImportError, AttributeError) as exc:
+            raise FillBetweenUnavailable(
+                "Fill between slices needs Slicer's vtkITK (the Slicer application or the "
+                f"slicer-core package): {exc}"
+            ) from None
+    _CLASS = cls
+    return cls
+
+
+def available() -> bool:
+    """True when the morphological contour interpolator can be used in this process."""
+    try:
+        interpolator_class()
+    except FillBetweenUnavailable:
+        return False
+    return True
+
+
+def slicer_extent(mask: np.ndarray) -> Optional[tuple]:
+    """Per-axis (lo, hi) inclusive crop the effect uses for ``mask`` (None when it is empty)."""
+    idx = [
+        np.flatnonzero(np.asarray(mask).any(axis=tuple(a for a in range(3) if a != ax)))
+        for ax in range(3)
+    ]
+    if any(len(i) == 0 for i in idx):
+        return None
+    out = []
+    for ax, i in enumerate(idx):
+        lo, hi = int(i[0]), int(i[-1])
+        margin = int(max(MINIMUM_EXTENT_MARGIN, EXTENT_GROWTH_RATIO * (hi - lo)))
+        out.append((max(0, lo - margin), min(mask.shape[ax] - 1, hi + margin)))
+    return tuple(out)
+
+
+def interpolate_labelmap(
+    labelmap: np.ndarray, spacing_kji: Sequence[float] = (1.0, 1.0, 1.0), axis: int = -1
+) -> np.ndarray:
+    """Run the interpolator on a KJI integer labelmap (Slicer's defaults; ``axis`` as array axis).
+
+    ``axis`` -1 leaves the filter's own default (all axes), which is what Slicer does.
+    """
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    lab = np.ascontiguousarray(labelmap, dtype=np.uint8)
+    image = vtkImageData()
+    image.SetDimensions(int(lab.shape[2]), int(lab.shape[1]), int(lab.shape[0]))  # I, J, K
+    image.SetSpacing(*[float(s) for s in np.asarray(spacing_kji, dtype=float)[::-1]])
+    scalars = numpy_support.numpy_to_vtk(lab.reshape(-1), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    filt = interpolator_class()()
+    if axis >= 0:
+        filt.SetAxis(2 - int(axis))  # ITK/VTK axis order is I, J, K
+    filt.SetInputData(image)
+    filt.Update()
+    out = numpy_support.vtk_to_numpy(filt.GetOutput().GetPointData().GetScalars())
+    return out.reshape(lab.shape).copy()
+
+
+def labeled_only(mask: np.ndarray, labeled_slices: Sequence[int], axis: int = 0) -> np.ndarray:
+    """``mask`` with every slice along ``axis`` that is not in ``labeled_slices`` cleared."""
+    mask = np.asarray(mask, dtype=bool)
+    keep = np.zeros(mask.shape[axis], dtype=bool)
+    keep[[int(i) for i in labeled_slices]] = True
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return mask & keep.reshape(shape)
+
+
+def fill_between_slices(
+    mask: np.ndarray,
+    labeled_slices: Optional[Sequence[int]] = None,
+    axis: int = 0,
+    spacing_kji: Sequence[float] = (1.0, 1.0, 1.0),
+    interpolation_axis: int = -1,
+) -> np.ndarray:
+    """What Slicer's Fill between slices makes of ``mask`` painted on ``labeled_slices``.
+
+    ``mask`` is a KJI boolean array; only its ``labeled_slices`` along array axis ``axis`` are used
+    (all non-empty slices when None). The labelmap is cropped to the effect's extent, interpolated
+    with the effect's settings, and pasted back; labeled slices come back unchanged.
+    ``interpolation_axis`` -1 (the effect's choice) lets the filter pick the axes itself.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    painted = mask if labeled_slices is None else labeled_only(mask, labeled_slices, axis)
+    out = np.zeros(mask.shape, dtype=bool)
+    ext = slicer_extent(painted)
+    if ext is None:
+        return out
+    crop = tuple(slice(lo, hi + 1) for lo, hi in ext)
+    result = interpolate_labelmap(painted[crop].astype(np.uint8), spacing_kji, interpolation_axis)
+    out[crop] = result > 0
+    return out

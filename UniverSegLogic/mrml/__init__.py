@@ -1,0 +1,88 @@
+"""MRML bridge: propagate segments of a Slicer segmentation node with UniverSeg (no Qt).
+
+Works with Slicer itself and with the Qt-free ``slicer-core`` package.
+
+Reading
+    The volume is read as a KJI array with its *world* IJK-to-RAS matrix (a linear parent transform
+    is applied, so "axial" means axial in the views). Each segment is resampled onto the volume's
+    voxel grid by Slicer (``GenerateMergedLabelmapInReferenceGeometry`` with the volume as
+    reference geometry), which also accounts for parent transforms of both nodes.
+
+Writing
+    Nothing is written until every prediction has been computed. The change is expressed on the
+    volume grid as a code per voxel (0 keep, 1 background, 2 foreground), resampled with nearest
+    neighbour onto the segmentation's own labelmap grid and merged there with the segment's current
+    labelmap, so voxels outside the changed slices -- the user's labeled slices in particular -- keep
+    their stored values bit for bit, whatever the segmentation's geometry. Other segments are never
+    written (Slicer moves them to another layer if a prediction overlaps them).
+
+    ``fill`` mode changes only the slices the user did not label in the same segment. ``new`` mode
+    writes ``"<name> (UniverSeg)"`` (source colour, user labels + prediction) for review; running
+    again replaces that segment. One call of ``undo`` (e.g. the Segment Editor's
+    ``saveStateForUndo``) precedes the write, so the whole run is one undo step. A failure while
+    writing restores the segments written so far.
+
+Annotation loop
+    Segment tags remember which slices the user labeled and a fingerprint of every predicted slice
+    (``UniverSeg.Labeled``, ``UniverSeg.Predicted``; saved with the scene and in ``.seg.nrrd``).
+    On the next run a predicted slice whose content changed (the user corrected it) counts as
+    labeled, untouched predicted slices never become support, and labeled slices stay labeled
+    (a labeled slice the user erases completely is unlabeled again, unless it was marked as an
+    empty labeled slice with :func:`mark_slice_labeled`).
+"""
+
+from __future__ import annotations
+
+from ..errors import MRMLError
+from .job import (
+    MODES,
+    OUTPUT_SUFFIX,
+    MRMLPropagationResult,
+    PropagationJob,
+    clear_predictions,
+    mark_slice_labeled,
+    prepare_propagation,
+    propagate_segmentation,
+)
+from .nodes import (
+    array_axis,
+    axis_for_slice_normal,
+    axis_name,
+    segment_mask,
+    slice_index_at,
+    volume_from_node,
+)
+from .record import (
+    TAG_LABELED,
+    TAG_PREDICTED,
+    TAG_SOURCE,
+    SliceStatus,
+    format_slices,
+    labeled_slices,
+    slice_status,
+)
+
+__all__ = [
+    "MODES",
+    "OUTPUT_SUFFIX",
+    "TAG_LABELED",
+    "TAG_PREDICTED",
+    "TAG_SOURCE",
+    "MRMLError",
+    "MRMLPropagationResult",
+    "PropagationJob",
+    "SliceStatus",
+    "array_axis",
+    "axis_for_slice_normal",
+    "axis_name",
+    "clear_predictions",
+    "format_slices",
+    "labeled_slices",
+    "mark_slice_labeled",
+    "prepare_propagation",
+    "propagate_segmentation",
+    "segment_mask",
+    "slice_index_at",
+    "slice_status",
+    "volume_from_node",
+]

@@ -1,0 +1,226 @@
+"""Node access: checking volume and segmentation nodes, their world geometry, segment masks."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from ..core.geometry import AXIS_NAMES, GeometryError, Volume, resolve_axis
+from ..errors import MRMLError
+from .vtkglue import _extent_empty, _np_from_vtk_matrix, _scalars, _slicer, _vtk, _vtk_matrix
+
+
+def _node_name(node) -> str:
+    return node.GetName() if node is not None and node.GetName() else "(unnamed)"
+
+
+def _check_volume_node(volumeNode) -> None:
+    if volumeNode is None:
+        raise MRMLError("no input volume selected")
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+        raise MRMLError(
+            f"{_node_name(volumeNode)} is a {volumeNode.GetClassName()}, not a scalar volume"
+        )
+    if volumeNode.GetImageData() is None or _scalars(volumeNode.GetImageData()) is None:
+        raise MRMLError(f"volume {_node_name(volumeNode)} holds no image data")
+
+
+def _check_segmentation_node(segmentationNode) -> None:
+    slicer = _slicer()
+    if segmentationNode is None:
+        raise MRMLError("no segmentation selected")
+    if not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+        raise MRMLError(
+            f"{_node_name(segmentationNode)} is a {segmentationNode.GetClassName()}, "
+            "not a segmentation"
+        )
+    seg = segmentationNode.GetSegmentation()
+    getter = getattr(seg, "GetSourceRepresentationName", None) or seg.GetMasterRepresentationName
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if seg.GetNumberOfSegments() and getter() != binary:
+        raise MRMLError(
+            f"segmentation {_node_name(segmentationNode)} stores {getter()}: make "
+            "binary labelmap its source representation (e.g. open it in Segment "
+            "Editor) first"
+        )
+
+
+def _parent_to_world(node) -> np.ndarray:
+    """4x4 matrix of the node's parent transform(s); refuses non-linear transforms."""
+    t = node.GetParentTransformNode()
+    if t is None:
+        return np.eye(4)
+    if not t.IsTransformToWorldLinear():
+        raise MRMLError(
+            f"{_node_name(node)} is under the non-linear transform {_node_name(t)}: "
+            "harden the transform first (Transforms module)"
+        )
+    m = _vtk().vtkMatrix4x4()
+    t.GetMatrixTransformToWorld(m)
+    return _np_from_vtk_matrix(m)
+
+
+def _local_ijk_to_ras(volumeNode) -> np.ndarray:
+    m = _vtk().vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return _np_from_vtk_matrix(m)
+
+
+def volume_from_node(volumeNode) -> Volume:
+    """The volume as a :class:`Volume` (KJI copy, world IJK-to-RAS); RGB becomes grayscale."""
+    _check_volume_node(volumeNode)
+    array = np.array(_scalars(volumeNode.GetImageData()), copy=True)
+    if array.ndim == 4:
+        if array.shape[-1] in (3, 4):
+            array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        else:
+            raise MRMLError(
+                f"volume {_node_name(volumeNode)} has {array.shape[-1]} components "
+                "per voxel: expected a scalar or RGB volume"
+            )
+    return Volume(array, _geometry_of(volumeNode).ijk_to_ras)
+
+
+def _geometry_of(volumeNode) -> Volume:
+    """World geometry of a volume without copying its voxels (a zero-stride stand-in array)."""
+    _check_volume_node(volumeNode)
+    shape = tuple(volumeNode.GetImageData().GetDimensions()[::-1])
+    world = _parent_to_world(volumeNode) @ _local_ijk_to_ras(volumeNode)
+    if np.linalg.det(world[:3, :3]) == 0:
+        raise MRMLError(f"volume {_node_name(volumeNode)} has a singular IJK-to-RAS matrix")
+    return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), world)
+
+
+def _resolve_axis(volume: Volume, axis) -> int:
+    try:
+        return resolve_axis(volume, axis)
+    except GeometryError as exc:
+        raise MRMLError(str(exc)) from None
+
+
+def array_axis(volumeNode, axis) -> int:
+    """Array axis (0 K, 1 J, 2 I) of ``axis`` (a name resolved in world space, or 0/1/2)."""
+    return _resolve_axis(_geometry_of(volumeNode), axis)
+
+
+def axis_name(volume: Volume, axis: int) -> str:
+    """Anatomical name (axial/coronal/sagittal) of array axis ``axis`` in world space."""
+    d = volume.direction[:, ::-1]  # columns in array-axis order
+    ras = int(np.argmax(np.abs(d[:, axis])))
+    return {v: k for k, v in AXIS_NAMES.items()}[ras]
+
+
+def axis_for_slice_normal(volumeNode, normal_ras: Sequence[float]) -> int:
+    """Array axis of ``volumeNode`` most nearly perpendicular to a slice view (its normal in RAS).
+
+    Used to default the slicing axis to the orientation of the view the user paints in
+    (the normal is the third column of the slice node's SliceToRAS matrix).
+    """
+    volume = _geometry_of(volumeNode)
+    n = np.asarray(normal_ras, dtype=np.float64)[:3]
+    if not np.linalg.norm(n):
+        raise MRMLError("slice normal is zero")
+    d = volume.direction[:, ::-1]
+    return int(np.argmax(np.abs(d.T @ (n / np.linalg.norm(n)))))
+
+
+def slice_index_at(volumeNode, axis, point_ras: Sequence[float]) -> int:
+    """Index along ``axis`` of the volume slice through the world point ``point_ras``.
+
+    Raises :class:`MRMLError` when the point lies outside the volume along that axis.
+    """
+    volume = _geometry_of(volumeNode)
+    a = _resolve_axis(volume, axis)
+    p = np.append(np.asarray(point_ras, dtype=np.float64)[:3], 1.0)
+    ijk = np.linalg.solve(volume.ijk_to_ras, p)[:3]
+    index = int(np.floor(ijk[2 - a] + 0.5))
+    n = volume.array.shape[a]
+    if not 0 <= index < n:
+        raise MRMLError(
+            f"the position is outside the volume along the {axis_name(volume, a)} "
+            f"axis (slice {index} of 0..{n - 1})"
+        )
+    return index
+
+
+def _grid_key(volumeNode, segmentationNode) -> str:
+    """Fingerprint of the slice grid a record refers to: the volume's shape and IJK-to-RAS, and
+    where the segmentation sits relative to it (a common parent transform changes nothing)."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    grid = _vol_to_seg(volumeNode, segmentationNode) @ _local_ijk_to_ras(volumeNode)
+    text = (
+        ",".join(str(int(d)) for d in dims) + ";" + ",".join(f"{v:.4f}" for v in grid[:3].ravel())
+    )
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# segments
+
+
+def _segment(segmentationNode, segmentId):
+    seg = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    if seg is None:
+        raise MRMLError(f"segmentation {_node_name(segmentationNode)} has no segment {segmentId!r}")
+    return seg
+
+
+def _resolve_segment_id(segmentationNode, key: str) -> str:
+    seg = segmentationNode.GetSegmentation()
+    if seg.GetSegment(key) is not None:
+        return key
+    sid = seg.GetSegmentIdBySegmentName(key)
+    if sid:
+        return sid
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    raise MRMLError(
+        f"segmentation {_node_name(segmentationNode)} has no segment {key!r} "
+        f"(segments: {', '.join(names) or 'none'})"
+    )
+
+
+def segment_mask(volumeNode, segmentationNode, segmentId) -> np.ndarray:
+    """Boolean KJI mask of one segment on the volume's voxel grid (resampled by Slicer)."""
+    slicer, vtk = _slicer(), _vtk()
+    _segment(segmentationNode, segmentId)
+    shape = tuple(volumeNode.GetImageData().GetDimensions()[::-1])
+    internal = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+    if internal is None or _extent_empty(internal.GetExtent()):
+        return np.zeros(shape, dtype=bool)
+    label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    stored_values = _scalars(internal)
+    if stored_values is None or not (stored_values == label).any():
+        return np.zeros(shape, dtype=bool)  # (Slicer would log an error resampling nothing)
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentId)
+    out = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+        segmentationNode, volumeNode, ids, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, out
+    )
+    values = _scalars(out)
+    if values is None:
+        return np.zeros(shape, dtype=bool)
+    ext = out.GetExtent()
+    if values.shape == shape and ext[0] == ext[2] == ext[4] == 0:
+        return values > 0
+    # place whatever extent Slicer returned onto the volume extent
+    full = np.zeros(shape, dtype=bool)
+    lo = np.array([ext[4], ext[2], ext[0]])
+    src = tuple(slice(max(0, -o), min(s, n - o)) for o, s, n in zip(lo, values.shape, shape))
+    dst = tuple(slice(s.start + o, s.stop + o) for s, o in zip(src, lo))
+    if all(s.stop > s.start for s in src):
+        full[dst] = values[src] > 0
+    return full
+
+
+def _vol_to_seg(volumeNode, segmentationNode) -> np.ndarray:
+    """Volume RAS (local) -> segmentation node coordinates; refuses shear."""
+    m = np.linalg.inv(_parent_to_world(segmentationNode)) @ _parent_to_world(volumeNode)
+    if _slicer().vtkOrientedImageDataResample.DoesTransformMatrixContainShear(_vtk_matrix(m)):
+        raise MRMLError(
+            f"the transform between {_node_name(volumeNode)} and "
+            f"{_node_name(segmentationNode)} contains shear: harden it first"
+        )
+    return m

@@ -1,0 +1,265 @@
+"""The annotation-loop record kept in segment tags, and the slice status derived from it.
+
+Values avoid '|' and ':', which Slicer's tag format reserves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import MRMLError
+from .nodes import (
+    _check_segmentation_node,
+    _geometry_of,
+    _grid_key,
+    _resolve_axis,
+    _resolve_segment_id,
+    _segment,
+    axis_name,
+    segment_mask,
+)
+from .vtkglue import _vtk
+
+TAG_LABELED = "UniverSeg.Labeled"
+TAG_PREDICTED = "UniverSeg.Predicted"
+TAG_SOURCE = "UniverSeg.Source"
+_RECORD_VERSION = "v1"
+_HASH_CHARS = 16
+
+
+def _nonempty_slices(mask: np.ndarray, axis: int) -> List[int]:
+    n = mask.shape[axis]
+    return [int(i) for i in np.flatnonzero(np.moveaxis(mask, axis, 0).reshape(n, -1).any(axis=1))]
+
+
+def _slice_hash(mask: np.ndarray, axis: int, index: int) -> str:
+    plane = np.ascontiguousarray(np.take(mask, index, axis=axis), dtype=bool)
+    return hashlib.sha1(np.packbits(plane).tobytes()).hexdigest()[:_HASH_CHARS]
+
+
+@dataclass
+class _Record:
+    axis: int
+    grid: str
+    labeled: List[int] = field(default_factory=list)
+    empty: List[int] = field(default_factory=list)  # labeled slices marked empty
+    predicted: Dict[int, str] = field(default_factory=dict)  # slice -> fingerprint
+
+
+def _get_tag(segment, name: str) -> Optional[str]:
+    ref = _vtk().reference("")
+    if segment.GetTag(name, ref):
+        return str(ref)
+    return None
+
+
+def _parse_fields(text: Optional[str]) -> Optional[Dict[str, str]]:
+    if not text:
+        return None
+    parts = text.split(";")
+    if parts[0] != _RECORD_VERSION:
+        return None
+    out = {}
+    for p in parts[1:]:
+        if "=" in p:
+            k, v = p.split("=", 1)
+            out[k] = v
+    return out
+
+
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x != ""]
+
+
+def _read_record(segment) -> Optional[_Record]:
+    """The segment's record, or None when absent or unreadable (then painted slices count)."""
+    lab = _parse_fields(_get_tag(segment, TAG_LABELED))
+    pred = _parse_fields(_get_tag(segment, TAG_PREDICTED))
+    if lab is None and pred is None:
+        return None
+    try:
+        head = lab if lab is not None else pred
+        rec = _Record(int(head["axis"]), head["grid"])
+        if lab is not None:
+            rec.labeled = _ints(lab.get("slices", ""))
+            rec.empty = _ints(lab.get("empty", ""))
+        if pred is not None:
+            if (int(pred["axis"]), pred["grid"]) != (rec.axis, rec.grid):
+                return None
+            for item in pred.get("slices", "").split(","):
+                if item:
+                    idx, h = item.split(".", 1)
+                    rec.predicted[int(idx)] = h
+        return rec
+    except (KeyError, ValueError):
+        return None
+
+
+def _record_tags(rec: _Record) -> Dict[str, Optional[str]]:
+    head = f"{_RECORD_VERSION};axis={rec.axis};grid={rec.grid}"
+    labeled = f"{head};slices={','.join(map(str, sorted(rec.labeled)))}"
+    if rec.empty:
+        labeled += f";empty={','.join(map(str, sorted(rec.empty)))}"
+    predicted = None
+    if rec.predicted:
+        predicted = f"{head};slices=" + ",".join(
+            f"{i}.{h}" for i, h in sorted(rec.predicted.items())
+        )
+    return {TAG_LABELED: labeled, TAG_PREDICTED: predicted}
+
+
+def _set_tags(segment, tags: Dict[str, Optional[str]]) -> None:
+    for k, v in tags.items():
+        if v is None:
+            segment.RemoveTag(k)
+        else:
+            segment.SetTag(k, v)
+
+
+def _tags_of(segment, names: Iterable[str]) -> Dict[str, Optional[str]]:
+    return {n: _get_tag(segment, n) for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# slice status (what the next run would use)
+
+
+@dataclass
+class SliceStatus:
+    """Which slices of a segment the next run uses as support, along one axis."""
+
+    segment_id: str
+    name: str
+    axis: int  # array axis of the volume
+    axis_name: str  # axial / coronal / sagittal (world)
+    n_slices: int
+    labeled: List[int]  # support for the next run (includes `edited`)
+    predicted: List[int]  # untouched predicted slices (predicted again next run)
+    edited: List[int]  # predicted slices the user changed: now labeled
+    empty_labeled: List[int]  # labeled slices without foreground (structure absent there)
+    note: str = ""  # why the stored record was ignored, if it was
+    conflict: bool = False  # untouched predictions along another axis (see `note`)
+
+    def summary(self) -> str:
+        """One line for the module panel, e.g. ``axial: 3 labeled (4, 10-12), 9 predicted``."""
+        text = f"{self.axis_name}: {len(self.labeled)} labeled"
+        if self.labeled:
+            text += f" ({format_slices(self.labeled)})"
+        if self.empty_labeled:
+            text += f", {len(self.empty_labeled)} empty"
+        if self.edited:
+            text += f", {len(self.edited)} corrected"
+        if self.predicted:
+            text += f", {len(self.predicted)} predicted"
+        if self.note:
+            text += f" [{self.note}]"
+        return text
+
+
+def format_slices(indices: Sequence[int]) -> str:
+    """Compact slice list: ``[1, 2, 3, 7]`` -> ``1-3, 7``."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [i]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ", ".join(out)
+
+
+def _status(
+    segment_id: str, segment, mask: np.ndarray, axis: int, axis_label: str, grid: str, strict: bool
+) -> Tuple[SliceStatus, Optional[_Record]]:
+    n = mask.shape[axis]
+    nonempty = set(_nonempty_slices(mask, axis))
+    rec = _read_record(segment)
+    note, conflict = "", False
+    if rec is not None and rec.grid != grid:
+        note, rec = "record made on another volume grid: ignored", None
+    if rec is not None and rec.axis != axis:
+        if any(
+            _slice_hash(mask, rec.axis, t) == h
+            for t, h in rec.predicted.items()
+            if t < mask.shape[rec.axis]
+        ):
+            conflict = True
+            note = (
+                f"holds a prediction along array axis {rec.axis}: propagate along that "
+                "axis, or clear the prediction first"
+            )
+            if strict:
+                raise MRMLError(f"segment {segment.GetName()!r} {note}")
+        else:
+            note = "record for another axis: ignored"
+        rec = None
+    if rec is None:
+        status = SliceStatus(
+            segment_id,
+            segment.GetName(),
+            axis,
+            axis_label,
+            n,
+            sorted(nonempty),
+            [],
+            [],
+            [],
+            note,
+            conflict,
+        )
+        return status, None
+    predicted, edited = [], []
+    for t, h in sorted(rec.predicted.items()):
+        if t >= n:
+            continue
+        (predicted if _slice_hash(mask, axis, t) == h else edited).append(t)
+    keep = {t for t in rec.labeled if t < n and (t in nonempty or t in set(rec.empty))}
+    labeled = keep | set(edited) | (nonempty - set(rec.predicted))
+    empty = sorted(t for t in labeled if t not in nonempty)
+    status = SliceStatus(
+        segment_id,
+        segment.GetName(),
+        axis,
+        axis_label,
+        n,
+        sorted(labeled),
+        predicted,
+        edited,
+        empty,
+        note,
+    )
+    return status, rec
+
+
+def slice_status(volumeNode, segmentationNode, segmentId, axis="axial") -> SliceStatus:
+    """Labeled / predicted / corrected slices of a segment along ``axis`` (for live summaries).
+
+    Never raises because of the stored record (a conflicting record is reported in ``note``).
+    """
+    _check_segmentation_node(segmentationNode)
+    volume = _geometry_of(volumeNode)
+    a = _resolve_axis(volume, axis)
+    sid = _resolve_segment_id(segmentationNode, segmentId)
+    mask = segment_mask(volumeNode, segmentationNode, sid)
+    status, _ = _status(
+        sid,
+        _segment(segmentationNode, sid),
+        mask,
+        a,
+        axis_name(volume, a),
+        _grid_key(volumeNode, segmentationNode),
+        strict=False,
+    )
+    return status
+
+
+def labeled_slices(volumeNode, segmentationNode, segmentId, axis="axial") -> List[int]:
+    """Slice indices along ``axis`` that the next run will use as the segment's support."""
+    return slice_status(volumeNode, segmentationNode, segmentId, axis).labeled

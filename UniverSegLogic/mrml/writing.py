@@ -1,0 +1,240 @@
+"""Writing results into a segmentation: resampling onto its own grid, one undo step, rollback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import MRMLError
+from .nodes import _local_ijk_to_ras, _segment, _vol_to_seg, segment_mask
+from .record import (
+    TAG_LABELED,
+    TAG_PREDICTED,
+    TAG_SOURCE,
+    _Record,
+    _record_tags,
+    _set_tags,
+    _slice_hash,
+    _tags_of,
+)
+from .vtkglue import (
+    _extent_empty,
+    _geometry_image,
+    _np_from_vtk_matrix,
+    _oriented_image,
+    _scalars,
+    _slicer,
+    _vtk,
+)
+
+KEEP, BACKGROUND, FOREGROUND = 0, 1, 2
+
+
+@dataclass
+class _Write:
+    """One segment to write: code map on the volume grid plus tags."""
+
+    segment_id: Optional[str]  # None: create a new segment
+    code: np.ndarray  # uint8 KJI on the volume grid (KEEP/BACKGROUND/FOREGROUND)
+    replace_all: bool  # ignore the segment's current content (review output)
+    tags: Dict[str, Optional[str]]
+    record: Optional[_Record]  # predicted fingerprints are filled in after writing
+    new_name: str = ""
+    new_color: Tuple[float, float, float] = (1.0, 1.0, 0.0)
+    geometry_from: Optional[str] = None  # segment whose labelmap grid a new segment uses
+
+
+def _segmentation_grid(
+    segmentationNode, segment_ids: Sequence[Optional[str]], volumeNode, vol_to_seg: np.ndarray
+) -> np.ndarray:
+    """Image-to-node matrix of the segmentation's labelmap grid."""
+    slicer = _slicer()
+    for sid in segment_ids:
+        if sid is None:
+            continue
+        lm = segmentationNode.GetBinaryLabelmapInternalRepresentation(sid)
+        if lm is not None and not _extent_empty(lm.GetExtent()):
+            m = _vtk().vtkMatrix4x4()
+            lm.GetImageToWorldMatrix(m)
+            return _np_from_vtk_matrix(m)
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    text = segmentationNode.GetSegmentation().GetConversionParameter(name)
+    if text:
+        img = slicer.vtkOrientedImageData()
+        slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, img, False)
+        m = _vtk().vtkMatrix4x4()
+        img.GetImageToWorldMatrix(m)
+        a = _np_from_vtk_matrix(m)
+        if abs(np.linalg.det(a[:3, :3])) > 1e-12:
+            return a
+    return vol_to_seg @ _local_ijk_to_ras(volumeNode)
+
+
+def _footprint_extent(vol_ijk_to_seg: np.ndarray, seg_grid: np.ndarray, dims_ijk) -> List[int]:
+    """Extent of the segmentation grid covering the volume (one voxel margin)."""
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (-0.5, dims_ijk[0] - 0.5)
+            for j in (-0.5, dims_ijk[1] - 0.5)
+            for k in (-0.5, dims_ijk[2] - 0.5)
+        ]
+    )
+    idx = (np.linalg.inv(seg_grid) @ vol_ijk_to_seg @ corners.T)[:3]
+    lo = np.floor(idx.min(axis=1)).astype(int) - 1
+    hi = np.ceil(idx.max(axis=1)).astype(int) + 1
+    return [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]
+
+
+def _union_extent(a, b) -> List[int]:
+    if _extent_empty(a):
+        return list(b)
+    return [
+        min(a[0], b[0]),
+        max(a[1], b[1]),
+        min(a[2], b[2]),
+        max(a[3], b[3]),
+        min(a[4], b[4]),
+        max(a[5], b[5]),
+    ]
+
+
+def _segment_values(segmentationNode, segmentId, extent) -> np.ndarray:
+    """The segment's stored voxels (0/1) on its own grid, placed into ``extent``."""
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    out = np.zeros(shape, dtype=np.uint8)
+    lm = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+    if lm is None or _extent_empty(lm.GetExtent()):
+        return out
+    values = _scalars(lm)
+    label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    e = lm.GetExtent()
+    off = (e[4] - extent[4], e[2] - extent[2], e[0] - extent[0])
+    dst = tuple(slice(o, o + n) for o, n in zip(off, values.shape))
+    out[dst] = values == label
+    return out
+
+
+def _write_segment(
+    segmentationNode,
+    volumeNode,
+    w: _Write,
+    segment_id: str,
+    vol_to_seg: np.ndarray,
+    seg_grid: np.ndarray,
+) -> None:
+    slicer = _slicer()
+    dims = volumeNode.GetImageData().GetDimensions()
+    vol_ijk_to_seg = vol_to_seg @ _local_ijk_to_ras(volumeNode)
+    lm = segmentationNode.GetBinaryLabelmapInternalRepresentation(segment_id)
+    current = lm.GetExtent() if lm is not None else (0, -1, 0, -1, 0, -1)
+    extent = _footprint_extent(vol_ijk_to_seg, seg_grid, dims)
+    if not w.replace_all:
+        extent = _union_extent(current, extent)
+    code_img = _oriented_image(
+        w.code, (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1), vol_ijk_to_seg
+    )
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        code_img, _geometry_image(extent, seg_grid), resampled, False, False
+    ):
+        raise MRMLError("resampling the result onto the segmentation grid failed")
+    code = _scalars(resampled)
+    if w.replace_all:
+        values = (code == FOREGROUND).astype(np.uint8)
+    else:
+        values = np.where(
+            code == KEEP, _segment_values(segmentationNode, segment_id, extent), code == FOREGROUND
+        ).astype(np.uint8)
+    image = _oriented_image(values, extent, seg_grid)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(
+        image, segmentationNode, segment_id, logic.MODE_REPLACE
+    ):
+        raise MRMLError(f"Slicer refused to update segment {segment_id!r}")
+
+
+def _snapshot(segmentationNode, segment_id: str):
+    """Copy of a segment's own voxels (0/1, segmentation grid) and its tags, for rollback."""
+    lm = segmentationNode.GetBinaryLabelmapInternalRepresentation(segment_id)
+    tags = _tags_of(
+        _segment(segmentationNode, segment_id), (TAG_LABELED, TAG_PREDICTED, TAG_SOURCE)
+    )
+    if lm is None or _extent_empty(lm.GetExtent()):
+        return None, tags
+    m = _vtk().vtkMatrix4x4()
+    lm.GetImageToWorldMatrix(m)
+    ext = lm.GetExtent()
+    return _oriented_image(
+        _segment_values(segmentationNode, segment_id, ext), ext, _np_from_vtk_matrix(m)
+    ), tags
+
+
+def _restore(segmentationNode, segment_id: str, snapshot) -> None:
+    slicer = _slicer()
+    image, tags = snapshot
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if image is None:
+        logic.ClearSegment(segmentationNode, segment_id)
+    else:
+        logic.SetBinaryLabelmapToSegment(image, segmentationNode, segment_id, logic.MODE_REPLACE)
+    _set_tags(_segment(segmentationNode, segment_id), tags)
+
+
+def _call_undo(undo) -> None:
+    if undo is None:
+        return
+    if hasattr(undo, "SaveState"):  # a vtkSegmentationHistory
+        undo.SaveState()
+    else:
+        undo()
+
+
+def _apply_writes(volumeNode, segmentationNode, writes: List[_Write], undo=None) -> List[str]:
+    """Write all segments (one undo step); on failure restore what was written. Returns ids."""
+    vol_to_seg = _vol_to_seg(volumeNode, segmentationNode)
+    segmentation = segmentationNode.GetSegmentation()
+    known = [w.segment_id or w.geometry_from for w in writes]
+    grids = [
+        _segmentation_grid(
+            segmentationNode, [w.segment_id, w.geometry_from] + known, volumeNode, vol_to_seg
+        )
+        for w in writes
+    ]
+    _call_undo(undo)
+    was_modified = segmentationNode.StartModify()
+    created: List[str] = []
+    snapshots: Dict[str, object] = {}
+    written: List[str] = []
+    try:
+        for w, seg_grid in zip(writes, grids):
+            sid = w.segment_id
+            if sid is None:
+                sid = segmentation.AddEmptySegment("", w.new_name, list(w.new_color))
+                if not sid:
+                    raise MRMLError(f"could not add segment {w.new_name!r}")
+                created.append(sid)
+            else:
+                snapshots[sid] = _snapshot(segmentationNode, sid)
+            _write_segment(segmentationNode, volumeNode, w, sid, vol_to_seg, seg_grid)
+            written.append(sid)
+        for w, sid in zip(writes, written):
+            if w.record is not None:
+                # fingerprints of what was actually stored, read back the way the next run reads
+                mask = segment_mask(volumeNode, segmentationNode, sid)
+                w.record.predicted = {
+                    t: _slice_hash(mask, w.record.axis, t) for t in w.record.predicted
+                }
+                w.tags.update(_record_tags(w.record))
+            _set_tags(_segment(segmentationNode, sid), w.tags)
+    except BaseException:
+        for sid in created:
+            segmentation.RemoveSegment(sid)
+        for sid, snap in snapshots.items():
+            _restore(segmentationNode, sid, snap)
+        raise
+    finally:
+        segmentationNode.EndModify(was_modified)
+    return written
