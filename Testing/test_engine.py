@@ -128,8 +128,23 @@ def test_sub_batches_from_memory_budget_give_same_result():
 
     small._fast_checked = spy
     out = small.logits(t, si, sl)
-    assert calls == [1] * 5
-    assert (out - full).abs().max().item() <= 1e-4  # conv algorithms differ per batch size
+    assert calls == [2, 2, 2]  # sub-batches of at least 2: the last target runs beside a copy
+    assert torch.equal(out, full)
+
+
+def test_a_targets_logits_do_not_depend_on_the_targets_beside_it():
+    """Batch invariance on the CPU (the Propagator's cache relies on it): one target alone, in
+    pairs, or in a batch of 7 gives the same bits."""
+    m = _model()
+    t, si, sl = _data(7, 2, 64)
+    e = InferenceEngine(m, "cpu", precision="fp32")
+    full = e.logits(t, si, sl)
+    for parts in ([1] * 7, [1, 6], [3, 4], [2, 2, 3]):
+        outs, i = [], 0
+        for n in parts:
+            outs.append(e.logits(t[i : i + n], si, sl))
+            i += n
+        assert torch.equal(torch.cat(outs), full), parts
 
 
 def test_support_cache_follows_new_and_edited_support():

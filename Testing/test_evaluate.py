@@ -1,4 +1,5 @@
-"""Evaluation protocol: labeled-slice rule, Dice arithmetic, the two baselines, the CLI."""
+"""Evaluation: the two baselines, the evaluation command and its outputs (the slice rule and
+Dice are tested in test_rules.py)."""
 
 import json
 import os
@@ -8,61 +9,11 @@ import pytest
 import torch
 
 from UniverSegLogic.core.fill_between import available, fill_between_slices, slicer_extent
+from UniverSegLogic.core.metrics import dice
+from UniverSegLogic.core.slices import evaluation_slices, slice_extent
 from UniverSegLogic.research import evaluate as ev
 
 needs_vtkitk = pytest.mark.skipif(not available(), reason="slicer-core / vtkITK not importable")
-
-
-# ----------------------------------------------------------------------- labeled-slice rule
-
-
-@pytest.mark.parametrize(
-    "z0,z1,k,want",
-    [
-        (0, 29, 2, [7, 22]),  # floor(0.5*29/2 + .5) = 7, floor(1.5*29/2 + .5) = 22
-        (0, 29, 3, [5, 15, 24]),  # 5.33 -> 5, 15 -> 15, 24.67 -> 24
-        (4, 19, 5, [6, 9, 12, 15, 18]),  # 4 + floor((i + .5) * 3 + .5)
-        (10, 17, 8, [10, 11, 12, 13, 14, 15, 16, 17]),
-        (3, 3, 3, [3]),  # a one-slice structure: duplicates collapse
-        (0, 1, 4, [0, 1]),
-    ],
-)
-def test_labeled_slice_rule(z0, z1, k, want):
-    assert ev.labeled_slices_for(z0, z1, k) == want
-
-
-def test_labeled_slices_follow_the_mask_extent_along_the_axis():
-    m = np.zeros((6, 40, 8), dtype=bool)
-    m[2, 5:36, 3] = True
-    assert ev.extent(m, 1) == (5, 35)
-    assert ev.extent(m, 0) == (2, 2)
-    assert ev.extent(np.zeros((3, 3, 3)), 0) is None
-    assert ev.labeled_slices_for(*ev.extent(m, 1), 3) == [10, 20, 30]
-    with pytest.raises(ValueError):
-        ev.labeled_slices_for(0, 10, 0)
-
-
-# ----------------------------------------------------------------------- Dice arithmetic
-
-
-def test_dice_and_dice_unlabeled_on_crafted_masks():
-    truth = np.zeros((4, 5, 5), dtype=bool)
-    pred = np.zeros_like(truth)
-    truth[1, 0, :4] = True  # slice 1: truth 4, pred 4, overlap 4 (a labeled slice)
-    pred[1, 0, :4] = True
-    truth[2, 0, :2] = True  # slice 2: truth 2, pred 3, overlap 1
-    pred[2, 0, 1:4] = True
-    pred[3, 4, 4] = True  # slice 3: one false positive
-    # whole volume: 2 * (4 + 1) / (6 + 8)
-    assert ev.dice(pred, truth) == pytest.approx(10 / 14)
-    # slice 1 labeled: hidden slices 0, 2, 3 -> 2 * 1 / (2 + 4)
-    assert ev.dice_unlabeled(pred, truth, [1]) == pytest.approx(2 / 6)
-    # the same along another axis: move the slice axis to position 2
-    assert ev.dice_unlabeled(
-        np.moveaxis(pred, 0, 2), np.moveaxis(truth, 0, 2), [1], axis=2
-    ) == pytest.approx(2 / 6)
-    assert ev.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
-    assert ev.dice(np.ones(3, bool), np.zeros(3, bool)) == 0.0
 
 
 def test_nearest_slice_copy_inside_the_labeled_range_only():
@@ -185,9 +136,9 @@ def test_evaluate_cli_writes_the_json_schema(tmp_path, capsys):
         assert 0.0 <= r["dice"] <= 1.0 and 0.0 <= r["dice_unlabeled"] <= 1.0
         assert r["seconds"] >= 0.0
     # the baselines are deterministic: check one against a direct computation
-    z0, z1 = ev.extent(mask, 0)
-    lab = ev.labeled_slices_for(z0, z1, 3)
-    want = ev.dice(ev.nearest_slice_copy(mask, lab), mask)
+    z0, z1 = slice_extent(mask, 0)
+    lab = evaluation_slices(z0, z1, 3)
+    want = dice(ev.nearest_slice_copy(mask, lab), mask)
     got = next(r for r in rows if r["k"] == 3 and r["method"] == "nearest_slice")
     assert got["dice"] == pytest.approx(want)
     figs = sorted(os.listdir(tmp_path / "fig"))

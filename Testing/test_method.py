@@ -9,28 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import blob_phantom, random_engine
 
-from UniverSegLogic.core.engine import InferenceEngine
 from UniverSegLogic.core.fill_between import available
-from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
-from UniverSegLogic.core.model import UniverSeg
-from UniverSegLogic.core.pipeline import (
-    PropagationOptions,
-    PropagationRequest,
-    SegmentRequest,
-    fused_probabilities,
-    propagate,
-)
 from UniverSegLogic.core.prior import (
     FeatureSource,
     FusionParams,
     LogisticRule,
     OutsideChain,
     ShapePrior,
+    fused_probabilities,
     keep_overlapping,
     signed_distance,
 )
+from UniverSegLogic.core.propagator import PropagationOptions, Propagator, SegmentInput
+from UniverSegLogic.core.slices import evaluation_slices
 from UniverSegLogic.research import calibrate as cal
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
@@ -173,16 +166,17 @@ def test_fused_probabilities_skips_the_network_once_a_side_has_stopped():
 
 
 def _phantom():
-    k, j, i = np.mgrid[:16, :28, :30]
-    blob = ((j - 14) ** 2 / 64 + (i - 15) ** 2 / 81 + (k - 8) ** 2 / 36) <= 1
-    img = np.where(blob, 700.0, -100.0) + np.random.default_rng(1).normal(0, 20, blob.shape)
-    vol = Volume(img.astype(np.float32), make_ijk_to_ras((1.0, 1.2, 2.5)))
-    return vol, blob
+    return blob_phantom()
 
 
 def _engine():
-    torch.manual_seed(0)
-    return InferenceEngine(UniverSeg(), "cpu", batch_size=4)
+    return random_engine()
+
+
+def _propagate(vol, mask, labeled=None, fusion=None, engine=None, **options):
+    opts = PropagationOptions(axis=0, support_size=2, **options)
+    session = Propagator(vol, opts, engine=engine or _engine(), fusion=fusion)
+    return session.propagate([SegmentInput("b", "b", mask, labeled)])
 
 
 @pytest.mark.parametrize("use_fbs", [False, True])
@@ -197,14 +191,7 @@ def test_labeled_slices_are_never_altered(use_fbs):
     fusion = FusionParams(
         inside=LogisticRule(["model", "fbs_n" if use_fbs else "sdf_n"], [1.0, -5.0])
     )
-    res = propagate(
-        PropagationRequest(
-            vol, [SegmentRequest("b", user)], PropagationOptions(axis=0, support_size=2)
-        ),
-        engine=_engine(),
-        fusion=fusion,
-    )
-    r = res.segments[0]
+    r = _propagate(vol, user, fusion=fusion).segments[0]
     assert r.labeled_slices == [4, 8, 12]
     assert np.array_equal(r.mask[[4, 8, 12]], user[[4, 8, 12]])
     assert np.array_equal(r.probability[[4, 8, 12]], user[[4, 8, 12]].astype(np.float32))
@@ -221,13 +208,7 @@ def test_a_fill_between_rule_reproduces_fill_between_slices_inside_the_range():
     fusion = FusionParams(
         inside=LogisticRule(["fbs"], [20.0]), outside=LogisticRule(["one"], [0.0], -50.0)
     )
-    r = propagate(
-        PropagationRequest(
-            vol, [SegmentRequest("b", user)], PropagationOptions(axis=0, support_size=2)
-        ),
-        engine=_engine(),
-        fusion=fusion,
-    ).segments[0]
+    r = _propagate(vol, user, fusion=fusion).segments[0]
     want = fill_between_slices(user, [4, 11], 0, vol.spacing_kji)
     assert np.array_equal(r.mask[4:12], want[4:12])
     assert not r.mask[:4].any() and not r.mask[12:].any()
@@ -237,13 +218,7 @@ def test_no_extrapolation_beyond_a_labeled_empty_end_slice():
     vol, blob = _phantom()
     user = np.zeros_like(blob)
     user[[5, 9]] = blob[[5, 9]]
-    res = propagate(
-        PropagationRequest(
-            vol, [SegmentRequest("b", user, [5, 9, 11])], PropagationOptions(axis=0, support_size=2)
-        ),
-        engine=_engine(),
-    )
-    r = res.segments[0]
+    r = _propagate(vol, user, [5, 9, 11]).segments[0]
     assert max(r.predicted_slices) < 11 and not r.mask[11:].any()
     assert min(r.predicted_slices) < 5  # the other end still extrapolates
 
@@ -273,7 +248,7 @@ def _synthetic_episodes(n=4):
             int(np.flatnonzero(truth.any((1, 2)))[-1]),
         )
         for kk in (2, 3):
-            lab = cal.labeled_slices_for(ext[0], ext[1], kk)
+            lab = evaluation_slices(ext[0], ext[1], kk)
             logits = {
                 t: (6.0 * (truth[t] - 0.5) + rng.normal(0, 2, truth[t].shape)).astype(np.float32)
                 for t in range(14)
@@ -335,14 +310,12 @@ def test_shipped_fusion_is_valid_when_present():
 
 
 @needs_vtkitk
-def test_calibration_scores_exactly_what_the_pipeline_does():
-    """predict_episode (fusion on cached logits) == propagate (network + fusion), slice by slice."""
+def test_calibration_scores_exactly_what_a_propagation_does():
+    """predict_episode (fusion on cached logits) == Propagator (network + fusion), slice by slice."""
     from UniverSegLogic.core.fill_between import fill_between_slices, labeled_only
-    from UniverSegLogic.core.pipeline import segment_logits
-    from UniverSegLogic.research.evaluate import labeled_slices_for
 
     vol, blob = _phantom()
-    lab = labeled_slices_for(2, 14, 3)
+    lab = evaluation_slices(2, 14, 3)
     painted = labeled_only(blob, lab, 0)
     fusion = FusionParams(
         inside=LogisticRule(
@@ -352,19 +325,20 @@ def test_calibration_scores_exactly_what_the_pipeline_does():
         extrapolation_gaps=1.0,
     )
     opts = PropagationOptions(axis=0, support_size=2)
-    engine = _engine()
-    req = PropagationRequest(vol, [SegmentRequest("b", painted, lab)], opts)
-    sl = segment_logits(req, engine, 8)[0]
+    session = Propagator(vol, opts, engine=_engine(), fusion=fusion)
+    segment = SegmentInput("b", "b", painted, lab)
+    plan, logits = session.network_logits(segment, 8)
+    frame = session.frame
     ep = cal.Episode(
         "c",
         "b",
         3,
-        sl.frame.spacing,
-        sl.frame.to_frame(blob),
+        frame.spacing,
+        frame.to_frame(blob),
         lab,
-        sl.logits,
-        fill_between_slices(sl.mask_stack, lab, 0, sl.frame.spacing),
+        logits,
+        fill_between_slices(plan.mask_stack, lab, 0, frame.spacing),
     )
     want = cal.predict_episode(ep, fusion)
-    got = propagate(req, engine=engine, fusion=fusion).segments[0].mask
-    assert np.array_equal(sl.frame.to_frame(got), want)
+    got = session.propagate([segment]).segments[0].mask
+    assert np.array_equal(frame.to_frame(got), want)

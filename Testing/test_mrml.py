@@ -19,6 +19,7 @@ import slicer
 import slicerio
 import torch
 import vtk
+from conftest import ConstantLogitEngineDouble
 
 from UniverSegLogic import mrml
 from UniverSegLogic.core.engine import Cancelled, InferenceEngine
@@ -26,22 +27,6 @@ from UniverSegLogic.core.model import UniverSeg
 
 SHAPE = (16, 20, 24)  # K, J, I: a 24 x 20 x 16 volume
 LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
-
-
-class ConstantLogitEngine:
-    """Test double for ``InferenceEngine``: logit +8 (foreground) for every pixel of every target.
-
-    Records how many support items each call received."""
-
-    device = "cpu"
-    batch_size = 4
-
-    def __init__(self):
-        self.support_counts = []
-
-    def logits(self, targets, support_images, support_labels):
-        self.support_counts.append(int(support_images.shape[0]))
-        return torch.full((targets.shape[0], 1) + tuple(targets.shape[-2:]), 8.0)
 
 
 def _rotation(x_deg=0.0, z_deg=0.0):
@@ -191,7 +176,7 @@ def run(case, mode="fill", engine=None, **options):
         case.seg,
         [case.target],
         mode=mode,
-        engine=engine or ConstantLogitEngine(),
+        engine=engine or ConstantLogitEngineDouble(),
         **options,
     )
     job.run()
@@ -294,11 +279,11 @@ def test_annotation_loop_corrected_slices_become_labeled_untouched_ones_never(ca
         corrected
     }
 
-    engine = ConstantLogitEngine()
+    engine = ConstantLogitEngineDouble()
     job = mrml.prepare_propagation(
         case.volume, case.seg, [case.target], engine=engine, use_prior=False
     )
-    assert job.request.segments[0].labeled_slices == sorted(case.labeled + [corrected])
+    assert job.inputs[0].labeled_slices == sorted(case.labeled + [corrected])
     job.run()
     job.apply()
     after = mrml.segment_mask(case.volume, case.seg, case.target)
@@ -351,7 +336,7 @@ def test_cancel_mid_run_leaves_the_segmentation_identical(case, mode):
             [case.target],
             mode=mode,
             cancel=cancel,
-            engine=ConstantLogitEngine(),
+            engine=ConstantLogitEngineDouble(),
             use_prior=False,
             batch_size=2,
         )
@@ -361,7 +346,7 @@ def test_cancel_mid_run_leaves_the_segmentation_identical(case, mode):
 
 def test_edit_during_the_run_is_not_overwritten(case):
     job = mrml.prepare_propagation(
-        case.volume, case.seg, [case.target], engine=ConstantLogitEngine(), use_prior=False
+        case.volume, case.seg, [case.target], engine=ConstantLogitEngineDouble(), use_prior=False
     )
     job.run()
     edited = case.user.copy()
@@ -379,7 +364,7 @@ def test_failure_while_writing_restores_what_was_written(case, monkeypatch):
         case.volume,
         case.seg,
         [case.target, case.other_id],
-        engine=ConstantLogitEngine(),
+        engine=ConstantLogitEngineDouble(),
         use_prior=False,
     )
     job.run()
@@ -418,7 +403,7 @@ def test_bad_input_gives_one_line_error_and_changes_nothing(case, kwargs, messag
     ids = kwargs.pop("segmentIds", [case.target])
     with pytest.raises(ValueError, match=message) as info:
         mrml.propagate_segmentation(
-            case.volume, case.seg, ids, engine=ConstantLogitEngine(), **kwargs
+            case.volume, case.seg, ids, engine=ConstantLogitEngineDouble(), **kwargs
         )
     assert "\n" not in str(info.value)
     assert state(case.seg) == before
@@ -426,9 +411,9 @@ def test_bad_input_gives_one_line_error_and_changes_nothing(case, kwargs, messag
 
 def test_wrong_nodes_are_refused(case):
     with pytest.raises(mrml.MRMLError, match="no input volume"):
-        mrml.propagate_segmentation(None, case.seg, engine=ConstantLogitEngine())
+        mrml.propagate_segmentation(None, case.seg, engine=ConstantLogitEngineDouble())
     with pytest.raises(mrml.MRMLError, match="not a segmentation"):
-        mrml.propagate_segmentation(case.volume, case.volume, engine=ConstantLogitEngine())
+        mrml.propagate_segmentation(case.volume, case.volume, engine=ConstantLogitEngineDouble())
 
 
 def test_closed_surface_segmentation_is_refused(case):
@@ -444,7 +429,7 @@ def test_closed_surface_segmentation_is_refused(case):
     segment.AddRepresentation(closed, sphere.GetOutput())
     seg.GetSegmentation().AddSegment(segment)
     with pytest.raises(mrml.MRMLError, match="source representation"):
-        mrml.propagate_segmentation(case.volume, seg, ["ball"], engine=ConstantLogitEngine())
+        mrml.propagate_segmentation(case.volume, seg, ["ball"], engine=ConstantLogitEngineDouble())
     assert seg.GetSegmentation().GetSourceRepresentationName() == closed
 
 
@@ -468,7 +453,7 @@ def test_common_parent_transform_is_handled_in_world_space(case):
         case.seg,
         [case.target],
         axis="coronal",
-        engine=ConstantLogitEngine(),
+        engine=ConstantLogitEngineDouble(),
         use_prior=False,
     )
     job.run()
@@ -526,12 +511,12 @@ def test_record_is_not_trusted_after_the_segmentation_moved(case):
 def test_default_selection_is_the_labeled_segments_that_are_not_review_outputs(case):
     case.seg.GetSegmentation().AddEmptySegment("", "unpainted")
     run(case, "new")
-    job = mrml.prepare_propagation(case.volume, case.seg, None, engine=ConstantLogitEngine())
+    job = mrml.prepare_propagation(case.volume, case.seg, None, engine=ConstantLogitEngineDouble())
     assert job.source_ids == [case.target, case.other_id]
     for sid in (case.target, case.other_id):
         case.seg.GetSegmentation().RemoveSegment(sid)
     with pytest.raises(mrml.MRMLError, match="no segment of Segmentation has a labeled slice"):
-        mrml.prepare_propagation(case.volume, case.seg, None, engine=ConstantLogitEngine())
+        mrml.prepare_propagation(case.volume, case.seg, None, engine=ConstantLogitEngineDouble())
 
 
 def test_non_linear_transform_is_refused_with_a_clear_message(case):
@@ -549,7 +534,7 @@ def test_non_linear_transform_is_refused_with_a_clear_message(case):
     before = state(case.seg)
     with pytest.raises(mrml.MRMLError, match="non-linear transform .*harden"):
         mrml.propagate_segmentation(
-            case.volume, case.seg, [case.target], engine=ConstantLogitEngine()
+            case.volume, case.seg, [case.target], engine=ConstantLogitEngineDouble()
         )
     assert state(case.seg) == before
 
@@ -582,7 +567,7 @@ def test_oversampled_segmentation_keeps_its_stored_labels_bit_for_bit(case):
     _paint(seg, sid, labels | detail, fine)
     before = stored(seg, sid)
     job = mrml.prepare_propagation(
-        case.volume, seg, [sid], engine=ConstantLogitEngine(), use_prior=False
+        case.volume, seg, [sid], engine=ConstantLogitEngineDouble(), use_prior=False
     )
     job.run()
     job.apply()
@@ -635,7 +620,7 @@ def test_one_undo_step_restores_the_segmentation(case):
         case.seg,
         [case.target],
         mode="new",
-        engine=ConstantLogitEngine(),
+        engine=ConstantLogitEngineDouble(),
         undo=history,
         use_prior=False,
     )
@@ -650,7 +635,7 @@ def test_one_undo_step_restores_the_segmentation(case):
         case.volume,
         case.seg,
         [case.target],
-        engine=ConstantLogitEngine(),
+        engine=ConstantLogitEngineDouble(),
         undo=lambda: calls.append(1),
     )
     assert calls == [1]
@@ -711,7 +696,7 @@ def test_other_loaded_pair_serves_as_support(case):
 
     # the target segment of the first pair is empty: support comes from the other pair only
     empty_id = case.seg.GetSegmentation().AddEmptySegment("", "target")
-    engine = ConstantLogitEngine()
+    engine = ConstantLogitEngineDouble()
     job = mrml.prepare_propagation(
         case.volume,
         case.seg,
@@ -735,7 +720,11 @@ def test_another_axis_needs_the_prediction_cleared_first(case):
     before = state(case.seg)
     with pytest.raises(mrml.MRMLError, match="clear the prediction"):
         mrml.propagate_segmentation(
-            case.volume, case.seg, [case.target], axis="sagittal", engine=ConstantLogitEngine()
+            case.volume,
+            case.seg,
+            [case.target],
+            axis="sagittal",
+            engine=ConstantLogitEngineDouble(),
         )
     assert state(case.seg) == before
     assert mrml.slice_status(case.volume, case.seg, case.target, "sagittal").conflict
@@ -743,7 +732,7 @@ def test_another_axis_needs_the_prediction_cleared_first(case):
     assert erased and not set(erased) & set(case.labeled)
     assert np.array_equal(mrml.segment_mask(case.volume, case.seg, case.target), case.user)
     job = mrml.prepare_propagation(
-        case.volume, case.seg, [case.target], axis="sagittal", engine=ConstantLogitEngine()
+        case.volume, case.seg, [case.target], axis="sagittal", engine=ConstantLogitEngineDouble()
     )
     assert job.axis != case.axis
 

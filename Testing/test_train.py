@@ -309,10 +309,6 @@ def test_outputs_resume_and_weight_export(data, tmp_path):
     rows = (out / "log.csv").read_text().splitlines()
     assert rows[0] == "step,seconds,loss,val_dice,lr" and rows[-1].startswith("3,")
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    png = tr._raster_plot(
-        np.arange(4.0), np.array([np.nan, 1.0, 0.8, 0.7]), np.array([0.1, np.nan, np.nan, 0.5])
-    )  # no-matplotlib fallback
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 100
 
     # full checkpoint: the step count continues, optimizer state comes back
     r2 = tr.train(replace(cfg, resume=str(out / "checkpoint.pt"), max_steps=2), echo=lambda s: None)

@@ -55,6 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
+        "--sample",
+        default=None,
+        metavar="NPZ",
+        help="sample slices as an npz file (machines without slicerio, e.g. the GPU machine: "
+        "docs/results/benchmarks/chest_ct_slices.npz); default: slicerio's chest CT",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="let the engine use torch.compile for large calls (opt-in; slow to start)",
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         ref_batch=args.ref_batch,
         compile=args.compile,
+        sample_path=args.sample,
     )
     if args.json:
         write_json(result, args.json)

@@ -49,7 +49,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..core.pipeline import PropagationOptions, get_engine
+    from ..core.engines import EngineStore
+    from ..core.propagator import PropagationOptions
     from ..core.weights import load_weights
     from ..research import calibrate as cal
     from ..research.evaluate import load_manifest
@@ -61,7 +62,8 @@ def run(args) -> int:
         raise UsageError("--support-size must be at least 1")
     cases = load_manifest(args.cases, [r for r in args.roles.split(",") if r])
     w = load_weights(args.weights)
-    engine, desc = get_engine(args.weights, args.device)
+    loaded = EngineStore().get(args.weights, args.device)
+    engine, desc = loaded.engine, loaded.description
     cache = os.path.join(args.cache, cal.weights_key(w.path))
     t0 = time.perf_counter()
     episodes = cal.build_episodes(
@@ -72,6 +74,7 @@ def run(args) -> int:
     params.save(args.out, {"weights": desc, "support_size": support, "ks": ks})
     print(f"wrote {args.out}: {params.source}")
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        from ..core.atomic import write_text
+
+        write_text(args.report, json.dumps(report, indent=1))
     return 0

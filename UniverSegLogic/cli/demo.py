@@ -8,7 +8,6 @@ rest is hidden and propagated, and the result is compared with the hidden slices
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List, Tuple
 
@@ -58,14 +57,15 @@ def overlay_png(
     count: int = 6,
 ) -> None:
     """Montage of hidden slices: gray image, truth contour green, prediction contour red,
-    labeled slices framed in blue."""
+    labeled slices framed in blue (written atomically)."""
     import SimpleITK as sitk
 
+    from ..core.atomic import write_with
     from ..core.canvas import intensity_window, scale_intensity
-    from ..core.io import atomic_path
+    from ..core.slices import nonempty_slices
 
-    nz = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
-    picks = np.unique(np.linspace(nz[0], nz[-1], count).round().astype(int)) if nz.size else [0]
+    nz = nonempty_slices(truth, 0)
+    picks = np.unique(np.linspace(nz[0], nz[-1], count).round().astype(int)) if nz else [0]
     img = scale_intensity(image_stack, intensity_window(image_stack))
     tiles = []
     for z in picks:
@@ -80,60 +80,45 @@ def overlay_png(
             for border in (np.s_[:2], np.s_[-2:], np.s_[:, :2], np.s_[:, -2:]):
                 rgb[border] = (40, 90, 255)
         tiles.append(rgb)
-    montage = np.concatenate(tiles, axis=1)
-    tmp = atomic_path(path)[:-4] + ".png"
-    try:
-        sitk.WriteImage(sitk.GetImageFromArray(montage, isVector=True), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    montage = sitk.GetImageFromArray(np.concatenate(tiles, axis=1), isVector=True)
+    write_with(path, lambda tmp: sitk.WriteImage(montage, tmp))
 
 
 def run(args) -> int:
+    from ..core import fill_between
+    from ..core.atomic import write_text
     from ..core.geometry import SliceFrame
     from ..core.io import Segmentation, read_image, read_segmentation, write_segmentation
-    from ..core.pipeline import PropagationOptions, PropagationRequest, SegmentRequest, propagate
-    from ..core.weights import WeightsError, starter_path
-    from ..research.evaluate import dice, extent, labeled_slices_for
+    from ..core.metrics import dice
+    from ..core.propagator import PropagationOptions, Propagator, SegmentInput
+    from ..core.slices import evaluation_slices, slice_extent
+    from .propagate import print_notes
 
     if args.k < 1:
         raise UsageError("--k must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    options = PropagationOptions(axis="axial", device=args.device, weights=args.weights)
     image_path, seg_path = sample_paths()
     image = read_image(str(image_path))
     seg = read_segmentation(str(seg_path), image)
     segment = seg.get(args.segment)
     frame = SliceFrame.of(image, "axial")
     truth = frame.to_frame(segment.mask)
-    z = extent(truth, 0)
+    z = slice_extent(truth, 0)
     if z is None:
         raise UsageError(f"segment {segment.name!r} is empty in the sample")
-    labeled = labeled_slices_for(z[0], z[1], args.k)
+    labeled = evaluation_slices(z[0], z[1], args.k)
     user = np.zeros_like(truth)
     user[labeled] = truth[labeled]
 
-    engine = None
-    weights_line = None
-    if args.weights == "starter":
-        try:
-            starter_path()
-        except WeightsError:
-            import torch
-
-            from ..core.engine import InferenceEngine
-            from ..core.model import UniverSeg
-
-            torch.manual_seed(0)
-            engine = InferenceEngine(UniverSeg(), args.device)
-            weights_line = (
-                "weights: NONE AVAILABLE - random initial weights; this result is not "
-                "meaningful (starter weights not found)"
-            )
-    options = PropagationOptions(axis="axial", device=args.device, weights=args.weights)
-    request = PropagationRequest(
-        image, [SegmentRequest(segment.name, frame.from_frame(user), labeled)], options
+    session = Propagator(image, options)
+    result = session.propagate(
+        [SegmentInput("demo", segment.name, frame.from_frame(user), labeled)],
+        progress=ProgressBar(not args.quiet),
     )
-    result = propagate(request, progress=ProgressBar(not args.quiet), engine=engine)
+    print_notes(result.notes)
     r = result.segments[0]
     pred = frame.to_frame(r.mask)
     hidden = np.ones(truth.shape[0], bool)
@@ -145,17 +130,17 @@ def run(args) -> int:
         "labeled_slices": labeled,
         "dice": dice(pred, truth),
         "dice_hidden_slices": dice(pred[hidden], truth[hidden]),
-        "weights": weights_line or result.weights,
+        "weights": result.weights,
         "device": result.device,
         "seconds": round(result.seconds, 2),
     }
-    from ..core import fill_between
-
     if fill_between.available():  # Slicer's own "Fill between slices" on the same painting
-        fbs = fill_between.fill_between_slices(user, labeled, 0, frame.spacing)
-        metrics["fill_between_slices_dice"] = dice(fbs, truth)
-        metrics["fill_between_slices_dice_hidden_slices"] = dice(fbs[hidden], truth[hidden])
-    out = Path(args.out)
+        try:
+            fbs = fill_between.fill_between_slices(user, labeled, 0, frame.spacing)
+            metrics["fill_between_slices_dice"] = dice(fbs, truth)
+            metrics["fill_between_slices_dice_hidden_slices"] = dice(fbs[hidden], truth[hidden])
+        except fill_between.FillBetweenUnavailable as exc:
+            print_notes([str(exc)])
     out.mkdir(parents=True, exist_ok=True)
     write_segmentation(
         str(out / "demo_result.seg.nrrd"),
@@ -170,8 +155,8 @@ def run(args) -> int:
         ),
     )
     overlay_png(str(out / "demo_overlay.png"), frame.to_frame(image.array), truth, pred, labeled)
-    (out / "demo_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(weights_line or f"weights: {result.weights}")
+    write_text(str(out / "demo_metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    print(f"weights: {result.weights}")
     print(
         f"sample: {metrics['sample']}; segment '{segment.name}'; axial slices "
         f"{labeled} kept as user labels ({args.k} of {truth.shape[0]})"

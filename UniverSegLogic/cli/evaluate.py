@@ -84,8 +84,9 @@ def _ints(text: str, what: str) -> List[int]:
 def run(args) -> int:
     from ..core.geometry import resolve_axis
     from ..core.io import read_image
-    from ..core.pipeline import PropagationOptions
     from ..core.prior import FusionParams
+    from ..core.propagator import PropagationOptions
+    from ..core.slices import slice_extent
     from ..research import evaluate as ev
 
     ks = _ints(args.k, "--k")
@@ -112,7 +113,7 @@ def run(args) -> int:
     axis = resolve_axis(cases[0].image, args.axis)
     for c in cases:
         for m in c.masks:
-            if ev.extent(m.mask, axis) is None:
+            if slice_extent(m.mask, axis) is None:
                 raise UsageError(f"mask {m.name!r} of {c.name} is empty")
 
     engine, fusion = None, None
@@ -122,9 +123,9 @@ def run(args) -> int:
             raise UsageError("--support-size must be at least 1")
         options.support_size = args.support_size
     if "universeg" in methods:
-        from ..core.pipeline import get_engine
+        from ..core.engines import EngineStore
 
-        engine, _ = get_engine(args.weights, args.device)
+        engine = EngineStore().get(args.weights, args.device).engine
         if args.fusion:
             fusion = FusionParams.load(args.fusion)
     log = None if args.quiet else (lambda s: print(s, flush=True))

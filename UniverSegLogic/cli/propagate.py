@@ -132,24 +132,30 @@ class ProgressBar:
 
 
 def options_from_args(args):
-    from ..core.pipeline import PropagationOptions
+    """:class:`PropagationOptions` from the shared command-line options (validated there)."""
+    from ..core.propagator import PropagationOptions
 
-    if args.support_size is None:
-        args.support_size = PropagationOptions().support_size
-    if args.support_size < 1:
-        raise UsageError("--support-size must be at least 1")
-    if args.ensemble < 1:
-        raise UsageError("--ensemble must be at least 1")
-    axis = int(args.axis) if str(args.axis).isdigit() else args.axis
-    return PropagationOptions(
+    axis = int(args.axis) if str(args.axis).strip().isdigit() else args.axis
+    values = dict(
         axis=axis,
-        support_size=args.support_size,
         ensemble=args.ensemble,
         flips=args.flips,
         device=args.device,
         weights=args.weights,
         use_prior=not args.no_prior,
     )
+    if args.support_size is not None:
+        values["support_size"] = args.support_size
+    try:
+        return PropagationOptions(**values)
+    except UsageError as exc:
+        raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+
+
+def print_notes(notes: List[str]) -> None:
+    """One-time messages of a run, on stderr."""
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def select_segments(seg, spec: Optional[str]) -> List:
@@ -163,10 +169,11 @@ def select_segments(seg, spec: Optional[str]) -> List:
 
 def run(args) -> int:
     from ..core.io import Segmentation, read_image, read_segmentation, write_segmentation
-    from ..core.pipeline import PropagationRequest, SegmentRequest, SupportVolume, propagate
+    from ..core.propagator import Propagator, SegmentInput, SupportVolume
 
     if not args.out.lower().endswith(".seg.nrrd"):
         raise UsageError(f"--out must end with .seg.nrrd, got {args.out}")
+    options = options_from_args(args)
     image = read_image(args.image)
     labels = read_segmentation(args.labels, image)
     chosen = select_segments(labels, args.segments)
@@ -177,24 +184,28 @@ def run(args) -> int:
         simg = read_image(img_path)
         sseg = read_segmentation(seg_path, simg)
         support.append(SupportVolume(simg, {s.name: s.mask for s in sseg.segments}))
-    options = options_from_args(args)
-    request = PropagationRequest(
-        image,
-        [SegmentRequest(s.name, s.mask, labeled.get(s.name)) for s in chosen],
-        options,
-        support,
-    )
-    result = propagate(request, progress=ProgressBar(not args.quiet))
-    by_name = {r.name: r for r in result.segments}
+    # segments are matched back by their position in the file, never by name
+    keys = {id(s): str(i) for i, s in enumerate(labels.segments)}
+    inputs = [SegmentInput(keys[id(s)], s.name, s.mask, labeled.get(s.name)) for s in chosen]
+    session = Propagator(image, options, support_volumes=support)
+    result = session.propagate(inputs, progress=ProgressBar(not args.quiet))
+    print_notes(result.notes)
     out_segments = []
     for s in labels.segments:
-        r = by_name.get(s.name) if any(s is c for c in chosen) else None
+        r = result.get(keys[id(s)]) if any(s is c for c in chosen) else None
         out_segments.append(
             type(s)(s.name, r.mask if r is not None else s.mask, s.color, s.id, dict(s.fields))
         )
     write_segmentation(args.out, Segmentation(image, out_segments))
     print(f"weights: {result.weights}; device: {result.device}; {result.seconds:.1f} s")
-    for r in result.segments:
+    for inp in inputs:
+        r = result.get(inp.key)
+        kept = sorted(set(r.labeled_slices) - set(inp.labeled_slices or r.labeled_slices))
+        if inp.labeled_slices and kept:
+            print(
+                f"  {r.name}: painted slices {_ranges(kept)} are not in --labeled-slices: "
+                "kept as painted (labeled)"
+            )
         print(
             f"  {r.name}: labeled slices {_ranges(r.labeled_slices)}; predicted "
             f"{len(r.predicted_slices)} slices"

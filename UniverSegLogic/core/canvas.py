@@ -87,6 +87,22 @@ class Canvas:
         right = self.size - self.inner[1] - left
         return F.pad(x, (left, right, top, bottom))
 
+    def mask_to_canvas(self, masks: torch.Tensor) -> torch.Tensor:
+        """(N, rows, cols) binary masks -> (N, 1, size, size) soft labels in [0, 1] (bilinear,
+        anti-aliased when shrinking, like the images): the support labels the network sees."""
+        return self.to_canvas(masks.float()).clamp_(0, 1)
+
+    def label_ids_to_canvas(self, labels: np.ndarray) -> np.ndarray:
+        """(N, rows, cols) integer label ids -> (N, size, size) uint16 by pixel-centre nearest
+        neighbour (matching the image map) and zero padding: training data keeps ids exact."""
+        x = torch.from_numpy(np.ascontiguousarray(labels).astype(np.float32)).unsqueeze(1)
+        if (self.rows, self.cols) != self.inner:
+            x = F.interpolate(x, size=self.inner, mode="nearest-exact")
+        top, left = self.offset
+        bottom = self.size - self.inner[0] - top
+        right = self.size - self.inner[1] - left
+        return np.rint(F.pad(x, (left, right, top, bottom))[:, 0].numpy()).astype(np.uint16)
+
     def from_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
         """(N, 1, size, size) -> (N, rows, cols): crop the padding and resize back (bilinear)."""
         top, left = self.offset

@@ -505,14 +505,21 @@ class InferenceEngine:
         h, w = targets.shape[-2:]
         if b == 0:
             return torch.zeros(0, 1, h, w, dtype=self.dtype, device=self.device)
-        step = self.max_batch(s, h, w)
+        # sub-batches of at least 2 targets: the CPU kernels take another code path for a batch
+        # of one, whose result differs in the last bits, so a lone target runs beside a copy of
+        # itself -- a target's logits then never depend on which targets share its call
+        step = max(2, self.max_batch(s, h, w))
         outs = []
         for i in range(0, b, step):
             chunk = targets[i : i + step]
+            lone = chunk.shape[0] == 1
+            if lone:
+                chunk = torch.cat([chunk, chunk])
             if self.mode == "reference":
-                outs.append(self._reference(chunk, support_images, support_labels))
+                out = self._reference(chunk, support_images, support_labels)
             else:
-                outs.append(self._fast_checked(chunk, support_images, support_labels))
+                out = self._fast_checked(chunk, support_images, support_labels)
+            outs.append(out[:1] if lone else out)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     # ------------------------------------------------------------------ reference

@@ -9,13 +9,13 @@ Writes are atomic: a result file appears complete or not at all.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import InputError  # noqa: F401
+from .atomic import write_with
 from .geometry import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -203,18 +203,6 @@ def read_segmentation(path: str, reference: Volume) -> Segmentation:
     return Segmentation(reference, segments)
 
 
-def atomic_path(final_path: str) -> str:
-    """A temporary path in the folder of ``final_path`` (same file system, so rename is atomic)."""
-    folder = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.basename(final_path), dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results get the usual permissions
-    return tmp
-
-
 def write_segmentation(path: str, segmentation: Segmentation) -> None:
     """Write ``segmentation`` as a Slicer ``.seg.nrrd`` on its reference grid (atomic)."""
     import slicerio
@@ -232,11 +220,4 @@ def write_segmentation(path: str, segmentation: Segmentation) -> None:
         used.add(sid)
         fields.update({"id": sid, "name": s.name, "color": [float(c) for c in s.color]})
         slicerio.add_segment(seg, np.asarray(s.mask, dtype=bool).transpose(2, 1, 0), fields)
-    tmp = atomic_path(path)
-    try:
-        slicerio.write_segmentation(tmp, seg)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_with(path, lambda tmp: slicerio.write_segmentation(tmp, seg))

@@ -42,9 +42,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .slices import typical_gap
 
 #: Signed distance given to every pixel of an empty labeled slice (mm, "far outside").
 EMPTY_DISTANCE_MM = 50.0
@@ -239,15 +241,24 @@ class ShapePrior:
         self._sdf: Dict[int, np.ndarray] = {}
         self._radius: Dict[int, float] = {}
         self._fbs_features: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-        gaps = np.diff(self.labeled)
-        #: typical gap between painted slices (slices); one-slice painting: an eighth of the stack
-        self.gap = float(np.mean(gaps)) if len(gaps) else float(max(2, mask_stack.shape[0] // 8))
+        #: typical gap between painted slices (slices; see :func:`slices.typical_gap`)
+        self.gap = typical_gap(self.labeled, mask_stack.shape[0])
 
     @property
     def in_plane(self) -> Tuple[float, float]:
         return self.spacing[1], self.spacing[2]
 
+    def set_sdf(self, i: int, sdf: np.ndarray) -> None:
+        """Provide the signed distance of labeled slice ``i`` (computed earlier for the same
+        label)."""
+        self._sdf[i] = sdf
+
+    def has_sdf(self, i: int) -> bool:
+        """True when the signed distance of slice ``i`` has been computed."""
+        return i in self._sdf
+
     def sdf(self, i: int) -> np.ndarray:
+        """Signed distance (mm) of the label of slice ``i`` (computed once)."""
         if i not in self._sdf:
             self._sdf[i] = signed_distance(self.masks[i], self.in_plane)
         return self._sdf[i]
@@ -429,3 +440,109 @@ class OutsideChain:
             self.stopped = not keep.any()
             self.prev = keep
         return p
+
+
+#: Where a weights file's own calibrated fusion is looked for: ``<weights file>`` + this suffix.
+FUSION_SIDECAR_SUFFIX = ".fusion.json"
+
+
+def fusion_for(weights_source: str) -> Tuple[FusionParams, Optional[str]]:
+    """(fusion parameters calibrated for ``weights_source``, note or None).
+
+    ``starter``: the shipped ``Resources/starter_fusion.json``. A weights file ``X.pt``: ``X.pt``
+    + :data:`FUSION_SIDECAR_SUFFIX` when present (``universeg-slicer calibrate`` writes one).
+    Otherwise the hand-set defaults, and a note saying so (shown once to the user).
+    """
+    from .weights import resource_file
+
+    path: Optional[Path] = None
+    if weights_source == "starter":
+        path = resource_file("starter_fusion.json")
+    elif weights_source not in ("official",):
+        sidecar = Path(str(weights_source) + FUSION_SIDECAR_SUFFIX)
+        path = sidecar if sidecar.is_file() else None
+    if path is not None:
+        try:
+            return FusionParams.load(path), None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            from ..errors import WeightsError
+
+            raise WeightsError(f"cannot read the fusion parameters {path}: {exc}") from None
+    return FusionParams(), (
+        f"the network/shape-prior fusion for weights {weights_source!r} uses hand-set defaults "
+        "(calibrated only for the starter weights; `universeg-slicer calibrate` fits it)"
+    )
+
+
+# ------------------------------------------------------------------------------- fusion
+
+
+def fuse_gap(
+    prior: ShapePrior, params: FusionParams, logits: Dict[int, np.ndarray]
+) -> Dict[int, np.ndarray]:
+    """Fused probabilities (float32) of the targets of one gap between two labeled slices, from
+    their network logits (``logits`` holds every target of the gap: they are each other's
+    neighbours)."""
+    return {
+        t: fuse_inside(prior, params, t, lg, logits).astype(np.float32) for t, lg in logits.items()
+    }
+
+
+def fuse_outside(
+    prior: ShapePrior,
+    params: FusionParams,
+    targets: Sequence[int],
+    network: Callable[[Sequence[int]], Dict[int, np.ndarray]],
+    batch: int = 8,
+    skip: Optional[Callable[[int], None]] = None,
+) -> Dict[int, np.ndarray]:
+    """Fused probabilities of the targets beyond each painted end, computed outwards in batches
+    of ``batch``; once a side stops (:class:`OutsideChain`), its remaining targets are not
+    computed (``skip(count)`` is told how many)."""
+    probs: Dict[int, np.ndarray] = {}
+    lab = prior.labeled
+    for end, side in (
+        (lab[0], sorted((t for t in targets if t < lab[0]), reverse=True)),
+        (lab[-1], sorted(t for t in targets if t > lab[-1])),
+    ):
+        chain = OutsideChain(prior, params, end)
+        for b in range(0, len(side), batch):
+            if chain.stopped:  # the structure has ended: the rest stays empty
+                if skip is not None:
+                    skip(len(side) - b)
+                break
+            chunk = side[b : b + batch]
+            lgs = network(chunk)
+            for t in chunk:
+                probs[t] = chain.push(t, lgs[t], lgs)
+    return probs
+
+
+def gaps_of(labeled: Sequence[int], targets: Sequence[int]) -> List[Tuple[int, int, List[int]]]:
+    """(lo, hi, targets strictly between them) for each pair of consecutive labeled slices."""
+    lab = sorted(int(i) for i in labeled)
+    wanted = set(int(t) for t in targets)
+    out = []
+    for lo, hi in zip(lab[:-1], lab[1:]):
+        ts = [t for t in range(lo + 1, hi) if t in wanted]
+        if ts:
+            out.append((lo, hi, ts))
+    return out
+
+
+def fused_probabilities(
+    prior: ShapePrior,
+    params: FusionParams,
+    targets: Sequence[int],
+    network: Callable[[Sequence[int]], Dict[int, np.ndarray]],
+    batch: int = 8,
+    skip: Optional[Callable[[int], None]] = None,
+) -> Dict[int, np.ndarray]:
+    """Fused probability of every target: :func:`fuse_gap` for each gap inside the painted
+    range, :func:`fuse_outside` beyond it (what a propagation computes; the calibration scores
+    candidate parameters with it on cached logits)."""
+    probs: Dict[int, np.ndarray] = {}
+    for _lo, _hi, ts in gaps_of(prior.labeled, targets):
+        probs.update(fuse_gap(prior, params, network(ts)))
+    probs.update(fuse_outside(prior, params, targets, network, batch, skip))
+    return probs

@@ -1,7 +1,7 @@
 """Support selection: which labeled slices serve as UniverSeg's in-context examples.
 
-A segment's *labeled slices* are, by default, the slices where its mask is non-empty; a caller may
-give an explicit list instead (so a slice the user confirmed empty counts as labeled background).
+A segment's *labeled slices* are the slices where its mask is non-empty, plus any slices a caller
+lists explicitly (so a slice the user confirmed empty counts as labeled background).
 For each target slice, support is chosen *bracketing first*: the nearest labeled slice below and the
 nearest above, then the remaining labeled slices nearest-first, up to ``support_size``. Slices from
 other labeled volumes can be appended (matched by relative position along the axis).
@@ -10,31 +10,34 @@ other labeled volumes can be appended (matched by relative position along the ax
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import SupportError  # noqa: F401
+from .slices import nonempty_slices
 
 
 def labeled_slices_of(
     mask_stack: np.ndarray, explicit: Optional[Sequence[int]] = None, name: str = "segment"
 ) -> List[int]:
-    """Sorted labeled slice indices of a (slices, rows, cols) mask stack."""
+    """Sorted labeled slice indices of a (slices, rows, cols) mask stack: every painted
+    (non-empty) slice, plus the slices listed in ``explicit`` (an empty listed slice is labeled
+    background). A list never removes a painted slice: painted voxels are always the user's."""
     n = mask_stack.shape[0]
-    if explicit is not None and len(explicit) > 0:
-        out = sorted({int(i) for i in explicit})
-        bad = [i for i in out if i < 0 or i >= n]
-        if bad:
-            raise SupportError(f"{name}: labeled slice {bad[0]} is outside 0..{n - 1}")
-        return out
-    out = [int(i) for i in np.flatnonzero(mask_stack.reshape(n, -1).any(axis=1))]
+    out = set(nonempty_slices(mask_stack, 0))
+    for i in explicit if explicit is not None else ():
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise SupportError(f"{name}: labeled slice {i!r} is not a slice number")
+        if not 0 <= int(i) < n:
+            raise SupportError(f"{name}: labeled slice {int(i)} is outside 0..{n - 1}")
+        out.add(int(i))
     if not out:
         raise SupportError(
             f"segment {name!r} has no labeled slice along this axis: paint at "
             "least one slice (or list labeled slices explicitly)"
         )
-    return out
+    return sorted(out)
 
 
 def bracketing_order(target: int, labeled: Sequence[int]) -> List[int]:
@@ -52,16 +55,6 @@ def select_support(target: int, labeled: Sequence[int], support_size: int) -> Tu
     if support_size < 1:
         raise SupportError("support size must be at least 1")
     return tuple(sorted(bracketing_order(target, labeled)[:support_size]))
-
-
-def group_targets(
-    targets: Sequence[int], labeled: Sequence[int], support_size: int
-) -> Dict[Tuple[int, ...], List[int]]:
-    """Targets grouped by their support set, so each group runs as one shared-support batch."""
-    groups: Dict[Tuple[int, ...], List[int]] = {}
-    for t in targets:
-        groups.setdefault(select_support(t, labeled, support_size), []).append(t)
-    return groups
 
 
 def ensemble_subsets(support: Sequence[int], ensemble: int, seed: int = 0) -> List[Tuple[int, ...]]:

@@ -26,8 +26,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..errors import WeightsError  # noqa: F401
-from .io import atomic_path
+from ..errors import OutputError, WeightsError, one_line
+from .atomic import atomic_output
 from .model import UniverSeg
 
 OFFICIAL_URL = (
@@ -162,38 +162,41 @@ def download(
     timeout: float = 60.0,
 ) -> Path:
     """Download ``url`` to ``dest`` atomically; verify the sha256 when given. Returns ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(str(dest))
     try:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0)
-                done = 0
-                while True:
-                    chunk = resp.read(1 << 16)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    done += len(chunk)
-                    if done > MAX_FILE_BYTES:
-                        raise WeightsError(f"download from {url} is larger than expected")
-                    if progress:
-                        progress(done, total)
-            if total and done != total:
-                raise WeightsError(f"download from {url} was cut short ({done} of {total} bytes)")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise WeightsError(
-                f"cannot download weights from {url} ({reason}); offline? "
-                "Download the file elsewhere and pass its path as the weights"
-            ) from None
-        if sha256 and sha256_of(tmp).lower() != sha256.lower():
-            raise WeightsError(f"downloaded file from {url} does not match the pinned sha256")
-        load_file(tmp)  # structure check before the file becomes visible in the cache
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(str(dest)) as tmp:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                    total = int(resp.headers.get("Content-Length") or 0)
+                    done = 0
+                    while True:
+                        chunk = resp.read(1 << 16)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        done += len(chunk)
+                        if done > MAX_FILE_BYTES:
+                            raise WeightsError(f"download from {url} is larger than expected")
+                        if progress:
+                            progress(done, total)
+                if total and done != total:
+                    raise WeightsError(
+                        f"download from {url} was cut short ({done} of {total} bytes)"
+                    )
+            except (urllib.error.URLError, ValueError, TimeoutError, ConnectionError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise WeightsError(
+                    f"cannot download weights from {url} ({reason}); offline? "
+                    "Download the file elsewhere and pass its path as the weights"
+                ) from None
+            if sha256 and sha256_of(tmp).lower() != sha256.lower():
+                raise WeightsError(f"downloaded file from {url} does not match the pinned sha256")
+            load_file(tmp)  # structure check before the file becomes visible in the cache
+    except (OutputError, OSError) as exc:
+        raise WeightsError(
+            f"cannot store the downloaded weights in {dest.parent} ({one_line(exc)}); set "
+            "UNIVERSEG_CACHE to a writable folder or pass a weights file"
+        ) from None
     return dest
 
 
@@ -207,8 +210,11 @@ def show_license_notice_once(echo: Callable[[str], None] = print) -> bool:
     if marker.exists():
         return False
     echo(OFFICIAL_LICENSE_NOTICE)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(OFFICIAL_LICENSE_NOTICE + "\n")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(OFFICIAL_LICENSE_NOTICE + "\n")
+    except OSError:
+        pass  # a read-only cache: the notice is shown again next time
     return True
 
 

@@ -61,6 +61,7 @@ from .record import (
     labeled_slices,
     slice_status,
 )
+from .session import SessionStore
 
 __all__ = [
     "MODES",
@@ -71,6 +72,7 @@ __all__ = [
     "MRMLError",
     "MRMLPropagationResult",
     "PropagationJob",
+    "SessionStore",
     "SliceStatus",
     "array_axis",
     "axis_for_slice_normal",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -38,6 +38,7 @@ from .record import (
     _status,
     slice_status,
 )
+from .session import session_for, support_stamp
 from .writing import BACKGROUND, FOREGROUND, _apply_writes, _Write
 
 OUTPUT_SUFFIX = " (UniverSeg)"
@@ -58,18 +59,18 @@ class MRMLPropagationResult:
     device: str
     weights: str
     seconds: float
+    #: one-time messages for the user (e.g. hand-set fusion defaults for these weights)
+    notes: List[str] = field(default_factory=list)
 
 
 def _make_options(options: Dict[str, object]):
-    from dataclasses import fields
+    from ..core.propagator import PropagationOptions
+    from ..errors import UsageError
 
-    from ..core.pipeline import PropagationOptions
-
-    valid = {f.name for f in fields(PropagationOptions)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise MRMLError(f"unknown option {unknown[0]!r} (valid: {', '.join(sorted(valid))})")
-    return PropagationOptions(**options)
+    try:
+        return PropagationOptions.from_mapping(options)
+    except UsageError as exc:
+        raise MRMLError(str(exc)) from None
 
 
 def _source_ids(segmentationNode, segmentIds) -> List[str]:
@@ -115,9 +116,11 @@ class PropagationJob:
         supportPairs=(),
         engine=None,
         fusion=None,
+        *,
+        sessions=None,
         **options,
     ):
-        from ..core.pipeline import PropagationRequest, SegmentRequest
+        from ..core.propagator import SegmentInput
 
         if mode not in MODES:
             raise MRMLError(f"unknown output mode {mode!r}: use 'fill' or 'new'")
@@ -126,17 +129,18 @@ class PropagationJob:
         _check_segmentation_node(segmentationNode)
         self.volumeNode, self.segmentationNode, self.mode = volumeNode, segmentationNode, mode
         self._scenes = (volumeNode.GetScene(), segmentationNode.GetScene())
-        self.engine, self.fusion = engine, fusion
-        volume = volume_from_node(volumeNode)
+        self.engine, self.fusion, self.sessions = engine, fusion, sessions
+        geometry = _geometry_of(volumeNode)
         _vol_to_seg(volumeNode, segmentationNode)  # refuse unusable transforms before computing
-        self.axis = _resolve_axis(volume, opts.axis)
-        self.axis_name = axis_name(volume, self.axis)
+        self.axis = _resolve_axis(geometry, opts.axis)
+        self.axis_name = axis_name(geometry, self.axis)
         opts.axis = self.axis
+        self.options = opts
         self.grid = _grid_key(volumeNode, segmentationNode)
         self.source_ids = _source_ids(segmentationNode, segmentIds)
         self.masks: List[np.ndarray] = []
         self.statuses: List[SliceStatus] = []
-        requests = []
+        self.inputs: List[SegmentInput] = []
         for sid in list(self.source_ids):
             segment = _segment(segmentationNode, sid)
             mask = segment_mask(volumeNode, segmentationNode, sid)
@@ -148,18 +152,33 @@ class PropagationJob:
                 continue
             self.masks.append(mask)
             self.statuses.append(status)
-            requests.append(SegmentRequest(segment.GetName(), mask, status.labeled or None))
-        if not requests:
+            # what the user painted: untouched predictions are predicted again, never support
+            painted = mask.copy()
+            take = [slice(None)] * 3
+            for t in status.predicted:
+                take[self.axis] = t
+                painted[tuple(take)] = False
+            self.inputs.append(
+                SegmentInput(sid, segment.GetName(), painted, status.labeled or None)
+            )
+        if not self.inputs:
             raise MRMLError(
                 f"no segment of {_node_name(segmentationNode)} has a labeled slice "
                 f"along the {self.axis_name} axis: paint at least one slice"
             )
-        supports = [self._support(pair, [r.name for r in requests]) for pair in supportPairs]
-        self.request = PropagationRequest(volume, requests, opts, supports)
+        names = [s.name for s in self.inputs]
+        self.supports = [self._support(pair, names) for pair in supportPairs]
+        self._support_stamps = [support_stamp(v, s) for v, s in supportPairs]
+        # the voxels are read here, on the calling (main) thread, unless a kept session has them
+        self._session, self._key = None, None
+        if sessions is not None:
+            self._key = sessions.key(volumeNode, opts, self._support_stamps, engine, fusion)
+            self._session = sessions.get(self._key)
+        self._volume = volume_from_node(volumeNode) if self._session is None else None
         self.result = None
 
     def _support(self, pair, names: List[str]):
-        from ..core.pipeline import SupportVolume
+        from ..core.propagator import SupportVolume
 
         try:
             vnode, snode = pair
@@ -183,17 +202,32 @@ class PropagationJob:
             )
         return SupportVolume(volume_from_node(vnode), masks)
 
+    def session(self):
+        """The :class:`~UniverSegLogic.core.propagator.Propagator` this run uses: the session
+        store's (built on first use, then kept) or a fresh one without a store. Building one
+        loads the engine, so call it from :meth:`run`."""
+        if self._session is None:
+            self._session = session_for(
+                self.sessions,
+                self._key,
+                lambda: self._volume,
+                self.options,
+                lambda: self.supports,
+                self.engine,
+                self.fusion,
+            )
+            self._volume = None
+        return self._session
+
     def run(
         self,
         progress: Optional[Callable[[float, str], None]] = None,
         cancel: Optional[Callable[[], bool]] = None,
     ) -> None:
-        """Compute every prediction (raises ``engine.Cancelled`` when ``cancel()`` is True)."""
-        from ..core.pipeline import propagate
-
-        self.result = propagate(
-            self.request, progress=progress, cancel=cancel, engine=self.engine, fusion=self.fusion
-        )
+        """Compute every prediction; touches no MRML node that the main thread may change, so it
+        may run in a worker thread (raises :class:`~UniverSegLogic.errors.Cancelled` when
+        ``cancel()`` is True)."""
+        self.result = self.session().propagate(self.inputs, progress=progress, cancel=cancel)
 
     def _check_unchanged(self) -> None:
         for node, scene in zip((self.volumeNode, self.segmentationNode), self._scenes):
@@ -217,9 +251,8 @@ class PropagationJob:
         self._check_unchanged()
         writes = []
         segmentation = self.segmentationNode.GetSegmentation()
-        for sid, mask, status, res in zip(
-            self.source_ids, self.masks, self.statuses, self.result.segments
-        ):
+        for sid, mask, status in zip(self.source_ids, self.masks, self.statuses):
+            res = self.result.get(sid)
             labeled = list(res.labeled_slices)
             rec = _Record(
                 self.axis,
@@ -260,11 +293,12 @@ class PropagationJob:
             self.mode,
             self.axis,
             self.axis_name,
-            {sid: list(s.labeled_slices) for sid, s in zip(self.source_ids, res.segments)},
-            {sid: list(s.predicted_slices) for sid, s in zip(self.source_ids, res.segments)},
+            {sid: list(res.get(sid).labeled_slices) for sid in self.source_ids},
+            {sid: list(res.get(sid).predicted_slices) for sid in self.source_ids},
             res.device,
             res.weights,
             res.seconds,
+            list(res.notes),
         )
 
 
@@ -276,11 +310,24 @@ def prepare_propagation(
     supportPairs=(),
     engine=None,
     fusion=None,
+    *,
+    sessions=None,
     **options,
 ) -> PropagationJob:
-    """Read everything a run needs from MRML and check it; see :class:`PropagationJob`."""
+    """Read everything a run needs from MRML and check it; see :class:`PropagationJob`.
+
+    ``sessions``: a :class:`~UniverSegLogic.mrml.session.SessionStore` the caller keeps across
+    runs (fast annotation loop); None builds a fresh session for this run."""
     return PropagationJob(
-        volumeNode, segmentationNode, segmentIds, mode, supportPairs, engine, fusion, **options
+        volumeNode,
+        segmentationNode,
+        segmentIds,
+        mode,
+        supportPairs,
+        engine,
+        fusion,
+        sessions=sessions,
+        **options,
     )
 
 
@@ -295,6 +342,8 @@ def propagate_segmentation(
     engine=None,
     undo=None,
     fusion=None,
+    *,
+    sessions=None,
     **options,
 ) -> MRMLPropagationResult:
     """Propagate the labeled slices of ``segmentIds`` (default: every segment that is not a
@@ -305,13 +354,24 @@ def propagate_segmentation(
     segmentationNode)`` pairs whose segments with the same names serve as extra support.
     ``undo``: a callable (e.g. the Segment Editor widget's ``saveStateForUndo``) or a
     ``vtkSegmentationHistory``, called once right before anything is written.
-    ``options``: :class:`UniverSegLogic.pipeline.PropagationOptions` fields (``axis``,
+    ``sessions``: a :class:`~UniverSegLogic.mrml.session.SessionStore` kept across runs.
+    ``options``: :class:`~UniverSegLogic.core.propagator.PropagationOptions` fields (``axis``,
     ``support_size``, ``ensemble``, ``device``, ``weights``, ...).
-    Raises :class:`MRMLError` (bad input), ``engine.Cancelled``; nothing is changed then.
+    Raises :class:`MRMLError` (bad input) or another
+    :class:`~UniverSegLogic.errors.UniverSegError` (``Cancelled``, ``WeightsError``, ...);
+    nothing is changed then.
     """
     t0 = time.perf_counter()
     job = prepare_propagation(
-        volumeNode, segmentationNode, segmentIds, mode, supportPairs, engine, fusion, **options
+        volumeNode,
+        segmentationNode,
+        segmentIds,
+        mode,
+        supportPairs,
+        engine,
+        fusion,
+        sessions=sessions,
+        **options,
     )
     job.run(progress, cancel)
     result = job.apply(undo)

@@ -7,7 +7,7 @@ Everything is measured in the same run so that ratios are meaningful on a noisy 
   667.6 GFLOP per 128x128 slice at S=64, 169.3 at S=16; also the FLOPs each path really runs)
   against the device's peak (datasheet for known GPUs, a measured GEMM otherwise);
 * exactness of the engine against the fp32 reference on real labeled slices (slicerio's chest
-  CT, or its precomputed ``docs/results/benchmarks/chest_ct_slices.npz`` where slicerio is missing),
+  CT, or the same slices precomputed as an npz file, ``--sample``, where slicerio is missing),
   for the weights in use and for a variant whose output layer is scaled so probabilities vary;
 * end-to-end time of ``pipeline.propagate`` for one segment through a synthetic 256x256x200
   volume from 5 labeled slices, with the engine.
@@ -18,7 +18,6 @@ Imports only torch/numpy at module level (the GPU machine has no SimpleITK/slice
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -31,9 +30,6 @@ from ..core.engine import InferenceEngine, engine_flops, reference_flops, resolv
 from ..core.model import UniverSeg
 
 Echo = Callable[[str], None]
-SAMPLE_NPZ = (
-    Path(__file__).resolve().parent.parent / "Testing" / "benchmarks" / "chest_ct_slices.npz"
-)
 #: Segments of the sample used for the exactness check (all of them unless quick).
 SAMPLE_SEGMENTS = (
     "right lung",
@@ -215,36 +211,21 @@ def _sample_from_slicerio(size: int = 128) -> Optional[Dict[str, object]]:
     }
 
 
-def write_sample_npz(path: Path = SAMPLE_NPZ) -> Path:
-    """Precompute the sample slices (uint8 image, label ids) for machines without slicerio."""
-    s = _sample_from_slicerio()
-    if s is None:
-        raise RuntimeError("slicerio/pynrrd are needed to write the sample slices")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = s["names"]
-    np.savez_compressed(
-        path,
-        images=s["images"],
-        labels=s["labels"],
-        names=np.array(list(names)),
-        values=np.array(list(names.values())),
-    )
-    return path
-
-
-def load_sample() -> Tuple[Optional[Dict[str, object]], str]:
-    """Sample slices: the precomputed npz, else slicerio's data, else None (and a note)."""
-    if SAMPLE_NPZ.is_file():
-        z = np.load(SAMPLE_NPZ)
+def load_sample(path: Optional[str] = None) -> Tuple[Optional[Dict[str, object]], str]:
+    """Sample slices: the npz file ``path`` (made here from slicerio's chest CT, for machines
+    without slicerio: ``docs/results/benchmarks/chest_ct_slices.npz``), else slicerio's data,
+    else None (and a note)."""
+    if path:
+        z = np.load(path)
         names = {str(n): int(v) for n, v in zip(z["names"], z["values"])}
         return (
             {"images": z["images"], "labels": z["labels"], "names": names},
-            f"{SAMPLE_NPZ.name} (precomputed from slicerio's chest CT, MIT)",
+            f"{Path(path).name} (precomputed from slicerio's chest CT, MIT)",
         )
     s = _sample_from_slicerio()
     if s is not None:
         return s, str(s["source"])
-    return None, "sample data unavailable (no slicerio and no precomputed npz): synthetic slices"
+    return None, "sample data unavailable (no slicerio and no --sample file): synthetic slices"
 
 
 def _synthetic_sample(n: int = 24, size: int = 128, seed: int = 0) -> Dict[str, object]:
@@ -406,46 +387,74 @@ def synthetic_volume(shape: Tuple[int, int, int], seed: int = 0):
 
 def volume_propagation(
     engine: InferenceEngine, shape: Tuple[int, int, int], labeled: int = 5, seed: int = 0
-) -> Dict[str, float]:
-    """Seconds to propagate one segment through a synthetic volume from ``labeled`` slices."""
+) -> Dict[str, object]:
+    """The annotation loop on a synthetic volume, one segment painted on ``labeled`` slices:
+
+    * ``first_run_s``: a new :class:`Propagator` session (normalization, canvas) + its first
+      propagation;
+    * ``rerun_after_one_edit_s``: the user corrects one predicted slice (the middle of the
+      middle gap, painted with the truth) and propagates again in the same session;
+    * ``fresh_after_edit_s`` and ``rerun_identical_to_fresh``: a new session on the edited
+      painting, whose masks the re-run must reproduce exactly.
+    """
     from ..core.geometry import Volume
-    from ..core.pipeline import PropagationOptions, PropagationRequest, SegmentRequest, propagate
+    from ..core.metrics import dice
+    from ..core.propagator import PropagationOptions, Propagator, SegmentInput
+    from ..core.slices import nonempty_slices
 
     img, mask = synthetic_volume(shape, seed)
-    k = shape[0]
-    present = np.flatnonzero(mask.reshape(k, -1).any(axis=1))
+    present = np.array(nonempty_slices(mask, 0))
     picks = present[np.linspace(0, len(present) - 1, labeled + 2).round().astype(int)[1:-1]]
     painted = np.zeros_like(mask)
     painted[picks] = mask[picks]
+    mid = len(picks) // 2
+    edit = int((picks[mid - 1] + picks[mid]) // 2) if len(picks) > 1 else int(picks[0]) + 1
+    edited = painted.copy()
+    edited[edit] = mask[edit]
+    volume = Volume(img, np.diag([1.0, 1.0, 1.0, 1.0]))
     note = "default options"
+    opts = PropagationOptions(axis=0, device=engine.device)
     try:
-        req = PropagationRequest(
-            image=Volume(img, np.diag([1.0, 1.0, 1.0, 1.0])),
-            segments=[SegmentRequest("structure", painted)],
-            options=PropagationOptions(axis=0, device=engine.device),
-        )
-        t0 = time.perf_counter()
-        res = propagate(req, engine=engine)
-    except ModuleNotFoundError as exc:  # e.g. the shape prior needs SimpleITK (GPU machine)
+        import SimpleITK  # noqa: F401
+
+        from ..core import prior  # noqa: F401  (the shape prior needs SimpleITK)
+    except ModuleNotFoundError as exc:  # e.g. the GPU machine
         note = f"use_prior=False ({exc.name} missing)"
-        req = PropagationRequest(
-            image=Volume(img, np.diag([1.0, 1.0, 1.0, 1.0])),
-            segments=[SegmentRequest("structure", painted)],
-            options=PropagationOptions(axis=0, device=engine.device, use_prior=False),
-        )
-        t0 = time.perf_counter()
-        res = propagate(req, engine=engine)
-    sec = time.perf_counter() - t0
-    seg = res.segments[0]
-    pred = seg.mask
-    inter = float(np.logical_and(pred, mask).sum())
-    dice = 2 * inter / max(1.0, float(pred.sum() + mask.sum()))
+        opts = PropagationOptions(axis=0, device=engine.device, use_prior=False)
+
+    t0 = time.perf_counter()
+    session = Propagator(volume, opts, engine=engine)
+    first = session.propagate([SegmentInput("s", "structure", painted)])
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rerun = session.propagate([SegmentInput("s", "structure", edited)])
+    rerun_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fresh = Propagator(volume, opts, engine=engine).propagate(
+        [SegmentInput("s", "structure", edited)]
+    )
+    fresh_s = time.perf_counter() - t0
+    seg = first.segments[0]
     return {
         "shape": list(shape),
-        "seconds": sec,
+        "seconds": first_s,
+        "first_run_s": first_s,
+        "rerun_after_one_edit_s": rerun_s,
+        "rerun_ratio": rerun_s / first_s,
+        "fresh_after_edit_s": fresh_s,
+        "rerun_identical_to_fresh": bool(
+            np.array_equal(rerun.segments[0].mask, fresh.segments[0].mask)
+        ),
+        "edited_slice": edit,
+        "network_runs": {
+            "first": first.network_runs,
+            "rerun": rerun.network_runs,
+            "rerun_reused": rerun.network_reused,
+            "fresh": fresh.network_runs,
+        },
         "predicted_slices": len(seg.predicted_slices),
         "labeled_slices": [int(p) for p in picks],
-        "dice_vs_truth": dice,
+        "dice_vs_truth": dice(seg.mask, mask),
         "options": note,
     }
 
@@ -461,6 +470,7 @@ def run_benchmark(
     batch: Optional[int] = None,
     ref_batch: Optional[int] = None,
     compile: bool = False,
+    sample_path: Optional[str] = None,
     echo: Echo = print,
 ) -> Dict[str, object]:
     device = resolve_device(device)
@@ -513,7 +523,7 @@ def run_benchmark(
         echo(f"  ratio engine/reference at S={s}: {pair['engine'] / pair['reference']:.2f}x")
 
     # exactness on the sample data
-    sample, sample_note = load_sample()
+    sample, sample_note = load_sample(sample_path)
     if sample is None:
         sample = _synthetic_sample(size=128)
     segs = SAMPLE_SEGMENTS[:2] if quick else (SAMPLE_SEGMENTS if is_cuda else SAMPLE_SEGMENTS[:3])
@@ -567,6 +577,11 @@ def run_benchmark(
             continue
         volumes.append(v)
         echo(
+            f"annotation loop {shp[2]}x{shp[1]}x{shp[0]}: first run {v['first_run_s']:.2f} s, re-run "
+            f"after one corrected slice {v['rerun_after_one_edit_s']:.2f} s "
+            f"({v['rerun_ratio']:.2f}x; identical to a fresh run: {v['rerun_identical_to_fresh']})"
+        )
+        echo(
             f"propagation {shp[2]}x{shp[1]}x{shp[0]} (I x J x K), {v['predicted_slices']} slices predicted "
             f"from 5 labeled: {v['seconds']:.2f} s (Dice vs truth {v['dice_vs_truth']:.3f}; {v['options']})"
         )
@@ -582,6 +597,10 @@ def run_benchmark(
         "canvas": size,
         "rows": rows,
         "volume_propagation_s": volumes[0]["seconds"] if volumes else -1.0,
+        "first_run_s": volumes[0].get("first_run_s", -1.0) if volumes else -1.0,
+        "rerun_after_one_edit_s": volumes[0].get("rerun_after_one_edit_s", -1.0)
+        if volumes
+        else -1.0,
         "volumes": volumes,
         **worst,
         "exactness": {"sample": sample_note, "checks": checks},
@@ -624,9 +643,8 @@ def format_table(result: Dict[str, object]) -> str:
 
 
 def write_json(result: Dict[str, object], path: str) -> None:
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    os.replace(tmp, p)
+    """The benchmark result as JSON (atomic; the folder is created)."""
+    from ..core.atomic import write_text
+
+    Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(result, indent=2, default=float))

@@ -1,7 +1,7 @@
 """Calibrating the fusion of network and painted-slice prior on validation episodes.
 
 An *episode* is one validation structure painted on ``k`` slices exactly as in the evaluation
-protocol (:func:`evaluate.labeled_slices_for`). For each episode the network's raw logits are
+protocol (:func:`~UniverSegLogic.core.slices.evaluation_slices`). For each episode the network's raw logits are
 computed once (every slice inside the painted range and :data:`EXTRAPOLATION_GAPS_MAX` typical gaps
 beyond each end; cached on disk per weights file) together with Fill between slices' result. The
 fusion (:class:`prior.FusionParams`) is then fitted without running the network again:
@@ -12,7 +12,7 @@ fusion (:class:`prior.FusionParams`) is then fitted without running the network 
    the rest) -- one rule for all structures, no per-structure parameter;
 2. the rules' biases and the extent rule (``extrapolation_gaps``, ``chain_outside``) are chosen
    to maximise the mean whole-volume Dice over episodes (mean over k of the mean over
-   structures), by running the real fusion code (:func:`pipeline.fused_probabilities`);
+   structures), by running the real fusion code (:func:`~UniverSegLogic.core.prior.fused_probabilities`);
 3. which feature set to use is decided the same way, on leave-one-case-out predictions (fit on
    the other validation cases, score on the held-out one), so a set that only fits is not chosen.
 """
@@ -29,8 +29,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.fill_between import fill_between_slices, labeled_only
-from ..core.prior import FusionParams, LogisticRule, ShapePrior
-from .evaluate import EvalCase, dice, extent, labeled_slices_for
+from ..core.metrics import dice
+from ..core.prior import FusionParams, LogisticRule, ShapePrior, fused_probabilities
+from ..core.slices import (
+    evaluation_slices,
+    extrapolation_slices,
+    prediction_targets,
+    slice_extent,
+)
+from .evaluate import EvalCase
 
 #: Candidate feature sets (name -> features) for the rule inside the painted range.
 INSIDE_SETS: Dict[str, List[str]] = {
@@ -153,17 +160,13 @@ def build_episodes(
     log: Optional[Callable[[str], None]] = None,
 ) -> List[Episode]:
     """Episodes of every structure of ``cases`` for every k (network run once, then cached)."""
-    from ..core.pipeline import (
-        PropagationOptions,
-        PropagationRequest,
-        SegmentRequest,
-        segment_logits,
-    )
+    from ..core.propagator import PropagationOptions, Propagator, SegmentInput
 
     out = []
+    sessions: Dict[int, Propagator] = {}  # one session per case image
     for c in cases:
         for m in c.masks:
-            ext = extent(m.mask, axis)
+            ext = slice_extent(m.mask, axis)
             for k in ks:
                 path = None
                 if cache_dir:
@@ -176,32 +179,36 @@ def build_episodes(
                         out.append(Episode.load(path))
                         continue
                 t0 = time.perf_counter()
-                labeled = labeled_slices_for(ext[0], ext[1], k)
+                labeled = evaluation_slices(ext[0], ext[1], k)
                 painted = labeled_only(m.mask, labeled, axis)
-                gaps = np.diff(labeled)
-                gap = float(np.mean(gaps)) if len(gaps) else 2.0
                 opts = PropagationOptions(axis=axis, support_size=support_size, use_prior=False)
-                req = PropagationRequest(c.image, [SegmentRequest(m.name, painted, labeled)], opts)
-                sl = segment_logits(req, engine, int(np.ceil(EXTRAPOLATION_GAPS_MAX * gap)))[0]
-                truth = np.ascontiguousarray(sl.frame.to_frame(m.mask))
+                session = sessions.get(id(c))
+                if session is None:
+                    session = sessions[id(c)] = Propagator(c.image, opts, engine=engine)
+                extra = extrapolation_slices(labeled, session.n_slices, EXTRAPOLATION_GAPS_MAX)
+                plan, logits = session.network_logits(
+                    SegmentInput(m.name, m.name, painted, labeled), extra
+                )
+                frame = session.frame
+                truth = np.ascontiguousarray(frame.to_frame(m.mask))
                 fbs = np.ascontiguousarray(
-                    fill_between_slices(sl.mask_stack, labeled, 0, sl.frame.spacing)
+                    fill_between_slices(plan.mask_stack, labeled, 0, frame.spacing)
                 )
                 ep = Episode(
                     c.name,
                     m.name,
                     int(k),
-                    tuple(sl.frame.spacing),
+                    tuple(frame.spacing),
                     truth,
                     list(labeled),
-                    sl.logits,
+                    logits,
                     fbs,
                 )
                 if path:
                     ep.save(path)
                 if log:
                     log(
-                        f"episode {ep.name} k={k}: {len(sl.logits)} slices "
+                        f"episode {ep.name} k={k}: {len(logits)} slices "
                         f"{time.perf_counter() - t0:.1f} s"
                     )
                 out.append(ep)
@@ -212,7 +219,7 @@ def build_episodes(
 
 
 class _EpisodeLogits:
-    """The cached network, as :func:`pipeline.fused_probabilities` wants it."""
+    """The cached network, as :func:`~UniverSegLogic.core.prior.fused_probabilities` wants it."""
 
     def __init__(self, ep: Episode):
         self.ep = ep
@@ -233,18 +240,13 @@ def _prior(ep: Episode, uses_fbs: bool, priors: Optional[Dict] = None) -> ShapeP
 
 def predict_episode(ep: Episode, fusion: FusionParams, priors: Optional[Dict] = None) -> np.ndarray:
     """The fused segmentation (canonical stack) of an episode: what propagate would return."""
-    from ..core.pipeline import _targets, fused_probabilities
-
     prior = _prior(ep, fusion.uses_fbs(), priors)
-    targets = _targets(
-        ep.truth.shape[0],
-        ep.labeled,
-        prior.masks,
-        None,
-        min(fusion.extrapolation_gaps, EXTRAPOLATION_GAPS_MAX),
-        None,
-        None,
+    n = ep.truth.shape[0]
+    extra = extrapolation_slices(
+        ep.labeled, n, min(fusion.extrapolation_gaps, EXTRAPOLATION_GAPS_MAX)
     )
+    ends = (bool(prior.masks[ep.labeled[0]].any()), bool(prior.masks[ep.labeled[-1]].any()))
+    targets = prediction_targets(n, ep.labeled, ends, extra)
     probs = fused_probabilities(prior, fusion, targets, _EpisodeLogits(ep))
     out = np.zeros(ep.truth.shape, dtype=bool)
     for t, p in probs.items():

@@ -43,7 +43,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ..core.canvas import Canvas, intensity_window, scale_intensity
 from ..core.geometry import SliceFrame, Volume
@@ -290,19 +289,6 @@ def tissue_labels(
 # --------------------------------------------------------------------------------------------
 
 
-def labels_to_canvas(canvas: Canvas, stack: np.ndarray) -> np.ndarray:
-    """(N, rows, cols) integer labels -> (N, size, size) uint16 by nearest neighbour + zero pad."""
-    x = torch.from_numpy(np.ascontiguousarray(stack).astype(np.float32)).unsqueeze(1)
-    if (canvas.rows, canvas.cols) != canvas.inner:
-        # pixel-centre nearest neighbour, matching the bilinear (align_corners=False) image map
-        x = F.interpolate(x, size=canvas.inner, mode="nearest-exact")
-    top, left = canvas.offset
-    bottom = canvas.size - canvas.inner[0] - top
-    right = canvas.size - canvas.inner[1] - left
-    x = F.pad(x, (left, right, top, bottom))
-    return np.rint(x[:, 0].numpy()).astype(np.uint16)
-
-
 def volume_to_npz_arrays(
     volume: Volume, labels_kji: np.ndarray, names: Sequence[str], axis: str, source: str = ""
 ) -> Dict[str, np.ndarray]:
@@ -325,7 +311,7 @@ def volume_to_npz_arrays(
         img = canvas.to_canvas(torch.from_numpy(image), mode="bilinear")[:, 0].numpy()
     return {
         "image": np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8),
-        "labels": labels_to_canvas(canvas, frame.to_frame(labels_kji)),
+        "labels": canvas.label_ids_to_canvas(frame.to_frame(labels_kji)),
         "names": np.array(list(names), dtype=str),
         "spacing": np.array(frame.spacing, dtype=np.float32),
         "source": np.array(source, dtype=str),

@@ -3,10 +3,10 @@
 Protocol, for one ground-truth mask (full binary label on the image grid) and one ``k``:
 
 * ``[z0, z1]`` = first and last non-empty slice of the mask along the slicing axis;
-* labeled slices (:func:`labeled_slices_for`): ``z0 + floor((i + 0.5) * (z1 - z0) / k + 0.5)`` for
+* labeled slices (:func:`~UniverSegLogic.core.slices.evaluation_slices`): ``z0 + floor((i + 0.5) * (z1 - z0) / k + 0.5)`` for
   ``i = 0 .. k-1`` -- spread over the extent, *not* at its ends, so a method must extrapolate to
   reach the first and last slices; every other slice is hidden;
-* methods: ``universeg`` (:func:`pipeline.propagate`), ``fill_between_slices`` (Slicer's effect,
+* methods: ``universeg`` (a :class:`~UniverSegLogic.core.propagator.Propagator`), ``fill_between_slices`` (Slicer's effect,
   :mod:`fill_between`), ``nearest_slice`` (each slice between the first and last labeled slice
   copies the nearest labeled slice; nothing outside that range);
 * scores: ``dice`` over the whole volume, ``dice_unlabeled`` over the hidden slices only (labeled
@@ -22,61 +22,18 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.fill_between import fill_between_slices, labeled_only
+from ..core.fill_between import FillBetweenUnavailable, fill_between_slices, labeled_only
+from ..core.metrics import dice, dice_unlabeled
+from ..core.slices import evaluation_slices, slice_extent
 
 METHODS: Tuple[str, ...] = ("universeg", "fill_between_slices", "nearest_slice")
 
 
 # ------------------------------------------------------------------------------ protocol pieces
-
-
-def extent(mask: np.ndarray, axis: int = 0) -> Optional[Tuple[int, int]]:
-    """First and last non-empty slice of ``mask`` along ``axis`` (None when empty)."""
-    m = np.moveaxis(np.asarray(mask, dtype=bool), axis, 0)
-    idx = np.flatnonzero(m.reshape(m.shape[0], -1).any(axis=1))
-    if len(idx) == 0:
-        return None
-    return int(idx[0]), int(idx[-1])
-
-
-def labeled_slices_for(z0: int, z1: int, k: int) -> List[int]:
-    """The ``k`` evaluation slices of extent ``[z0, z1]`` (sorted, duplicates removed)."""
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    if z1 < z0:
-        raise ValueError("empty extent")
-    return sorted({z0 + int(math.floor((i + 0.5) * (z1 - z0) / k + 0.5)) for i in range(k)})
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient of two boolean arrays (1.0 when both are empty)."""
-    p = np.asarray(pred, dtype=bool)
-    t = np.asarray(truth, dtype=bool)
-    denom = int(np.count_nonzero(p)) + int(np.count_nonzero(t))
-    if denom == 0:
-        return 1.0
-    return 2.0 * int(np.count_nonzero(p & t)) / denom
-
-
-def hidden_slices(n: int, labeled: Iterable[int]) -> np.ndarray:
-    """Boolean (n,) vector: True for the slices that were not labeled."""
-    keep = np.ones(n, dtype=bool)
-    keep[[int(i) for i in labeled]] = False
-    return keep
-
-
-def dice_unlabeled(
-    pred: np.ndarray, truth: np.ndarray, labeled: Iterable[int], axis: int = 0
-) -> float:
-    """Dice over the slices along ``axis`` that are not in ``labeled``."""
-    p = np.moveaxis(np.asarray(pred, dtype=bool), axis, 0)
-    t = np.moveaxis(np.asarray(truth, dtype=bool), axis, 0)
-    h = hidden_slices(p.shape[0], labeled)
-    return dice(p[h], t[h])
 
 
 def nearest_slice_copy(mask: np.ndarray, labeled: Sequence[int], axis: int = 0) -> np.ndarray:
@@ -137,23 +94,23 @@ class Outcome:
 
 
 def run_universeg(
-    image,
-    painted: np.ndarray,
-    labeled: Sequence[int],
-    axis: int,
-    engine=None,
-    options=None,
-    fusion=None,
-    name: str = "structure",
+    session, painted: np.ndarray, labeled: Sequence[int], name: str = "structure"
 ) -> np.ndarray:
-    """Our propagation of ``painted`` (labeled slices only) -> boolean KJI mask."""
+    """Our propagation of ``painted`` (labeled slices only) with a
+    :class:`~UniverSegLogic.core.propagator.Propagator` session -> boolean KJI mask."""
+    from ..core.propagator import SegmentInput
+
+    return session.propagate([SegmentInput(name, name, painted, list(labeled))]).segments[0].mask
+
+
+def make_session(image, axis: int, engine=None, options=None, fusion=None):
+    """A :class:`~UniverSegLogic.core.propagator.Propagator` for evaluating masks of ``image``."""
     from dataclasses import replace
 
-    from ..core.pipeline import PropagationOptions, PropagationRequest, SegmentRequest, propagate
+    from ..core.propagator import PropagationOptions, Propagator
 
     opts = replace(options or PropagationOptions(), axis=int(axis))
-    req = PropagationRequest(image, [SegmentRequest(name, painted, list(labeled))], opts)
-    return propagate(req, engine=engine, fusion=fusion).segments[0].mask
+    return Propagator(image, opts, engine=engine, fusion=fusion)
 
 
 def evaluate_mask(
@@ -169,23 +126,30 @@ def evaluate_mask(
     keep_predictions: bool = False,
     case: str = "",
     log: Optional[Callable[[str], None]] = None,
+    session=None,
 ) -> List[Outcome]:
-    """Every method for every ``k`` on one ground-truth mask."""
+    """Every method for every ``k`` on one ground-truth mask (``session``: a Propagator of
+    ``image`` along ``axis`` to reuse; made here when None and ``universeg`` is evaluated)."""
     truth = np.asarray(truth, dtype=bool)
-    ext = extent(truth, axis)
+    ext = slice_extent(truth, axis)
     if ext is None:
         raise ValueError(f"mask {name!r} is empty")
     spacing = image.spacing_kji
     out: List[Outcome] = []
     for k in ks:
-        labeled = labeled_slices_for(ext[0], ext[1], int(k))
+        labeled = evaluation_slices(ext[0], ext[1], int(k))
         painted = labeled_only(truth, labeled, axis)
         for method in methods:
             t0 = time.perf_counter()
             if method == "universeg":
-                pred = run_universeg(image, painted, labeled, axis, engine, options, fusion, name)
+                if session is None:
+                    session = make_session(image, axis, engine, options, fusion)
+                pred = run_universeg(session, painted, labeled, name)
             elif method == "fill_between_slices":
-                pred = fill_between_slices(painted, labeled, axis, spacing)
+                try:
+                    pred = fill_between_slices(painted, labeled, axis, spacing)
+                except FillBetweenUnavailable:
+                    pred = labeled_only(painted, labeled, axis)  # what the effect leaves: nothing
             elif method == "nearest_slice":
                 pred = nearest_slice_copy(painted, labeled, axis)
             else:
@@ -270,6 +234,9 @@ def evaluate_cases(
     out: List[Outcome] = []
     prefix = len(cases) > 1
     for c in cases:
+        session = None  # one Propagator per image, shared by its masks
+        if "universeg" in methods:
+            session = make_session(c.image, axis, engine, options, fusion)
         for m in c.masks:
             name = f"{c.name}/{m.name}" if prefix else m.name
             out.extend(
@@ -286,6 +253,7 @@ def evaluate_cases(
                     keep_predictions,
                     c.name,
                     log,
+                    session=session,
                 )
             )
     return out
@@ -330,18 +298,9 @@ def summary_table(outcomes: Sequence[Outcome], title: str = "") -> str:
 
 def write_json(path: str, outcomes: Sequence[Outcome]) -> None:
     """``{"results": [row, ...]}`` written atomically."""
-    from ..core.io import atomic_path
+    from ..core.atomic import write_text
 
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"results": [o.row() for o in outcomes]}, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text(path, json.dumps({"results": [o.row() for o in outcomes]}, indent=1) + "\n")
 
 
 def write_figures(
@@ -458,7 +417,7 @@ def write_figures(
             continue
         img = np.moveaxis(scale_intensity(c.image.array, intensity_window(c.image.array)), axis, 0)
         truth = np.moveaxis(m.mask, axis, 0)
-        z0, z1 = extent(m.mask, axis)
+        z0, z1 = slice_extent(m.mask, axis)
         lo, hi = max(0, z0 - 1), min(truth.shape[0] - 1, z1 + 1)
         labeled = next(iter(preds.values())).labeled
         hidden = [

@@ -32,11 +32,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import signal
-import struct
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -45,7 +42,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..core.metrics import dice_from_counts
 from ..core.model import UniverSeg
+from ..core.slices import evaluation_slices, typical_gap
 from ..core.support import select_support
 from ..core.weights import verify_state_dict
 
@@ -407,8 +406,7 @@ def synthetic_volumes(
 # ----------------------------------------------------------------------------- episodes
 def labeled_positions(z0: int, z1: int, k: int) -> np.ndarray:
     """The evaluation's k labeled slices over the extent [z0, z1]."""
-    i = np.arange(k, dtype=np.float64)
-    return (z0 + np.floor((i + 0.5) * (z1 - z0) / k + 0.5)).astype(np.int64)
+    return np.asarray(evaluation_slices(z0, z1, k), dtype=np.int64)
 
 
 def jittered_positions(
@@ -418,18 +416,15 @@ def jittered_positions(
     base = labeled_positions(z0, z1, k)
     if jitter <= 0:
         return base
-    moved = np.clip(base + rng.integers(-jitter, jitter + 1, size=k), z0, z1)
+    moved = np.clip(base + rng.integers(-jitter, jitter + 1, size=len(base)), z0, z1)
     moved = np.unique(moved)
-    return moved if len(moved) == k else base
+    return moved if len(moved) == len(base) else base
 
 
 def target_range(labeled: np.ndarray, z0: int, z1: int, n: int, gap: int) -> Tuple[int, int]:
     """Slices the product predicts (labeled range +- one typical gap), widened to the extent
     +- ``gap``, clipped to the volume."""
-    if len(labeled) > 1:
-        ext = int(np.max(np.diff(labeled)))
-    else:
-        ext = max(2, n // 8)
+    ext = int(np.ceil(typical_gap(labeled, n)))
     lo = max(0, min(int(labeled[0]) - ext, z0 - gap))
     hi = min(n - 1, max(int(labeled[-1]) + ext, z1 + gap))
     return lo, hi
@@ -727,8 +722,7 @@ class Validator:
                 acc[2].index_add_(0, ep_t, truth.sum(1))
         model.train(was_training)
         inter, ps, ts = acc.cpu().numpy()
-        denom = ps + ts
-        dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1e-9), 1.0)
+        dice = np.atleast_1d(dice_from_counts(inter, ps, ts))
         ks = np.asarray(self.episode_k)
         out = {"val_dice": float(dice.mean())}
         for k in sorted(set(self.episode_k)):
@@ -762,15 +756,15 @@ def _to_cpu(obj):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(".partial-" + path.name)
-    torch.save(obj, str(tmp))
-    os.replace(tmp, path)
+    from ..core.atomic import write_with
+
+    write_with(str(path), lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(".partial-" + path.name)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..core.atomic import write_text
+
+    write_text(str(path), text)
 
 
 @dataclass
@@ -852,8 +846,7 @@ class TrainLog:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-        except Exception:  # noqa: BLE001 - no matplotlib on the GPU machine: plain raster
-            _atomic_bytes(_raster_plot(steps, loss, val), path)
+        except Exception:  # noqa: BLE001 - no matplotlib on the GPU machine: plot log.csv later
             return
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
         ok = np.isfinite(loss)
@@ -863,10 +856,10 @@ class TrainLog:
         ax[1].plot(steps[ok], val[ok], marker="o")
         ax[1].set(xlabel="step", ylabel="val Dice (product protocol)")
         fig.tight_layout()
-        tmp = path.with_name(".partial-" + path.name)
-        fig.savefig(tmp, dpi=80, format="png")
+        from ..core.atomic import write_with
+
+        write_with(str(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def _num(s: str) -> float:
@@ -880,55 +873,6 @@ def _fmt(x: float) -> str:
     return "" if not math.isfinite(x) else f"{x:.5f}"
 
 
-def _atomic_bytes(data: bytes, path: Path) -> None:
-    tmp = path.with_name(".partial-" + path.name)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _raster_plot(steps: np.ndarray, loss: np.ndarray, val: np.ndarray) -> bytes:
-    """Two line panels (loss blue, val Dice red) as a PNG, without matplotlib."""
-    h, w = 200, 320
-    canvas = np.full((h, 2 * w, 3), 255, np.uint8)
-    for p, (ys, color) in enumerate(((loss, (40, 80, 200)), (val, (200, 40, 40)))):
-        ok = np.isfinite(ys) & np.isfinite(steps)
-        canvas[h - 10, p * w + 10 : p * w + w - 10] = 0
-        canvas[10 : h - 10, p * w + 10] = 0
-        if ok.sum() < 1:
-            continue
-        xs, yv = steps[ok], ys[ok]
-        x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
-        y0, y1 = yv.min(), max(yv.max(), yv.min() + 1e-6)
-        px = (p * w + 10 + (xs - x0) / (x1 - x0) * (w - 30)).astype(int)
-        py = (h - 10 - (yv - y0) / (y1 - y0) * (h - 30)).astype(int)
-        for i in range(len(px)):
-            canvas[max(py[i] - 1, 0) : py[i] + 2, max(px[i] - 1, 0) : px[i] + 2] = color
-            if i:
-                m = max(abs(px[i] - px[i - 1]), abs(py[i] - py[i - 1]), 1)
-                for t in np.linspace(0, 1, m + 1):
-                    canvas[
-                        int(py[i - 1] + t * (py[i] - py[i - 1])),
-                        int(px[i - 1] + t * (px[i] - px[i - 1])),
-                    ] = color
-    raw = b"".join(b"\x00" + canvas[r].tobytes() for r in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + tag
-            + data
-            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-        )
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", 2 * w, h, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
-# ----------------------------------------------------------------------------- schedule
 def lr_at(cfg: TrainConfig, step_in_run: int, progress: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine to ``min_lr_ratio`` as progress -> 1."""
     warm = min(1.0, (step_in_run + 1) / max(1, warmup))

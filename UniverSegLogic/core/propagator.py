@@ -1,0 +1,657 @@
+"""The propagation session: a few labeled slices in, every other slice predicted.
+
+:class:`Propagator` is the one entry point of the CLI, the MRML bridge, the evaluation, the
+browser app and cohort labeling, in the spirit of segment-anything's ``SamPredictor``: it is built
+once per (volume, axis, options) -- the volume is normalized, put into the canonical slice frame
+and onto the network's canvas once -- and :meth:`Propagator.propagate` is called as often as the
+user paints. For each segment it
+
+1. views the mask in the canonical slice frame of the axis (:mod:`geometry`),
+2. finds the labeled slices (:mod:`support`),
+3. picks the targets: the slices between the first and last labeled slice, plus up to
+   ``FusionParams.extrapolation_gaps`` typical gaps beyond each end (``max_extrapolation``
+   overrides; nothing beyond an end slice that is labeled but empty),
+4. runs UniverSeg on the 128x128 canvas (:mod:`canvas`, :mod:`engine`) with bracketing support,
+   optionally ensembled over support subsets and with flipped support copies,
+5. fuses (:mod:`prior`, unless ``use_prior`` is off): inside the painted range the network's
+   logit with the painted-slice shape prior (interpolated signed distance and, where vtkITK is
+   importable, Slicer's Fill between slices) by a calibrated logistic rule; beyond it the network
+   with a calibrated rule, walking outwards and keeping only regions that overlap the previous
+   slice, stopping (and skipping the network) once a slice comes out empty,
+6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit.
+
+What a session remembers between calls is keyed by *content*, so a result never depends on what
+was cached: the network logit of each (target slice, support set) -- a support set named by the
+slice indices and a fingerprint of their labels --, the signed distance map of each labeled slice,
+and the fused probabilities of each gap between two labeled slices (keyed by both end slices, the
+Fill-between-slices result inside the gap and the logits used). A second call after the user
+corrected or added one slice therefore runs the network only for the targets whose support
+changed (the gaps next to the changed slice) and refuses nothing else. The engine is
+batch-invariant on the CPU, so the masks are identical to those of a fresh session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import Cancelled, SupportError, UsageError
+from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, resolve_axis
+from .prior import FusionParams, ShapePrior, fuse_gap, fuse_outside, gaps_of, sigmoid
+from .restack import assemble
+from .slices import extrapolation_slices, nonempty_slices, prediction_targets
+from .support import ExternalSupport, ensemble_subsets, labeled_slices_of, select_support
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+#: Logits and fused gaps kept between calls: at least this many bytes (and twice the last call's).
+MIN_CACHE_BYTES = 256 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+@dataclass
+class PropagationOptions:
+    """How to propagate (defaults are what the CLI and the Slicer module use).
+
+    Validated when created: a wrong type or value raises :class:`UsageError` here, not deep
+    inside a run.
+    """
+
+    axis: AxisSpec = "axial"
+    #: labeled slices per target, bracketing first (2 = the two around it: as good as 8 on the
+    #: validation structures, at a fraction of the cost; see docs/results/evaluation/README.md)
+    support_size: int = 2
+    ensemble: int = 1
+    flips: bool = False
+    device: str = "auto"
+    weights: str = "starter"
+    #: targets per engine call (progress and cancel granularity); None = the engine's default
+    batch_size: Optional[int] = None
+    #: slices predicted beyond the first/last labeled slice: None = the calibrated typical-gap
+    #: rule, -1 = to the end of the volume, N = at most N slices
+    max_extrapolation: Optional[int] = None
+    #: fuse the network with the painted-slice shape prior between labeled slices
+    use_prior: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: Optional[int], allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise UsageError(f"{name} must be an integer, got {value!r}")
+            if low is not None and value < low:
+                raise UsageError(f"{name} must be at least {low}, got {value}")
+            setattr(self, name, int(value))
+
+        integer("support_size", 1)
+        integer("ensemble", 1)
+        integer("batch_size", 1, allow_none=True)
+        integer("max_extrapolation", -1, allow_none=True)
+        integer("seed", None)
+        for name in ("flips", "use_prior"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
+        for name in ("device", "weights"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UsageError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, (str, int, np.integer)):
+            raise UsageError(f"axis must be a name or an array axis 0/1/2, got {self.axis!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Dict[str, object]) -> PropagationOptions:
+        """Options from a dict (e.g. keyword arguments); unknown names raise UsageError."""
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise UsageError(f"unknown option {unknown[0]!r} (valid: {', '.join(sorted(valid))})")
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class SegmentInput:
+    """One segment to propagate.
+
+    ``key`` identifies the segment for the caller (a segment ID): results are matched back by it,
+    never by name. ``name`` matches the segment in support volumes. ``mask`` is its boolean KJI
+    mask on the image grid; ``labeled_slices`` optionally lists slices that count as labeled in
+    addition to the painted ones (an empty listed slice is labeled background).
+    """
+
+    key: str
+    name: str
+    mask: np.ndarray
+    labeled_slices: Optional[Sequence[int]] = None
+
+
+@dataclass
+class SupportVolume:
+    """Another labeled volume whose slices can serve as support (masks matched by name)."""
+
+    image: Volume
+    masks: Dict[str, np.ndarray]
+
+
+@dataclass
+class SegmentResult:
+    """The propagation of one segment (KJI arrays on the image grid)."""
+
+    key: str
+    name: str
+    mask: np.ndarray  # bool: the user's labels on labeled slices, the prediction elsewhere
+    probability: np.ndarray  # float32
+    labeled_slices: List[int]
+    predicted_slices: List[int]
+
+
+@dataclass
+class PropagationResult:
+    """What one :meth:`Propagator.propagate` call returned."""
+
+    axis: int  # array axis that was sliced
+    segments: List[SegmentResult]
+    device: str
+    weights: str
+    seconds: float
+    #: one-time messages for the user (e.g. hand-set fusion defaults for these weights)
+    notes: List[str] = field(default_factory=list)
+    #: (target, support) network evaluations run in this call / taken from the session's cache
+    network_runs: int = 0
+    network_reused: int = 0
+
+    def get(self, key: str) -> SegmentResult:
+        """The result of the segment with this key (or, failing that, this name)."""
+        for s in self.segments:
+            if s.key == key:
+                return s
+        for s in self.segments:
+            if s.name == key:
+                return s
+        raise KeyError(key)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def slice_fingerprint(plane: np.ndarray) -> str:
+    """Content fingerprint of one boolean slice (its shape and voxels)."""
+    plane = np.ascontiguousarray(plane, dtype=bool)
+    h = hashlib.blake2b(digest_size=12)
+    h.update(str(plane.shape).encode())
+    h.update(np.packbits(plane).tobytes())
+    return h.hexdigest()
+
+
+class _ImageStack:
+    """A volume normalized once, viewed in the canonical frame, with its canvas slices cached."""
+
+    def __init__(self, volume: Volume, axis: AxisSpec):
+        import torch
+
+        from .canvas import Canvas, intensity_window, scale_intensity
+
+        self._torch = torch
+        self.frame = SliceFrame.of(volume, axis)
+        window = intensity_window(volume.array)
+        self.images = self.frame.to_frame(scale_intensity(volume.array, window))
+        n, r, c = self.images.shape
+        self.n = n
+        self.canvas = Canvas.for_slices(r, c, self.frame.spacing[1], self.frame.spacing[2])
+        self._cache: Dict[int, object] = {}
+
+    def canvas_images(self, idx: Sequence[int]):
+        """(N, 1, size, size) canvas images of slices ``idx`` (cached)."""
+        torch = self._torch
+        missing = [i for i in idx if i not in self._cache]
+        if missing:
+            t = self.canvas.to_canvas(torch.from_numpy(np.ascontiguousarray(self.images[missing])))
+            for i, x in zip(missing, t):
+                self._cache[i] = x
+        return torch.stack([self._cache[i] for i in idx])
+
+    def canvas_masks(self, mask_stack: np.ndarray, idx: Sequence[int]):
+        """(N, 1, size, size) canvas labels of slices ``idx`` of a canonical mask stack."""
+        return self.canvas.mask_to_canvas(
+            self._torch.from_numpy(np.ascontiguousarray(mask_stack[list(idx)], dtype=np.float32))
+        )
+
+
+@dataclass
+class _Plan:
+    seg: SegmentInput
+    mask_stack: np.ndarray  # canonical (slices, rows, cols) user labels
+    labeled: List[int]
+    fingerprints: Dict[int, str]  # labeled slice -> fingerprint of its label
+    external: Optional[ExternalSupport]
+    targets: List[int]
+
+
+class _LRU:
+    """Values by key, least recently used dropped beyond a byte budget."""
+
+    def __init__(self) -> None:
+        self._data: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.used_this_call = 0
+
+    def get(self, key):
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+            self.used_this_call += _nbytes(value)
+        return value
+
+    def put(self, key, value) -> None:
+        if key in self._data:
+            self.bytes -= _nbytes(self._data.pop(key))
+        self._data[key] = value
+        size = _nbytes(value)
+        self.bytes += size
+        self.used_this_call += size
+
+    def trim(self, budget: int) -> None:
+        while self.bytes > budget and self._data:
+            _, value = self._data.popitem(last=False)
+            self.bytes -= _nbytes(value)
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 64
+
+
+# ------------------------------------------------------------------------------------ session
+
+
+class Propagator:
+    """A propagation session for one volume along one axis: set the image once, propagate many.
+
+    ``engine``: an :class:`~UniverSegLogic.core.engine.InferenceEngine` to use; else one is taken
+    from ``engines`` (an :class:`~UniverSegLogic.core.engines.EngineStore`, shared by the
+    caller's sessions) or loaded for ``options.weights`` / ``options.device``. ``fusion``: the
+    fusion parameters (default: those calibrated for the weights). ``support_volumes``: other
+    labeled volumes whose segments of the same name add support slices.
+    """
+
+    def __init__(
+        self,
+        image: Volume,
+        options: Optional[PropagationOptions] = None,
+        *,
+        engine=None,
+        engines=None,
+        fusion: Optional[FusionParams] = None,
+        support_volumes: Sequence[SupportVolume] = (),
+    ):
+        if not isinstance(image, Volume):
+            raise UsageError("image must be a geometry.Volume")
+        self.options = options if options is not None else PropagationOptions()
+        if not isinstance(self.options, PropagationOptions):
+            raise UsageError("options must be PropagationOptions")
+        self.image = image
+        self.axis = resolve_axis(image, self.options.axis)
+        self.notes: List[str] = []
+        self._notes_given = False
+        if engine is None:
+            from .engines import EngineStore
+
+            loaded = (engines or EngineStore()).get(self.options.weights, self.options.device)
+            engine, self.weights_description = loaded.engine, loaded.description
+        else:
+            self.weights_description = "caller-provided engine"
+        self.engine = engine
+        self.batch_size = int(self.options.batch_size or engine.batch_size)
+        if fusion is None:
+            from .prior import fusion_for
+
+            fusion, note = fusion_for(self.options.weights)
+            if note:
+                self.notes.append(note)
+        self.fusion = fusion
+        self.stack = _ImageStack(image, self.axis)
+        self.frame = self.stack.frame
+        self.n_slices = self.stack.n
+        self._support_volumes = list(support_volumes)
+        self._support_stacks: Dict[int, _ImageStack] = {}
+        self._external: Dict[str, Optional[ExternalSupport]] = {}
+        self._logits = _LRU()
+        self._gaps = _LRU()
+        self._sdf: Dict[str, np.ndarray] = {}
+        self._fbs_missing_note = False
+
+    # -------------------------------------------------------------------------- public
+    def propagate(
+        self,
+        segments: Sequence[SegmentInput],
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> PropagationResult:
+        """Propagate every segment; raises :class:`Cancelled` when ``cancel()`` turns True
+        (nothing else changes), :class:`SupportError` / :class:`GeometryError` on bad input."""
+        t0 = time.perf_counter()
+        plans = self._plans(segments)
+        opts = self.options
+        total = sum(len(p.targets) for p in plans) * opts.ensemble or 1
+        state = {"done": 0, "runs": 0, "reused": 0}
+        self._logits.used_this_call = self._gaps.used_this_call = 0
+
+        def tick(msg: str, slices: int) -> None:
+            state["done"] += slices
+            if cancel is not None and cancel():
+                raise Cancelled("propagation cancelled")
+            if progress is not None and msg:
+                progress(min(1.0, state["done"] / total), msg)
+
+        tick("starting", 0)
+        results = []
+        for plan in plans:
+            probs = self._segment_probabilities(plan, tick, state)
+            tick(f"{plan.seg.name}: restacking", 0)
+            mask, prob = assemble(self.frame, plan.seg.mask, plan.labeled, probs)
+            results.append(
+                SegmentResult(
+                    plan.seg.key,
+                    plan.seg.name,
+                    mask,
+                    prob.astype(np.float32, copy=False),
+                    list(plan.labeled),
+                    sorted(probs),
+                )
+            )
+        for cache in (self._logits, self._gaps):
+            cache.trim(max(MIN_CACHE_BYTES, 2 * cache.used_this_call))
+        if progress is not None:
+            progress(1.0, "done")
+        notes = [] if self._notes_given else list(self.notes)
+        self._notes_given = True
+        return PropagationResult(
+            self.axis,
+            results,
+            self.engine.device,
+            self.weights_description,
+            time.perf_counter() - t0,
+            notes,
+            state["runs"],
+            state["reused"],
+        )
+
+    def network_logits(self, segment: SegmentInput, extrapolation: int) -> Tuple[_Plan, Dict]:
+        """(plan, raw network logit of every target) for one segment, ``extrapolation`` slices
+        beyond each end and no extent rule: the raw material of the fusion's calibration."""
+        plan = self._plans([segment], extrapolation=extrapolation)[0]
+        state = {"done": 0, "runs": 0, "reused": 0}
+        return plan, self._network(plan, plan.targets, lambda m, k: None, state)
+
+    def clear_cache(self) -> None:
+        """Forget every cached logit and fused gap (the next call recomputes everything)."""
+        self._logits.clear()
+        self._gaps.clear()
+        self._sdf.clear()
+
+    # -------------------------------------------------------------------------- planning
+    def _plans(
+        self, segments: Sequence[SegmentInput], extrapolation: Optional[int] = None
+    ) -> List[_Plan]:
+        """Labeled slices and targets of every segment (input errors surface here)."""
+        if not segments:
+            raise SupportError("no segment to propagate")
+        shape = self.image.array.shape
+        plans = []
+        keys = set()
+        for seg in segments:
+            if not isinstance(seg, SegmentInput):
+                raise UsageError("segments must be SegmentInput items")
+            if seg.key in keys:
+                raise UsageError(f"two segments share the key {seg.key!r}")
+            keys.add(seg.key)
+            if np.shape(seg.mask) != shape:
+                raise GeometryError(
+                    f"segment {seg.name!r}: mask shape {np.shape(seg.mask)} does "
+                    f"not match the image {shape}"
+                )
+            mask_stack = self.frame.to_frame(np.asarray(seg.mask, dtype=bool))
+            external = self._external_support(seg.name)
+            if seg.labeled_slices is None and external is not None and not mask_stack.any():
+                labeled: List[int] = []
+            else:
+                labeled = labeled_slices_of(mask_stack, seg.labeled_slices, seg.name)
+            prints = {i: slice_fingerprint(mask_stack[i]) for i in labeled}
+            targets = self._targets(labeled, mask_stack, external, extrapolation)
+            plans.append(_Plan(seg, mask_stack, labeled, prints, external, targets))
+        return plans
+
+    def _targets(
+        self,
+        labeled: List[int],
+        mask_stack: np.ndarray,
+        external: Optional[ExternalSupport],
+        extrapolation: Optional[int],
+    ) -> List[int]:
+        """Slices to predict: between the labeled slices, plus the extrapolation beyond each end.
+
+        Nothing is predicted beyond an end slice that is labeled but empty (the user confirmed
+        that the structure has ended there)."""
+        n = self.n_slices
+        if not labeled:  # external support only: the relative range the structure covers there
+            rel = self.frame.relative_position(np.arange(n), n)
+            lo, hi = external.positions.min() - 0.1, external.positions.max() + 0.1
+            return [int(t) for t in np.flatnonzero((rel >= lo) & (rel <= hi))]
+        limit = self.options.max_extrapolation if extrapolation is None else extrapolation
+        if limit is None:
+            ext = extrapolation_slices(labeled, n, self.fusion.extrapolation_gaps)
+        else:
+            ext = n if limit < 0 else int(limit)
+        ends = (bool(mask_stack[labeled[0]].any()), bool(mask_stack[labeled[-1]].any()))
+        return prediction_targets(n, labeled, ends, ext)
+
+    def _external_support(self, name: str) -> Optional[ExternalSupport]:
+        """Canvas slices of ``name`` from every support volume (computed once per name)."""
+        if name in self._external:
+            return self._external[name]
+        import torch
+
+        imgs, labs, pos = [], [], []
+        for i, sv in enumerate(self._support_volumes):
+            if name not in sv.masks:
+                continue
+            if i not in self._support_stacks:
+                self._support_stacks[i] = _ImageStack(sv.image, self.options.axis)
+            st = self._support_stacks[i]
+            ms = st.frame.to_frame(np.asarray(sv.masks[name], dtype=bool))
+            idx = nonempty_slices(ms, 0)
+            if not idx:
+                continue
+            imgs.append(st.canvas_images(idx))
+            labs.append(st.canvas_masks(ms, idx))
+            pos.append(st.frame.relative_position(np.array(idx), st.n))
+        ext = (
+            ExternalSupport(torch.cat(imgs), torch.cat(labs), np.concatenate(pos)) if imgs else None
+        )
+        self._external[name] = ext
+        return ext
+
+    # -------------------------------------------------------------------------- network
+    def _support_sets(self, plan: _Plan, t: int) -> List[Tuple[tuple, Tuple[int, ...], tuple]]:
+        """(cache key, internal slices, external indices) of each ensemble member of ``t``."""
+        opts = self.options
+        internal = select_support(t, plan.labeled, opts.support_size) if plan.labeled else ()
+        ext: Tuple[int, ...] = ()
+        room = opts.support_size - len(internal)
+        if plan.external is not None and room > 0:
+            rel = float(self.frame.relative_position(t, self.n_slices))
+            pos = round(rel * 16) / 16  # quantized: keeps batches large
+            ext = tuple(sorted(int(i) for i in plan.external.nearest(pos, room)))
+        subsets = (
+            ensemble_subsets(internal, opts.ensemble, opts.seed)
+            if internal
+            else [()] * opts.ensemble
+        )
+        out = []
+        for subset in subsets:
+            key = (
+                tuple((i, plan.fingerprints[i]) for i in subset),
+                (plan.seg.name, ext) if ext else (),
+                opts.flips,
+            )
+            out.append((key, subset, ext))
+        return out
+
+    def _network(
+        self, plan: _Plan, targets: Sequence[int], tick: Callable[[str, int], None], state: Dict
+    ) -> Dict[int, np.ndarray]:
+        """Mean network logit (canonical native grid) of each target over the ensemble; cached
+        per (target, support set). Targets sharing a support set run as one batch."""
+        import torch
+
+        groups: Dict[tuple, Tuple[Tuple[int, ...], Tuple[int, ...], List[int]]] = {}
+        members: Dict[int, List[tuple]] = {}
+        for t in targets:
+            for key, subset, ext in self._support_sets(plan, t):
+                groups.setdefault(key, (subset, ext, []))[2].append(t)
+                members.setdefault(t, []).append(key)
+        engine, stack = self.engine, self.stack
+        for key, (subset, ext, group) in groups.items():
+            todo = [t for t in group if self._logits.get((t, key)) is None]
+            state["reused"] += len(group) - len(todo)
+            if len(group) > len(todo):
+                tick("", len(group) - len(todo))
+            if not todo:
+                continue
+            s_img = [stack.canvas_images(subset)] if subset else []
+            s_lab = [stack.canvas_masks(plan.mask_stack, subset)] if subset else []
+            if ext:
+                s_img.append(plan.external.images[list(ext)])
+                s_lab.append(plan.external.labels[list(ext)])
+            s_img_t, s_lab_t = torch.cat(s_img), torch.cat(s_lab)
+            if self.options.flips:
+                s_img_t = torch.cat([s_img_t, s_img_t.flip(-1)])
+                s_lab_t = torch.cat([s_lab_t, s_lab_t.flip(-1)])
+            for b in range(0, len(todo), self.batch_size):
+                chunk = todo[b : b + self.batch_size]
+                tick(f"{plan.seg.name}: slices {chunk[0]}..{chunk[-1]}", 0)
+                logits = engine.logits(stack.canvas_images(chunk), s_img_t, s_lab_t)
+                native = stack.canvas.from_canvas(logits).numpy()
+                for t, lg in zip(chunk, native):
+                    self._logits.put((t, key), np.ascontiguousarray(lg, dtype=np.float32))
+                state["runs"] += len(chunk)
+                tick("", len(chunk))
+        out = {}
+        for t in targets:
+            parts = [self._logits.get((t, key)) for key in members[t]]
+            out[t] = parts[0] if len(parts) == 1 else np.mean(parts, axis=0, dtype=np.float32)
+        return out
+
+    def _logit_keys(self, plan: _Plan, targets: Sequence[int]) -> tuple:
+        return tuple((t, tuple(k for k, _, _ in self._support_sets(plan, t))) for t in targets)
+
+    # -------------------------------------------------------------------------- fusion
+    def _segment_probabilities(self, plan: _Plan, tick, state) -> Dict[int, np.ndarray]:
+        """Probability (canonical native grid) of every target of one segment."""
+
+        def network(ts: Sequence[int]) -> Dict[int, np.ndarray]:
+            return self._network(plan, ts, tick, state)
+
+        if not (self.options.use_prior and plan.labeled):
+            return {t: sigmoid(lg) for t, lg in network(plan.targets).items()}
+        fbs = None
+        if self.fusion.uses_fbs():
+            tick(f"{plan.seg.name}: fill between slices", 0)
+            fbs = self._fill_between(plan)
+        prior = ShapePrior(plan.mask_stack, plan.labeled, self.frame.spacing, fbs)
+        for i in plan.labeled:  # signed distances of labeled slices: computed once per label
+            cached = self._sdf.get(plan.fingerprints[i])
+            if cached is not None:
+                prior.set_sdf(i, cached)
+        probs = self._inside_probabilities(plan, prior, fbs, network, tick, state)
+        probs.update(self._outside_probabilities(plan, prior, network, tick))
+        for i in plan.labeled:
+            if prior.has_sdf(i):
+                self._sdf[plan.fingerprints[i]] = prior.sdf(i)
+        return probs
+
+    def _fill_between(self, plan: _Plan) -> Optional[np.ndarray]:
+        """Slicer's Fill between slices on the canonical stack, or None (and a note once) where
+        vtkITK is not importable or the painting is one it cannot take safely."""
+        from . import fill_between
+
+        if not fill_between.available():
+            if not self._fbs_missing_note:
+                self._fbs_missing_note = True
+                self.notes.append(
+                    "Fill between slices (Slicer's vtkITK) is not available: the "
+                    "shape prior uses the interpolated distance only"
+                )
+            return None
+        try:
+            return fill_between.fill_between_slices(
+                plan.mask_stack, plan.labeled, 0, self.frame.spacing
+            )
+        except fill_between.FillBetweenUnavailable as exc:
+            note = f"{plan.seg.name}: {exc}; the shape prior uses the interpolated distance only"
+            if note not in self.notes:
+                self.notes.append(note)
+                self._notes_given = False
+            return None
+
+    def _inside_probabilities(
+        self, plan: _Plan, prior: ShapePrior, fbs: Optional[np.ndarray], network, tick, state: Dict
+    ) -> Dict[int, np.ndarray]:
+        """Fused probabilities of the targets between labeled slices, one gap at a time (a gap
+        whose inputs did not change since an earlier call is taken from the cache)."""
+        probs: Dict[int, np.ndarray] = {}
+        rule = self.fusion.inside_rule(fbs is not None)
+        for lo, hi, ts in gaps_of(plan.labeled, plan.targets):
+            key = (
+                lo,
+                hi,
+                plan.fingerprints[lo],
+                plan.fingerprints[hi],
+                slice_fingerprint(fbs[lo + 1 : hi]) if fbs is not None else None,
+                self._logit_keys(plan, ts),
+                id(rule),
+            )
+            cached = self._gaps.get(key)
+            if cached is None:
+                cached = fuse_gap(prior, self.fusion, network(ts))
+                self._gaps.put(key, cached)
+            else:  # the gap's logits are not even looked at
+                state["reused"] += len(ts) * self.options.ensemble
+                tick("", len(ts) * self.options.ensemble)
+            probs.update(cached)
+        return probs
+
+    def _outside_probabilities(
+        self, plan: _Plan, prior: ShapePrior, network, tick
+    ) -> Dict[int, np.ndarray]:
+        """Fused probabilities beyond each painted end (see :func:`prior.fuse_outside`)."""
+        return fuse_outside(
+            prior,
+            self.fusion,
+            plan.targets,
+            network,
+            self.batch_size,
+            lambda k: tick("", k * self.options.ensemble),
+        )

@@ -1,0 +1,61 @@
+"""Slice rules, each defined once: which slices are non-empty, a structure's extent along an
+axis, the typical gap between labeled slices, and the evaluation's choice of labeled slices."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+def nonempty_slices(mask: np.ndarray, axis: int = 0) -> List[int]:
+    """Sorted indices of the slices along ``axis`` where ``mask`` has at least one voxel."""
+    m = np.moveaxis(np.asarray(mask), axis, 0)
+    n = m.shape[0]
+    return [int(i) for i in np.flatnonzero(m.reshape(n, -1).any(axis=1))]
+
+
+def slice_extent(mask: np.ndarray, axis: int = 0) -> Optional[Tuple[int, int]]:
+    """First and last non-empty slice of ``mask`` along ``axis`` (None when it is empty)."""
+    idx = nonempty_slices(mask, axis)
+    return (idx[0], idx[-1]) if idx else None
+
+
+def typical_gap(labeled: Sequence[int], n_slices: int) -> float:
+    """Typical distance (in slices) between labeled slices: the mean gap between consecutive
+    ones; with a single labeled slice, an eighth of the stack (at least 2)."""
+    lab = sorted(int(i) for i in labeled)
+    if len(lab) >= 2:
+        return float(np.mean(np.diff(lab)))
+    return float(max(2, int(n_slices) // 8))
+
+
+def evaluation_slices(z0: int, z1: int, k: int) -> List[int]:
+    """The ``k`` labeled slices the evaluation (and the demo) paints over the extent ``[z0, z1]``:
+    ``z0 + floor((i + 0.5) * (z1 - z0) / k + 0.5)`` for ``i = 0..k-1`` -- spread over the extent,
+    not at its ends, so a method must extrapolate to reach the first and last slices. Sorted,
+    duplicates removed."""
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    if z1 < z0:
+        raise ValueError("empty extent")
+    return sorted({z0 + int(math.floor((i + 0.5) * (z1 - z0) / k + 0.5)) for i in range(k)})
+
+
+def extrapolation_slices(labeled: Sequence[int], n_slices: int, gaps: float) -> int:
+    """How many slices are predicted beyond each painted end: ``gaps`` typical gaps, rounded up."""
+    return int(np.ceil(float(gaps) * typical_gap(labeled, n_slices)))
+
+
+def prediction_targets(
+    n_slices: int, labeled: Sequence[int], ends_painted: Tuple[bool, bool], extension: int
+) -> List[int]:
+    """The slices a propagation predicts: every unlabeled slice between the first and last labeled
+    slice, plus ``extension`` slices beyond each end whose labeled slice is painted (nothing beyond
+    an end slice that is labeled but empty: the user confirmed the structure has ended there)."""
+    lab = sorted(int(i) for i in labeled)
+    lo = lab[0] - (extension if ends_painted[0] else 0)
+    hi = lab[-1] + (extension if ends_painted[1] else 0)
+    skip = set(lab)
+    return [t for t in range(max(0, lo), min(n_slices - 1, hi) + 1) if t not in skip]

@@ -1,0 +1,116 @@
+"""Propagation sessions kept across runs on Slicer nodes (the annotation loop stays fast).
+
+A :class:`SessionStore` is an explicit object its owner keeps (the Slicer module's logic, the
+Segment Editor effect, the browser app): it holds the loaded engines (an
+:class:`~UniverSegLogic.core.engines.EngineStore`) and one
+:class:`~UniverSegLogic.core.propagator.Propagator` per (volume node, its voxels and world
+geometry, options, support volumes), so the volume is normalized once and every run after a
+correction recomputes only what the correction changed. It imports no torch until a session is
+built.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import astuple
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+def _image_stamp(volumeNode) -> Tuple:
+    """What identifies a volume's content cheaply: node ID, image data and its modification time,
+    shape, and world IJK-to-RAS matrix."""
+    from .nodes import _geometry_of
+
+    image = volumeNode.GetImageData()
+    geometry = _geometry_of(volumeNode)
+    return (
+        volumeNode.GetID(),
+        id(image),
+        int(image.GetMTime()) if image is not None else 0,
+        tuple(geometry.array.shape),
+        tuple(np.round(geometry.ijk_to_ras, 6).ravel()),
+    )
+
+
+class SessionStore:
+    """Engines and :class:`Propagator` sessions for runs on Slicer nodes (see the module
+    docstring). ``max_sessions``: sessions kept (least recently used dropped)."""
+
+    def __init__(self, max_sessions: int = 2, echo: Callable[[str], None] = print):
+        from ..core.engines import EngineStore
+
+        self.engines = EngineStore(echo=echo)
+        self.max_sessions = max(1, int(max_sessions))
+        self._sessions: OrderedDict[Tuple, object] = OrderedDict()
+
+    def key(
+        self, volumeNode, options, support_stamps: Sequence[Tuple] = (), engine=None, fusion=None
+    ) -> Tuple:
+        """The session key of a run (volume content, options, support volumes, engine, fusion)."""
+        return (
+            _image_stamp(volumeNode),
+            astuple(options),
+            tuple(support_stamps),
+            id(engine) if engine is not None else None,
+            id(fusion) if fusion is not None else None,
+        )
+
+    def get(self, key: Tuple):
+        """The session for ``key``, or None."""
+        session = self._sessions.get(key)
+        if session is not None:
+            self._sessions.move_to_end(key)
+        return session
+
+    def put(self, key: Tuple, session) -> None:
+        """Keep ``session`` under ``key`` (dropping the least recently used beyond the limit)."""
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every session and engine."""
+        self._sessions.clear()
+        self.engines.clear()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+def support_stamp(volumeNode, segmentationNode) -> Tuple:
+    """Identity of a support pair's content for :meth:`SessionStore.key`."""
+    seg = segmentationNode.GetSegmentation()
+    return (_image_stamp(volumeNode), segmentationNode.GetID(), int(seg.GetMTime()))
+
+
+def session_for(
+    store: Optional[SessionStore],
+    key: Optional[Tuple],
+    volume,
+    options,
+    supports,
+    engine=None,
+    fusion=None,
+):
+    """A :class:`Propagator` for a run: the store's session under ``key`` (built from
+    ``volume()`` on first use and kept) or, without a store, a fresh one."""
+    from ..core.propagator import Propagator
+
+    if store is not None:
+        session = store.get(key)
+        if session is not None:
+            return session
+    session = Propagator(
+        volume(),
+        options,
+        engine=engine,
+        engines=store.engines if store is not None else None,
+        fusion=fusion,
+        support_volumes=supports(),
+    )
+    if store is not None:
+        store.put(key, session)
+    return session
