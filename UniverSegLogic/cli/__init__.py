@@ -34,8 +34,17 @@ COMMAND_MODULES = (
 __all__ = ["main", "build_parser", "UsageError"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``universeg-slicer`` argument parser with every sub-command registered."""
+def command_help(name: str) -> str:
+    """One-line help of a sub-command: its module docstring after ``universeg-slicer NAME:``."""
+    doc = (importlib.import_module(f"{__name__}.{name}").__doc__ or "").strip().splitlines()
+    first = doc[0] if doc else name
+    return first.split(":", 1)[1].strip().rstrip(".") if ":" in first else first
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``universeg-slicer`` argument parser. Only ``command`` (if given) is fully registered;
+    the others are listed with their one-line help, so building the parser never imports a
+    command's dependencies (``--help`` stays fast and imports neither torch nor research code)."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -49,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+        if name == command:
+            importlib.import_module(f"{__name__}.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=command_help(name), add_help=False)
     return parser
 
 
@@ -57,8 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line
-    parser = build_parser()
-    args = parser.parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMAND_MODULES else None)
+    args = parser.parse_args(argv)
     prog = f"universeg-slicer {args.command}"
     try:
         return int(args.func(args) or 0)
