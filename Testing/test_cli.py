@@ -318,8 +318,18 @@ def test_device_cuda_without_cuda_is_one_line_exit_2(case, capsys, tmp_path):
     out = tmp_path / "o.seg.nrrd"
     for command in (
         ["demo", "--out", str(tmp_path / "demo"), "--device", "cuda", "--quiet"],
-        ["propagate", "--image", str(d / "image.nrrd"), "--labels", str(d / "labels.seg.nrrd"),
-         "--out", str(out), "--device", "cuda", "--quiet"],
+        [
+            "propagate",
+            "--image",
+            str(d / "image.nrrd"),
+            "--labels",
+            str(d / "labels.seg.nrrd"),
+            "--out",
+            str(out),
+            "--device",
+            "cuda",
+            "--quiet",
+        ],
     ):
         code, _, err = _run(command, capsys)
         lines = [x for x in err.strip().splitlines() if x.strip()]
@@ -335,8 +345,18 @@ def test_internal_errors_say_so_in_one_line_and_exit_1(case, capsys, tmp_path, m
 
     monkeypatch.setattr(propagator.Propagator, "propagate", broken)
     d, _, _ = case
-    args = ["propagate", "--image", str(d / "image.nrrd"), "--labels", str(d / "labels.seg.nrrd"),
-            "--out", str(tmp_path / "o.seg.nrrd"), "--device", "cpu", "--quiet"]
+    args = [
+        "propagate",
+        "--image",
+        str(d / "image.nrrd"),
+        "--labels",
+        str(d / "labels.seg.nrrd"),
+        "--out",
+        str(tmp_path / "o.seg.nrrd"),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     code, _, err = _run(args, capsys)
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert code == 1 and len(lines) == 1, err

@@ -61,7 +61,8 @@ def test_ensemble_subsets_keep_the_bracketing_pair():
 
 
 def test_external_support_picks_the_nearest_relative_positions():
-    ext = ExternalSupport(np.zeros((4, 1, 8, 8)), np.zeros((4, 1, 8, 8)),
-                          np.array([0.1, 0.4, 0.5, 0.9]))
+    ext = ExternalSupport(
+        np.zeros((4, 1, 8, 8)), np.zeros((4, 1, 8, 8)), np.array([0.1, 0.4, 0.5, 0.9])
+    )
     assert list(ext.nearest(0.45, 2)) == [1, 2]
     assert list(ext.nearest(1.0, 1)) == [3]

@@ -57,9 +57,21 @@ sys.exit(main(["demo", "--out", sys.argv[2], "--quiet", "--device", "cpu"]))
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     p = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr
     (path,) = out.glob("universeg_slicer-*.whl")
@@ -82,11 +94,14 @@ def test_the_installed_package_works_from_an_empty_folder(wheel, tmp_path):
     empty.mkdir()
     p = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(site), str(empty / "demo")],
-        capture_output=True, text=True, cwd=empty, timeout=900,
+        capture_output=True,
+        text=True,
+        cwd=empty,
+        timeout=900,
     )
     assert p.returncode == 0, p.stderr
     line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
-    info = json.loads(line[len("RESULT "):])
+    info = json.loads(line[len("RESULT ") :])
     assert info["package"].startswith(str(site))  # not the checkout
     assert info["weights"].startswith(str(site)) and info["note"] is None
     assert "calibrated" in info["fusion"]
