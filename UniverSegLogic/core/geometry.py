@@ -73,12 +73,6 @@ class Volume:
             self.ijk_to_ras, other.ijk_to_ras, atol=tol
         )
 
-    def with_array(self, array: np.ndarray) -> Volume:
-        """A volume on the same grid holding ``array``."""
-        if array.shape != self.array.shape:
-            raise GeometryError(f"array shape {array.shape} does not match {self.array.shape}")
-        return Volume(array, self.ijk_to_ras.copy())
-
 
 def make_ijk_to_ras(spacing_ijk, origin_ras=(0.0, 0.0, 0.0), direction=None) -> np.ndarray:
     """Build a 4x4 IJK-to-RAS matrix from spacing (I,J,K), RAS origin and a 3x3 direction."""
@@ -171,7 +165,3 @@ class SliceFrame:
             stack = stack[:, :, ::-1]
         order = (self.axis, self.row_axis, self.col_axis)
         return np.ascontiguousarray(np.transpose(stack, np.argsort(order)))
-
-    def slice_index_of(self, ijk) -> int:
-        """Slice number (along :attr:`axis`) holding voxel ``ijk`` (I, J, K order)."""
-        return int(ijk[2 - self.axis])
