@@ -247,9 +247,7 @@ def test_paint_propagate_save_and_a_bad_upload_in_chromium(server, sample, tmp_p
             bad.write_text("this is not a segmentation\n")
             page.set_input_files("#upload-segmentation", str(bad))
             message = _wait_text(page, "#message", r"^bad\.seg\.nrrd ")
-            assert (
-                message == "bad.seg.nrrd does not contain .seg.nrrd data (checked its first bytes)"
-            )
+            assert message == "bad.seg.nrrd is not a complete .seg.nrrd file"
             assert page.locator("#message").get_attribute("data-kind") == "error"
             assert _text(page, "#status") == status
         finally:

@@ -13,6 +13,7 @@ import io
 import ipaddress
 import re
 import secrets
+import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -84,28 +85,41 @@ def _looks_like(suffix: str, content: bytes) -> bool:
     if suffix in (".nrrd", ".seg.nrrd"):
         return content[:4] == b"NRRD"
     if suffix == ".nii":
-        head = content[:348]
-        return (
-            len(head) == 348
-            and head[:4]
-            in (
-                (348).to_bytes(4, "little"),
-                (348).to_bytes(4, "big"),
-            )
-            and content[344:347] in (b"n+1", b"ni1")
-        )
+        return _nifti_size(content) is not None and len(content) >= _nifti_size(content)
     if suffix == ".nii.gz":
-        if content[:2] != b"\x1f\x8b":
+        if content[:2] != b"\x1f\x8b" or len(content) < 18:
             return False
         try:
             with gzip.GzipFile(fileobj=io.BytesIO(content)) as f:
-                head = f.read(348)
+                need = _nifti_size(f.read(348))
         except (OSError, EOFError):
             return False
-        return _looks_like(".nii", head)
+        # the gzip trailer holds the uncompressed size (mod 2**32): a cut file is refused
+        return need is not None and int.from_bytes(content[-4:], "little") == need % 2**32
     if suffix == ".mha":  # MetaImage: a text header of "Key = Value" lines
         return content.lstrip()[:12].startswith(_METAIMAGE_KEYS)
     return False
+
+
+def _nifti_size(head: bytes) -> Optional[int]:
+    """Bytes a NIfTI-1 file needs (header offset + voxel data), or None if ``head`` is not one.
+    ITK's NIfTI reader loads a cut file without complaint, so the size is checked here."""
+    if len(head) < 348 or head[344:347] not in (b"n+1", b"ni1"):
+        return None
+    for order in ("little", "big"):
+        if int.from_bytes(head[:4], order) == 348:
+            break
+    else:
+        return None
+    dims = [int.from_bytes(head[40 + 2 * i : 42 + 2 * i], order, signed=True) for i in range(8)]
+    bitpix = int.from_bytes(head[72:74], order, signed=True)
+    offset = struct.unpack((">" if order == "big" else "<") + "f", head[108:112])[0]
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
+        return None
+    voxels = 1
+    for d in dims[1 : dims[0] + 1]:
+        voxels *= d
+    return int(max(offset, 348)) + voxels * bitpix // 8
 
 
 def _mib(n: int) -> str:
@@ -137,7 +151,7 @@ def check_upload(name, content, kind: str, max_bytes: int, size=None) -> str:
     if suffix is None:
         raise InputError(f"{name} is not a supported {kind} file (use {', '.join(choices)})")
     if not _looks_like(suffix, bytes(content[:_HEADER_PEEK])):
-        raise InputError(f"{name} does not contain {suffix} data (checked its first bytes)")
+        raise InputError(f"{name} is not a complete {suffix} file")
     if kind == "segmentation":
         header = bytes(content[:_HEADER_PEEK]).split(b"\n\n", 1)[0]
         if b"Segment0_" not in header:

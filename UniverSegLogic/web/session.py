@@ -137,6 +137,7 @@ class AnnotationSession:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"image not found: {path}")
+        _preflight_image(path)
         before = self._node_ids()
         try:
             volumes = self.app.io_manager.load_volumes([str(path)])
@@ -169,6 +170,7 @@ class AnnotationSession:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"segmentation not found: {path}")
+        _preflight_segmentation(path)
         before = self._node_ids()
         error = None
         try:
@@ -459,6 +461,35 @@ class AnnotationSession:
         return rules.download_name(
             self.segmentation_node.GetName() if self.segmentation_node else ""
         )
+
+
+def _preflight_image(path: Path) -> None:
+    """Read the whole image with SimpleITK first: a truncated or malformed file is refused with
+    a Python error here, before Slicer's readers (which may load it half or abort) see it."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise InputError(f"{path.name} could not be read as an image ({detail})") from None
+    if image.GetDimension() != 3:
+        raise InputError(f"{path.name} is a {image.GetDimension()}D image: expected a 3D volume")
+
+
+def _preflight_segmentation(path: Path) -> None:
+    """Read the whole ``.seg.nrrd`` with slicerio first: Slicer's segmentation reader aborts the
+    process (an uncaught ITK exception) on a truncated file."""
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
+        raise InputError(
+            f"{path.name} could not be read as a segmentation ({one_line(exc)})"
+        ) from None
+    if seg["voxels"].ndim not in (3, 4):
+        raise InputError(f"{path.name} holds a {seg['voxels'].ndim}D array: not a 3D segmentation")
 
 
 def _has_voxels(volume) -> bool:
