@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 TOKEN_COOKIE = "universeg_token"
-#: trame state keys, in one place (the page's expressions use them by name)
+#: colours of the slice strip, per kind of slice (rules.slice_kinds)
 KIND_COLORS = {
     "labeled": "#3d7cff",
     "corrected": "#ff9f1a",
