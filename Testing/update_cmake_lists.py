@@ -2,7 +2,8 @@
 
 The Slicer extension installs only the files listed there. It ships the runtime: the package's
 top-level modules (but not ``__main__.py``, the command line's entry point), ``core/`` and
-``mrml/``; the command line (``cli/``) and the developer tools (``research/``) are never shipped.
+``mrml/``; the command line (``cli/``), the developer tools (``research/``) and the browser app
+(``web/``) are never shipped.
 Run after adding or removing a file:
 
     python Testing/update_cmake_lists.py          # rewrite the list
@@ -24,7 +25,7 @@ END = "# END UniverSegLogic files"
 #: Sub-packages of UniverSegLogic that the extension ships (besides the top-level modules).
 SHIPPED_PACKAGES = ("core", "mrml")
 #: Sub-packages that must never be shipped in (or imported by) the extension.
-NOT_SHIPPED = ("cli", "research")
+NOT_SHIPPED = ("cli", "research", "web")
 #: Top-level modules that are not shipped.
 NOT_SHIPPED_MODULES = ("__main__.py",)
 

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "data",
     "train",
     "benchmark",
+    "web",
 )
 
 __all__ = ["main", "build_parser", "UsageError"]

@@ -1,0 +1,95 @@
+"""``universeg-slicer web``: the browser annotation app (trame-slicer), see ``UniverSegLogic.web``.
+
+Serves one page on 127.0.0.1 by default: a slice view with Slicer's own Paint / Erase / Scissors
+and undo, Propagate (UniverSeg through the MRML bridge), the labeled / predicted / corrected slices
+of every segment, Save. Every URL needs the access token printed at start. Needs
+``pip install "universeg-slicer[web]"``.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+
+
+def register(sub) -> None:
+    from ..web.rules import DEFAULT_MAX_UPLOAD_MB
+
+    p = sub.add_parser(
+        "web",
+        help="serve the browser annotation app (paint, propagate, save)",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--image", help="volume to open (.nrrd, .nii, .nii.gz, .mha)")
+    p.add_argument("--labels", help="segmentation to open on it (.seg.nrrd)")
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="open slicerio's chest CT with 3 painted axial slices of 'right lung' "
+        "(instead of --image/--labels)",
+    )
+    p.add_argument(
+        "--out",
+        help="where Save writes the .seg.nrrd (without it, Save is a browser download)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port (0: a free one, printed)")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback (the page is then reachable from other "
+        "machines: a warning is printed; the access token is required as always)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help=f"largest file the page may upload, MiB ({DEFAULT_MAX_UPLOAD_MB})",
+    )
+    p.add_argument(
+        "--weights", default="starter", help="starter (default), official, or a weights file"
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a port number")
+    if args.max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be positive")
+    if args.labels and not args.image:
+        raise UsageError("--labels needs --image")
+    if args.sample and args.image:
+        raise UsageError("--sample replaces --image and --labels: give one or the other")
+    from ..web.rules import check_host
+
+    check_host(args.host, args.allow_remote)  # before the heavy imports
+    import importlib.util
+
+    missing = [m for m in ("trame", "trame_slicer") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"the browser app needs {missing[-1].replace('_', '-')}: "
+            'pip install "universeg-slicer[web]"'
+        )
+    import tempfile
+
+    from ..web.app import serve
+
+    with tempfile.TemporaryDirectory(prefix="universeg-sample-") as tmp:
+        image, labels = args.image, args.labels
+        if args.sample:
+            from ..web.sample import write_sample
+
+            image, labels, _ = write_sample(tmp)
+        return serve(
+            image=image,
+            labels=labels,
+            out=args.out,
+            host=args.host,
+            port=args.port,
+            allow_remote=args.allow_remote,
+            max_upload_mb=args.max_upload_mb,
+            weights=args.weights,
+            device=args.device,
+        )

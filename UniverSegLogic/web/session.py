@@ -1,0 +1,505 @@
+"""The annotation session of the browser app: one volume, one segmentation, the UniverSeg loop.
+
+It drives a trame-slicer :class:`~trame_slicer.core.SlicerApp` (Slicer's MRML scene and its
+Segment Editor logic, no web server), so the page and the plain-Python tests run the same code.
+Everything about propagation goes through the MRML bridge (:mod:`UniverSegLogic.mrml`): the
+job is prepared on the caller's thread, computed in a worker thread (it touches no MRML node)
+and written back on the caller's thread as one step of trame-slicer's undo stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..errors import Cancelled, InputError, MRMLError, OutputError, UsageError, one_line
+from . import rules
+
+#: Colours given to new segments in turn (Slicer's first generic anatomy colours).
+PALETTE = (
+    (0.50, 0.68, 0.50),
+    (0.95, 0.84, 0.57),
+    (0.69, 0.48, 0.40),
+    (0.44, 0.72, 0.84),
+    (0.85, 0.40, 0.42),
+    (0.56, 0.49, 0.74),
+)
+EFFECTS = ("none", "paint", "erase", "scissors")
+
+
+def _effect_types() -> Dict[str, type]:
+    from trame_slicer.segmentation import (
+        SegmentationEffectErase,
+        SegmentationEffectNoTool,
+        SegmentationEffectPaint,
+        SegmentationEffectScissors,
+    )
+
+    return {
+        "none": SegmentationEffectNoTool,
+        "paint": SegmentationEffectPaint,
+        "erase": SegmentationEffectErase,
+        "scissors": SegmentationEffectScissors,
+    }
+
+
+def _color_hex(rgb) -> str:
+    return "#" + "".join(f"{max(0, min(255, round(c * 255))):02x}" for c in rgb[:3])
+
+
+@dataclass
+class PropagationReport:
+    """What a finished run did, for the page's message line."""
+
+    segment_name: str
+    axis_name: str
+    predicted: int  # slices written
+    seconds: float
+    device: str
+    notes: List[str] = field(default_factory=list)
+
+    def message(self) -> str:
+        text = (
+            f"{self.segment_name}: predicted {self.predicted} slices along the {self.axis_name} "
+            f"axis in {self.seconds:.1f} s ({self.device})"
+        )
+        return "; ".join([text] + list(self.notes))
+
+
+class AnnotationSession:
+    """One user's annotation session on a trame-slicer app.
+
+    ``options`` are :class:`UniverSegLogic.core.pipeline.PropagationOptions` fields (``weights``,
+    ``device``, ``support_size``, ...) used for every run; ``out_path`` is the only place
+    :meth:`save` writes to (chosen on the command line, never by the page).
+    """
+
+    def __init__(
+        self,
+        slicer_app,
+        out_path=None,
+        max_upload_bytes: int = rules.DEFAULT_MAX_UPLOAD_MB * 2**20,
+        engine=None,
+        **options,
+    ):
+        from undo_stack import UndoStack
+
+        from .. import mrml
+
+        self.app = slicer_app
+        self.editor = slicer_app.segmentation_editor
+        self.scene = slicer_app.scene
+        self.out_path = Path(out_path).resolve() if out_path else None
+        if self.out_path is not None and not str(self.out_path).lower().endswith(".seg.nrrd"):
+            raise UsageError(f"--out {out_path}: the output must be a .seg.nrrd file")
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.engine = engine
+        self.options = dict(options)
+        self.volume_node = None
+        self.segmentation_node = None
+        self.undo_stack = UndoStack(undo_limit=20)
+        self.editor.set_undo_stack(self.undo_stack)
+        self._upload_dir = tempfile.TemporaryDirectory(prefix="universeg-web-")
+        self._cancel = threading.Event()
+        self.running = False
+        # one Propagator per (volume, axis, options) across runs, when the bridge offers it
+        params = inspect.signature(mrml.prepare_propagation).parameters
+        store = getattr(mrml, "SessionStore", None)
+        self._sessions = store() if "sessions" in params and store is not None else None
+
+    def close(self) -> None:
+        """Remove the private upload folder."""
+        self._upload_dir.cleanup()
+
+    # ------------------------------------------------------------------------------ loading
+
+    def _new_nodes(self, before) -> List:
+        return [
+            self.scene.GetNthNode(i)
+            for i in range(self.scene.GetNumberOfNodes())
+            if self.scene.GetNthNode(i).GetID() not in before
+        ]
+
+    def _node_ids(self):
+        return {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+
+    def load_image(self, path) -> None:
+        """Load a volume (NRRD, NIfTI, MetaImage); it replaces the current volume and
+        segmentation (a new empty segmentation is created). Nothing changes if it fails."""
+        self._check_idle()
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"image not found: {path}")
+        _preflight_image(path)
+        before = self._node_ids()
+        try:
+            volumes = self.app.io_manager.load_volumes([str(path)])
+        except Exception as exc:  # noqa: BLE001 - Slicer's readers raise anything
+            volumes, error = [], exc
+        else:
+            error = None
+        volume = volumes[0] if volumes else None
+        if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode") or not _has_voxels(volume):
+            for node in self._new_nodes(before):
+                self.scene.RemoveNode(node)
+            why = f" ({one_line(error)})" if error else ""
+            raise InputError(f"{path.name} could not be read as a scalar volume{why}")
+        volume.SetName(_stem(path.name))
+        old = [n for n in (self.volume_node, self.segmentation_node) if n is not None]
+        for node in old:
+            self.scene.RemoveNode(node)
+        self.volume_node = volume
+        self.segmentation_node = None
+        seg = self.editor.create_empty_segmentation_node()
+        seg.SetName(volume.GetName() + " segmentation")
+        self._activate(seg)
+
+    def load_segmentation(self, path) -> None:
+        """Load a ``.seg.nrrd`` onto the current volume; it replaces the current segmentation.
+        Nothing changes if it fails."""
+        self._check_idle()
+        if self.volume_node is None:
+            raise InputError("load an image before its segmentation")
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"segmentation not found: {path}")
+        _preflight_segmentation(path)
+        before = self._node_ids()
+        error = None
+        try:
+            seg = self.editor.load_segmentation_from_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            seg, error = None, exc
+        if seg is None or not seg.IsA("vtkMRMLSegmentationNode"):
+            for node in self._new_nodes(before):
+                self.scene.RemoveNode(node)
+            why = f" ({one_line(error)})" if error else ""
+            raise InputError(f"{path.name} could not be read as a segmentation{why}")
+        seg.SetName(_stem(path.name))
+        if self.segmentation_node is not None:
+            self.scene.RemoveNode(self.segmentation_node)
+        self._activate(seg)
+
+    def _activate(self, seg) -> None:
+        self.segmentation_node = seg
+        self.editor.deactivate_effect()
+        self.editor.set_active_segmentation(seg, self.volume_node)
+        self.editor.set_surface_representation_enabled(False)
+        self.undo_stack.clear()
+
+    def upload(self, kind: str, name, content, size=None) -> str:
+        """Check and load a file sent by the page (``kind`` ``image`` or ``segmentation``).
+        The file goes to this session's private folder under a checked plain name and is removed
+        after loading. Raises :class:`InputError` and changes nothing on any problem."""
+        self._check_idle()
+        name = rules.check_upload(name, content, kind, self.max_upload_bytes, size)
+        if kind == "segmentation" and self.volume_node is None:
+            raise InputError("load an image before its segmentation")
+        path = rules.safe_path(self._upload_dir.name, name)
+        try:
+            path.write_bytes(bytes(content))
+            (self.load_image if kind == "image" else self.load_segmentation)(path)
+        finally:
+            if path.exists():
+                path.unlink()
+        return name
+
+    # ------------------------------------------------------------------------------ segments
+
+    @property
+    def segmentation(self):
+        """The vtkSegmentation being edited (None before an image is loaded)."""
+        return self.segmentation_node.GetSegmentation() if self.segmentation_node else None
+
+    def segment_ids(self) -> List[str]:
+        """Ids of the segments, in order."""
+        seg = self.segmentation
+        if seg is None:
+            return []
+        return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+
+    def segments(self) -> List[dict]:
+        """Rows for the page: id, name, colour (``#rrggbb``), active."""
+        active = self.editor.get_active_segment_id()
+        return [
+            {
+                "id": sid,
+                "name": self.segmentation.GetSegment(sid).GetName(),
+                "color": _color_hex(self.segmentation.GetSegment(sid).GetColor()),
+                "active": sid == active,
+            }
+            for sid in self.segment_ids()
+        ]
+
+    def add_segment(self, name: str) -> str:
+        """Add an empty segment (one undo step) and make it the active one."""
+        self._check_idle()
+        if self.segmentation is None:
+            raise InputError("load an image first")
+        name = (name or "").strip()
+        if not name:
+            raise UsageError("type a name for the new segment")
+        if self.segmentation.GetSegmentIdBySegmentName(name):
+            raise UsageError(f"a segment named {name!r} exists already")
+        color = list(PALETTE[len(self.segment_ids()) % len(PALETTE)])
+        return self.editor.add_empty_segment(segment_name=name, segment_color=color)
+
+    def select_segment(self, segment_id: str) -> None:
+        """Make ``segment_id`` the segment the effects paint into."""
+        if segment_id not in self.segment_ids():
+            raise UsageError(f"no segment {segment_id!r}")
+        self.editor.set_active_segment_id(segment_id)
+
+    @property
+    def active_segment_id(self) -> str:
+        return self.editor.get_active_segment_id() or ""
+
+    def set_effect(self, name: str, brush_diameter: Optional[float] = None) -> None:
+        """Activate one of Slicer's effects: ``none``, ``paint``, ``erase``, ``scissors``."""
+        types = _effect_types()
+        if name not in types:
+            raise UsageError(f"unknown effect {name!r} (effects: {', '.join(EFFECTS)})")
+        if name != "none" and not self.active_segment_id:
+            raise UsageError("add or select a segment first")
+        effect = self.editor.set_active_effect_type(types[name])
+        if brush_diameter is not None and hasattr(effect, "set_brush_diameter"):
+            effect.set_brush_diameter(float(brush_diameter))
+
+    def undo(self) -> None:
+        """Undo the last edit (paint, erase, scissors, new segment or a whole propagation)."""
+        self._check_idle()
+        self.undo_stack.undo()
+
+    def redo(self) -> None:
+        """Redo the last undone edit."""
+        self._check_idle()
+        self.undo_stack.redo()
+
+    # ------------------------------------------------------------------------------ status
+
+    def view_position(self, view) -> Tuple[int, Optional[int]]:
+        """(array axis facing a trame-slicer slice view, index of the slice it shows or None
+        when it shows no slice of the volume)."""
+        from .. import mrml
+
+        m = self.scene.GetNodeByID(view.get_view_node_id()).GetSliceToRAS()
+        axis = mrml.axis_for_slice_normal(self.volume_node, [m.GetElement(i, 2) for i in range(3)])
+        try:
+            index = mrml.slice_index_at(
+                self.volume_node, axis, [m.GetElement(i, 3) for i in range(3)]
+            )
+        except MRMLError:
+            index = None
+        return axis, index
+
+    def statuses(self, axis) -> List:
+        """:class:`~UniverSegLogic.mrml.SliceStatus` of every segment that is not a review
+        output, along ``axis`` (a name or an array axis)."""
+        from .. import mrml
+
+        if self.volume_node is None or self.segmentation is None:
+            return []
+        out = []
+        for sid in self.segment_ids():
+            if self.segmentation.GetSegment(sid).HasTag(mrml.TAG_SOURCE):
+                continue
+            out.append(mrml.slice_status(self.volume_node, self.segmentation_node, sid, axis))
+        return out
+
+    def status_lines(self, axis) -> List[str]:
+        """One line per segment, e.g. ``right lung: 3 labeled, 24 predicted``."""
+        return [rules.status_line(s) for s in self.statuses(axis)]
+
+    def mark_slice(self, axis, index: int, labeled: bool = True):
+        """Mark slice ``index`` of the active segment as labeled as it is (empty: the structure
+        is absent there), or unmark an empty labeled slice; only the segment's record changes."""
+        from .. import mrml
+
+        self._check_idle()
+        sid = self._active_for_run()
+        return mrml.mark_slice_labeled(
+            self.volume_node, self.segmentation_node, sid, axis, int(index), labeled
+        )
+
+    def clear_predictions(self) -> List[int]:
+        """Erase the untouched predicted slices of the active segment (one undo step)."""
+        from .. import mrml
+
+        self._check_idle()
+        sid = self._active_for_run()
+        with self._undo_step():
+            return mrml.clear_predictions(self.volume_node, self.segmentation_node, sid)
+
+    # ------------------------------------------------------------------------------ propagation
+
+    def _check_idle(self) -> None:
+        if self.running:
+            raise UsageError("a propagation is running: wait for it or press Cancel")
+
+    def _active_for_run(self) -> str:
+        if self.volume_node is None or self.segmentation is None:
+            raise InputError("load an image first")
+        sid = self.active_segment_id
+        if not sid:
+            raise UsageError("add or select a segment first")
+        return sid
+
+    def _undo_step(self):
+        from trame_slicer.segmentation.segmentation_undo_command import (
+            SegmentationLabelMapUndoCommand,
+        )
+
+        return SegmentationLabelMapUndoCommand.push_state_change(self.editor.active_segmentation)
+
+    def cancel(self) -> None:
+        """Ask the running propagation to stop (nothing is written then)."""
+        if self.running:
+            self._cancel.set()
+
+    def prepare(self, axis):
+        """Read the active segment from MRML and check it (caller's thread); returns the job."""
+        from .. import mrml
+
+        self._check_idle()
+        sid = self._active_for_run()
+        extra = {} if self._sessions is None else {"sessions": self._sessions}
+        return mrml.prepare_propagation(
+            self.volume_node,
+            self.segmentation_node,
+            [sid],
+            mode="fill",
+            engine=self.engine,
+            axis=axis,
+            **extra,
+            **self.options,
+        )
+
+    def apply(self, job) -> PropagationReport:
+        """Write a computed job into the segmentation as one undo step (caller's thread)."""
+        t0 = time.perf_counter()
+        with self._undo_step():
+            result = job.apply()
+        self.editor.active_segmentation.trigger_modified()
+        sid = result.source_ids[0]
+        return PropagationReport(
+            self.segmentation.GetSegment(sid).GetName(),
+            result.axis_name,
+            len(result.predicted_slices.get(sid, [])),
+            result.seconds + (time.perf_counter() - t0),
+            result.device,
+            list(getattr(result, "notes", []) or []),
+        )
+
+    async def propagate(
+        self, axis, progress: Optional[Callable[[float, str], None]] = None
+    ) -> PropagationReport:
+        """Propagate the active segment along ``axis``: prepare here, compute in a worker thread
+        (the event loop stays free), write here. ``progress(fraction, message)`` is called on
+        the worker thread. Raises :class:`Cancelled` after :meth:`cancel` (nothing written)."""
+        job = self.prepare(axis)
+        self.running = True
+        self._cancel.clear()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, job.run, progress, self._cancel.is_set)
+        finally:
+            self.running = False
+            cancelled = self._cancel.is_set()
+            self._cancel.clear()
+        if cancelled:  # a cancel that came after the last check still writes nothing
+            raise Cancelled("cancelled: nothing changed")
+        return self.apply(job)
+
+    # ------------------------------------------------------------------------------ saving
+
+    def _write(self, path: Path) -> None:
+        import slicer
+
+        from ..core.io import atomic_path
+
+        if self.segmentation_node is None:
+            raise InputError("nothing to save: load an image first")
+        tmp = atomic_path(str(path))
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        try:
+            storage.SetFileName(tmp)
+            ok = storage.WriteData(self.segmentation_node)
+            if not ok or not os.path.getsize(tmp):
+                raise OutputError(f"Slicer could not write {path}")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def save(self) -> Path:
+        """Write the segmentation to the ``--out`` path (atomic; names, colours, tags kept)."""
+        self._check_idle()
+        if self.out_path is None:
+            raise UsageError("no --out file was given: use the download")
+        self._write(self.out_path)
+        return self.out_path
+
+    def save_bytes(self) -> bytes:
+        """The segmentation as ``.seg.nrrd`` bytes (for a browser download)."""
+        self._check_idle()
+        path = Path(self._upload_dir.name) / "download.seg.nrrd"
+        self._write(path)
+        try:
+            return path.read_bytes()
+        finally:
+            path.unlink()
+
+    def download_name(self) -> str:
+        """File name offered for the download."""
+        return rules.download_name(
+            self.segmentation_node.GetName() if self.segmentation_node else ""
+        )
+
+
+def _preflight_image(path: Path) -> None:
+    """Read the whole image with SimpleITK first: a truncated or malformed file is refused with
+    a Python error here, before Slicer's readers (which may load it half or abort) see it."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise InputError(f"{path.name} could not be read as an image ({detail})") from None
+    if image.GetDimension() != 3:
+        raise InputError(f"{path.name} is a {image.GetDimension()}D image: expected a 3D volume")
+
+
+def _preflight_segmentation(path: Path) -> None:
+    """Read the whole ``.seg.nrrd`` with slicerio first: Slicer's segmentation reader aborts the
+    process (an uncaught ITK exception) on a truncated file."""
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
+        raise InputError(
+            f"{path.name} could not be read as a segmentation ({one_line(exc)})"
+        ) from None
+    if seg["voxels"].ndim not in (3, 4):
+        raise InputError(f"{path.name} holds a {seg['voxels'].ndim}D array: not a 3D segmentation")
+
+
+def _has_voxels(volume) -> bool:
+    image = volume.GetImageData()
+    return image is not None and image.GetNumberOfPoints() > 0
+
+
+def _stem(name: str) -> str:
+    low = name.lower()
+    for s in (".seg.nrrd", ".nii.gz") + rules.IMAGE_SUFFIXES:
+        if low.endswith(s):
+            return name[: -len(s)]
+    return name
