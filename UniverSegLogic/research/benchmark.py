@@ -422,6 +422,11 @@ def volume_propagation(
         note = f"use_prior=False ({exc.name} missing)"
         opts = PropagationOptions(axis=0, device=engine.device, use_prior=False)
 
+    # warm-up on a small copy: one-time imports (SimpleITK, Slicer's vtkITK) are not timed
+    warm = Volume(img[:, ::8, ::8].copy(), np.diag([8.0, 8.0, 1.0, 1.0]))
+    Propagator(warm, opts, engine=engine).propagate(
+        [SegmentInput("w", "warm-up", painted[:, ::8, ::8].copy())]
+    )
     t0 = time.perf_counter()
     session = Propagator(volume, opts, engine=engine)
     first = session.propagate([SegmentInput("s", "structure", painted)])
