@@ -975,3 +975,102 @@ def test_uninstalled_model_card_or_notice_fails(copy):
     problems = check_installed_docs(copy)
     assert any("MODEL_CARD.md is not in UNIVERSEG_DATA_FILES" in p for p in problems)
     assert any("NOTICE is not in UNIVERSEG_LICENSE_FILES" in p for p in problems)
+
+
+# --------------------------------------------------------------------------------------------
+# widget conventions that cannot run without Slicer's Qt, read from the sources
+
+
+def _methods(root: Path, class_suffix: str) -> Dict[str, ast.FunctionDef]:
+    tree = ast.parse((root / MODULE_DIR / f"{MODULE_DIR}.py").read_text())
+    cls = next(
+        n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(class_suffix)
+    )
+    return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def _source(node: ast.AST) -> str:
+    return ast.unparse(node)
+
+
+def check_widget_conventions(root: Path) -> List[str]:
+    """What the first real Slicer session showed to go wrong, checked in the widget's source:
+    scene observers only while the module is shown, the segmentation *node* observed (a sequence
+    replaces its vtkSegmentation), Reload also reloading UniverSegLogic, image volumes listed
+    (RGB shown, labelmaps hidden), the weights path not a pathlib parameter (it shows '.')."""
+    problems = []
+    widget = _methods(root, "Widget")
+    setup, enter, exit_ = (_source(widget.get(n, ast.Pass())) for n in ("setup", "enter", "exit"))
+    for event in ("NodeAddedEvent", "NodeRemovedEvent"):
+        if event in setup:
+            problems.append(f"setup() observes {event}: it would stay active after leaving")
+        if event not in enter or event not in exit_ or "removeObserver" not in exit_:
+            problems.append(f"{event} is not observed in enter() and removed in exit()")
+    observe = _source(widget.get("observeSegmentation", ast.Pass()))
+    if "GetSegmentation()" in observe:
+        problems.append("observeSegmentation observes the vtkSegmentation, not the node")
+    if "not self.parent.isEntered" not in _source(widget.get("refresh", ast.Pass())):
+        problems.append("refresh() recomputes summaries while the module is hidden")
+    reload_ = _source(widget.get("onReload", ast.Pass()))
+    if "forget_modules" not in reload_ or "UniverSegLogic" not in reload_:
+        problems.append("onReload does not drop UniverSegLogic from sys.modules")
+    elif reload_.index("forget_modules") > reload_.find("ScriptedLoadableModuleWidget.onReload"):
+        problems.append("onReload reloads the module before dropping UniverSegLogic")
+    tree = ast.parse((root / MODULE_DIR / f"{MODULE_DIR}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "weightsFile":
+            if "Path" in _source(node.annotation):
+                problems.append("weightsFile is a pathlib.Path parameter (an empty one shows '.')")
+    ui = ET.parse(root / MODULE_DIR / "Resources" / "UI" / f"{MODULE_DIR}.ui")
+    for w in ui.iter("widget"):
+        props = {p.get("name"): p for p in w.findall("property")}
+        if w.get("name") == "inputVolumeSelector":
+            show = props.get("showChildNodeTypes")
+            if show is not None and show.findtext("bool") == "false":
+                problems.append("inputVolumeSelector hides RGB (vector) volumes")
+            hidden = (
+                [s.text for s in props["hideChildNodeTypes"].iter("string")]
+                if ("hideChildNodeTypes" in props)
+                else []
+            )
+            if "vtkMRMLLabelMapVolumeNode" not in hidden:
+                problems.append("inputVolumeSelector lists labelmaps")
+        if w.get("class") == "ctkPathLineEdit" and "SlicerParameterName" in props:
+            problems.append(f"{w.get('name')} is bound to a pathlib parameter (shows '.')")
+    return problems
+
+
+def test_widget_conventions():
+    assert check_widget_conventions(ROOT) == []
+
+
+def test_the_widget_before_the_fixes_fails_the_conventions(tmp_path):
+    old = subprocess.run(
+        ["git", "show", "b6e1f66:UniverSegSlicer/UniverSegSlicer.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    old_ui = subprocess.run(
+        ["git", "show", "b6e1f66:UniverSegSlicer/Resources/UI/UniverSegSlicer.ui"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if old.returncode or old_ui.returncode:
+        pytest.skip("the repository history is not available")
+    root = tmp_path / "old"
+    (root / MODULE_DIR / "Resources" / "UI").mkdir(parents=True)
+    (root / MODULE_DIR / f"{MODULE_DIR}.py").write_text(old.stdout)
+    (root / MODULE_DIR / "Resources" / "UI" / f"{MODULE_DIR}.ui").write_text(old_ui.stdout)
+    problems = check_widget_conventions(root)
+    for expected in (
+        "setup() observes NodeAddedEvent",
+        "observes the vtkSegmentation",
+        "while the module is hidden",
+        "onReload does not drop",
+        "weightsFile is a pathlib.Path parameter",
+        "hides RGB",
+        "lists labelmaps",
+    ):
+        assert any(expected in p for p in problems), expected
