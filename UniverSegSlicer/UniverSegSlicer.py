@@ -2,19 +2,30 @@
 
 The Slicer module is a thin panel over the Qt-free package ``UniverSegLogic`` (installed beside
 this file by the extension; in a source checkout it is the package at the repository top level).
-All MRML reading and writing happens in ``UniverSegLogic.mrml``.
+All MRML reading and writing happens in ``UniverSegLogic.mrml``; what the panel decides (which
+volume, segments, axis and slice view; engines; the fall-back to the CPU) is in
+``UniverSegLogic.mrml.panel``. The module also registers the Segment Editor effect "UniverSeg"
+(``SegmentEditorUniverSegLib/SegmentEditorEffect.py``).
+
+Imports at load time never need PyTorch: ``UniverSegLogic.errors``, ``.core.device`` and ``.mrml``
+are torch-free (Testing/test_packaging.py checks it); torch is imported only after
+:meth:`UniverSegSlicerLogic.ensureTorch` succeeded.
 """
 
+import importlib
+import inspect
 import logging
 import os
-import pathlib
+import shutil
 import sys
+import time
 from typing import Annotated, Optional
 
 import ctk
 import qt
 import slicer
 import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -25,12 +36,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
-try:  # the classes of loadable modules reach the slicer namespace late: import them directly
-    from MRMLCorePython import vtkMRMLScalarVolumeNode
-    from vtkSlicerSegmentationsModuleMRMLPython import vtkMRMLSegmentationNode
-except ImportError:
-    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 
 def _addLogicPackageToPath() -> None:
@@ -46,15 +51,22 @@ def _addLogicPackageToPath() -> None:
 
 _addLogicPackageToPath()
 
-#: Minimum torch version (first with every API the logic uses).
-TORCH_REQUIREMENT = ">=2.1"
+# torch-free (checked by Testing/test_packaging.py)
+import UniverSegLogic.mrml as mrml  # noqa: E402
+from UniverSegLogic.core import device as devices  # noqa: E402
+from UniverSegLogic.errors import Cancelled, UniverSegError  # noqa: E402
+from UniverSegLogic.mrml import effect as effects  # noqa: E402
+from UniverSegLogic.mrml import panel  # noqa: E402
 
-AXIS_CHOICES = ["view", "axial", "coronal", "sagittal"]
-DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+AXIS_CHOICES = [panel.AXIS_AUTO, "axial", "coronal", "sagittal"]
+DEVICE_CHOICES = list(devices.DEVICE_NAMES)
 WEIGHTS_CHOICES = ["starter", "official", "file"]
 MODE_CHOICES = ["fill", "new"]
 
 SETTINGS_LICENSE_ACCEPTED = "UniverSeg/OfficialWeightsLicenseAccepted"
+#: The Segment Editor effect, relative to this file (Slicer's scripted-effect convention: the
+#: folder is the Python module name, the file name the class name).
+EFFECT_SOURCE = "SegmentEditorUniverSegLib/SegmentEditorEffect.py"
 
 
 #
@@ -67,19 +79,24 @@ class UniverSegSlicer(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("UniverSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["UniverSeg for 3D Slicer contributors"]
         self.parent.helpText = _("""
 <p>Paint a structure on a few slices, then let <b>UniverSeg</b> (an in-context 2D segmentation
 network, ICCV 2023) segment every slice in between, no training needed.</p>
-<p><b>How support slices work.</b> A slice you painted (in Segment Editor) is a <i>labeled</i>
-slice: UniverSeg uses the nearest labeled slices above and below each target slice (up to
-<i>Support size</i> of them) as examples. Labeled slices are never changed. After a run the
-predicted slices are remembered with the segment: a predicted slice you correct becomes a
-labeled slice on the next run; untouched predictions are predicted again and never serve as
-examples. To say "the structure is absent here", go to that slice and click <i>Mark current
-slice as labeled</i> while it is empty. Other loaded volumes with a segmentation that has a
-segment of the same name can add examples (<i>Extra support</i>).</p>
+<p><b>Segment Editor effect.</b> In Segment Editor, the <i>UniverSeg</i> effect (next to
+<i>Fill between slices</i>) previews the propagated segments; <i>Apply</i> writes them as one
+undo step, <i>Cancel</i> leaves the segmentation as it was. It honours the editor's masking
+(editable area, editable intensity range); other segments are left untouched unless you tick
+<i>Modify other segments</i>. This module holds the settings the effect uses.</p>
+<p><b>How support slices work.</b> A slice you painted is a <i>labeled</i> slice: UniverSeg
+uses the nearest labeled slices above and below each target slice (up to <i>Support size</i> of
+them) as examples. Labeled slices are never changed. After a run the predicted slices are
+remembered with the segment: a predicted slice you correct becomes a labeled slice on the next
+run; untouched predictions are predicted again and never serve as examples. To say "the
+structure is absent here", show that slice and click <i>Mark current slice as labeled</i> while
+it is empty. Other loaded volumes with a segmentation that has a segment of the same name can
+add examples (<i>Extra support</i>).</p>
 <p><b>Output.</b> <i>fill</i> writes the prediction into the unlabeled slices of the same
 segment (one undo step in Segment Editor); <i>new</i> writes "&lt;name&gt; (UniverSeg)"
 for review, replaced on every run. Cancel or an error leaves the segmentation unchanged.</p>
@@ -92,6 +109,18 @@ UniverSeg: Butoi, Ortiz, Ma, Sabuncu, Guttag, Dalca. "UniverSeg: Universal Medic
 Segmentation", ICCV 2023 (https://universeg.csail.mit.edu). This extension reimplements the
 network; the official weights remain under their own license.
 """)
+        # Slicer's convention for scripted effects of extensions: register once the application
+        # has started (the Segment Editor's effect factory exists then).
+        slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+
+    def registerEditorEffect(self):
+        """Register the Segment Editor effect "UniverSeg"."""
+        import qSlicerSegmentationsEditorEffectsPythonQt as qSlicerSegmentationsEditorEffects
+
+        instance = qSlicerSegmentationsEditorEffects.qSlicerSegmentEditorScriptedEffect(None)
+        effectFilename = os.path.join(os.path.dirname(__file__), EFFECT_SOURCE)
+        instance.setPythonSource(effectFilename.replace("\\", "/"))
+        instance.self().register()
 
 
 #
@@ -101,10 +130,11 @@ network; the official weights remain under their own license.
 
 @parameterNodeWrapper
 class UniverSegSlicerParameterNode:
-    """The panel's state, saved with the scene.
+    """The panel's state, saved with the scene (the Segment Editor effect reads it too).
 
-    inputVolume / segmentation - what to propagate; segmentIds - checked segments.
-    axis - slicing axis ("view": orientation of the slice view last used).
+    inputVolume / segmentation - what to propagate; segmentChoices - segments the user checked
+    or unchecked (the others follow the default: every segment that is not a review output).
+    axis - slicing axis ("auto": the axis the labeled slices lie on).
     supportSize, ensemble, device, weights, weightsFile - UniverSeg settings.
     outputMode - "fill" (same segment) or "new" (review segment).
     supportSegmentations - other segmentations (with their reference volumes) giving examples.
@@ -112,13 +142,13 @@ class UniverSegSlicerParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
-    segmentIds: list[str]
-    axis: Annotated[str, Choice(AXIS_CHOICES)] = "view"
+    segmentChoices: dict[str, bool]
+    axis: Annotated[str, Choice(AXIS_CHOICES)] = panel.AXIS_AUTO
     supportSize: Annotated[int, WithinRange(1, 64)] = 2
     ensemble: Annotated[int, WithinRange(1, 8)] = 1
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     weights: Annotated[str, Choice(WEIGHTS_CHOICES)] = "starter"
-    weightsFile: pathlib.Path
+    weightsFile: str = ""
     outputMode: Annotated[str, Choice(MODE_CHOICES)] = "fill"
     supportSegmentations: list[vtkMRMLSegmentationNode]
 
@@ -129,11 +159,13 @@ class UniverSegSlicerParameterNode:
 
 
 class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    #: vtkSegmentation events, observed on the segmentation *node* (it re-invokes them and
+    #: keeps doing so when a sequence replaces its vtkSegmentation object)
     SEGMENTATION_EVENTS = (
         "SegmentAdded",
         "SegmentRemoved",
         "SegmentModified",
-        "RepresentationModified",
+        "SourceRepresentationModified",
     )
 
     def __init__(self, parent=None) -> None:
@@ -149,8 +181,9 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingLists = False
         self._segmentsSignature = None
         self._supportSignature = None
-        # lists and summaries are refreshed shortly after the last change (painting fires
-        # many events; a summary resamples each checked segment)
+        self._statusCache = {}
+        # lists and summaries are refreshed shortly after the last change (painting fires many
+        # events; a summary resamples each checked segment)
         self._refreshTimer = qt.QTimer()
         self._refreshTimer.setSingleShot(True)
         self._refreshTimer.setInterval(400)
@@ -161,20 +194,21 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = UniverSegSlicerLogic()
+        self.logic = UniverSegSlicerLogic.shared()
 
         self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Files
         self.ui.weightsPathLineEdit.nameFilters = [_("Weights (*.pt *.pth)"), _("All files (*)")]
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
 
+        # scene close resets the panel even while it is hidden; everything else is observed
+        # only while the module is shown (enter/exit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneChanged)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneChanged)
 
         self.ui.segmentsList.itemChanged.connect(self.onSegmentItemChanged)
         self.ui.supportList.itemChanged.connect(self.onSupportItemChanged)
+        self.ui.weightsPathLineEdit.currentPathChanged.connect(self.onWeightsPathChanged)
         self.ui.markSliceButton.clicked.connect(lambda: self.onMarkSlice(True))
         self.ui.unmarkSliceButton.clicked.connect(lambda: self.onMarkSlice(False))
         self.ui.clearPredictionButton.clicked.connect(self.onClearPrediction)
@@ -182,36 +216,51 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self._refreshTimer.timeout.connect(self.refresh)
 
-        self.initializeParameterNode()
-
     def cleanup(self) -> None:
         self._cancelRequested = True
         self._refreshTimer.stop()
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Developer "Reload": also reload UniverSegLogic (Python keeps imported packages)."""
+        self.cleanup()
+        panel.forget_modules(("UniverSegLogic", "SegmentEditorUniverSegLib"))
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
         self.initializeParameterNode()
+        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
+            if not self.hasObserver(slicer.mrmlScene, event, self.onSceneChanged):
+                self.addObserver(slicer.mrmlScene, event, self.onSceneChanged)
         crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
         event = slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent
         if crosshair and not self.hasObserver(crosshair, event, self.onCursorMoved):
             self.addObserver(crosshair, event, self.onCursorMoved)
+        self._refreshTimer.start()
 
     def exit(self) -> None:
+        """Stop observing: nothing is recomputed while the module is not shown."""
+        self._refreshTimer.stop()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(
                 self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
             )
+        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
+            if self.hasObserver(slicer.mrmlScene, event, self.onSceneChanged):
+                self.removeObserver(slicer.mrmlScene, event, self.onSceneChanged)
         crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
         event = slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent
         if crosshair and self.hasObserver(crosshair, event, self.onCursorMoved):
             self.removeObserver(crosshair, event, self.onCursorMoved)
+        self.observeSegmentation(None)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = True
         self.setParameterNode(None)
         self.observeSegmentation(None)
+        self._statusCache.clear()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -219,14 +268,15 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if volume:
-                self._parameterNode.inputVolume = volume
-        if not self._parameterNode.segmentation:
+        p = self._parameterNode
+        if not p.segmentation:
             segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
             if segmentation:
-                self._parameterNode.segmentation = segmentation
+                p.segmentation = segmentation
+        if not p.inputVolume:
+            volume = panel.preselect_volume(slicer.mrmlScene, p.segmentation)
+            if volume:
+                p.inputVolume = volume
 
     def setParameterNode(self, inputParameterNode: Optional[UniverSegSlicerParameterNode]) -> None:
         if self._parameterNode:
@@ -249,7 +299,13 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        self.observeSegmentation(p.segmentation if p else None)
+        if self.parent.isEntered:
+            self.observeSegmentation(p.segmentation if p else None)
+        path = p.weightsFile if p else ""
+        if self.ui.weightsPathLineEdit.currentPath != path:
+            wasBlocked = self.ui.weightsPathLineEdit.blockSignals(True)
+            self.ui.weightsPathLineEdit.currentPath = path
+            self.ui.weightsPathLineEdit.blockSignals(wasBlocked)
         self.updateButtons()
         self._refreshTimer.start()  # lists are rebuilt later, never inside their own signals
 
@@ -258,19 +314,16 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._observedSegmentation is not None:
             for name in self.SEGMENTATION_EVENTS:
-                self.removeObserver(
-                    self._observedSegmentation.GetSegmentation(),
-                    getattr(slicer.vtkSegmentation, name),
-                    self.onSegmentationChanged,
-                )
+                event = getattr(slicer.vtkSegmentation, name)
+                if self.hasObserver(self._observedSegmentation, event, self.onSegmentationChanged):
+                    self.removeObserver(
+                        self._observedSegmentation, event, self.onSegmentationChanged
+                    )
         self._observedSegmentation = segmentationNode
         if segmentationNode is not None:
             for name in self.SEGMENTATION_EVENTS:
-                self.addObserver(
-                    segmentationNode.GetSegmentation(),
-                    getattr(slicer.vtkSegmentation, name),
-                    self.onSegmentationChanged,
-                )
+                event = getattr(slicer.vtkSegmentation, name)
+                self.addObserver(segmentationNode, event, self.onSegmentationChanged)
 
     def onSegmentationChanged(self, caller=None, event=None) -> None:
         if not self._running:
@@ -285,11 +338,9 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sliceNode = caller.GetCursorPositionXYZ(xyz)
         if sliceNode is not None and sliceNode.GetID() != self._lastSliceNodeId:
             self._lastSliceNodeId = sliceNode.GetID()
-            if self._parameterNode and self._parameterNode.axis == "view":
-                self._refreshTimer.start()
 
     def refresh(self) -> None:
-        if self._running:
+        if self._running or not self.parent.isEntered:
             return
         self.updateSegmentsList()
         self.updateSupportList()
@@ -299,24 +350,16 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateSegmentsList(self) -> None:
         p = self._parameterNode
         segmentationNode = p.segmentation if p else None
-        rows = []
-        if segmentationNode is not None:
-            import UniverSegLogic.mrml as mrml
-
-            segmentation = segmentationNode.GetSegmentation()
-            ids = [
-                segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
-            ]
-            checked = set(p.segmentIds).intersection(ids)
-            if not checked:  # default: every segment that is not a review output
-                checked = {i for i in ids if not segmentation.GetSegment(i).HasTag(mrml.TAG_SOURCE)}
-            for sid in ids:
-                segment = segmentation.GetSegment(sid)
-                rows.append((sid, segment.GetName(), sid in checked, tuple(segment.GetColor())))
-        signature = (segmentationNode.GetID() if segmentationNode else None, tuple(rows))
+        rows = panel.segment_rows(segmentationNode, dict(p.segmentChoices) if p else {})
+        signature = (
+            segmentationNode.GetID() if segmentationNode else None,
+            tuple((r.segment_id, r.name, r.checked, r.color) for r in rows),
+        )
         if signature != self._segmentsSignature:
             self._segmentsSignature = signature
-            self.fillCheckList(self.ui.segmentsList, rows)
+            self.fillCheckList(
+                self.ui.segmentsList, [(r.segment_id, r.name, r.checked, r.color) for r in rows]
+            )
 
     def fillCheckList(self, listWidget, rows) -> None:
         """Rebuild a checkable list from (data, label, checked[, colour]) rows."""
@@ -346,9 +389,20 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.checkedData(self.ui.segmentsList)
 
     def onSegmentItemChanged(self, item) -> None:
+        # itemChanged also fires for tooltips and icons: only a user's check counts, and only
+        # that segment's choice is remembered (segments added later follow the default)
         if self._updatingLists or not self._parameterNode:
             return
-        self._parameterNode.segmentIds = self.checkedSegmentIds()
+        choices = dict(self._parameterNode.segmentChoices)
+        sid = item.data(qt.Qt.UserRole)
+        checked = item.checkState() == qt.Qt.Checked
+        if choices.get(sid) != checked:
+            choices[sid] = checked
+            self._parameterNode.segmentChoices = choices
+
+    def onWeightsPathChanged(self, path) -> None:
+        if self._parameterNode and self._parameterNode.weightsFile != path:
+            self._parameterNode.weightsFile = path
 
     def updateSupportList(self) -> None:
         p = self._parameterNode
@@ -358,6 +412,8 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
                 volume = self.logic.referenceVolumeOf(node)
                 if node is p.segmentation or volume is None or volume is p.inputVolume:
+                    continue
+                if node.GetHideFromEditors():  # e.g. a Segment Editor preview
                     continue
                 rows.append(
                     (
@@ -396,18 +452,22 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.inputsCollapsibleButton, self.ui.settingsCollapsibleButton):
             widget.enabled = not self._running
 
-    def currentSliceNode(self):
-        node = (
-            slicer.mrmlScene.GetNodeByID(self._lastSliceNodeId) if self._lastSliceNodeId else None
-        )
-        return node or slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+    def lastSliceNode(self):
+        if self._lastSliceNodeId:
+            return slicer.mrmlScene.GetNodeByID(self._lastSliceNodeId)
+        return None
 
     def resolvedAxis(self):
-        """Axis to use: the chosen one, or the array axis facing the slice view last used."""
+        """Array axis to use (see ``UniverSegLogic.mrml.panel.resolve_axis``)."""
         p = self._parameterNode
-        if p.axis != "view":
-            return p.axis
-        return self.logic.axisOfSliceView(p.inputVolume, self.currentSliceNode())
+        sliceNode = self.lastSliceNode()
+        return panel.resolve_axis(
+            p.inputVolume,
+            p.segmentation,
+            p.axis,
+            self.checkedSegmentIds() or None,
+            sliceNode.GetSliceToRAS() if sliceNode else None,
+        )
 
     def updateSummaries(self) -> None:
         p = self._parameterNode
@@ -417,16 +477,24 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             axis = self.resolvedAxis()
             lines = []
-            for row in range(self.ui.segmentsList.count):
-                item = self.ui.segmentsList.item(row)
-                if item.checkState() != qt.Qt.Checked:
-                    item.setToolTip("")
-                    continue
-                status = self.logic.sliceStatus(
-                    p.inputVolume, p.segmentation, item.data(qt.Qt.UserRole), axis
-                )
-                item.setToolTip(status.summary())
-                lines.append(f"<b>{status.name}</b> &mdash; {status.summary()}")
+            self._updatingLists = True  # setToolTip fires itemChanged
+            try:
+                for row in range(self.ui.segmentsList.count):
+                    item = self.ui.segmentsList.item(row)
+                    if item.checkState() != qt.Qt.Checked:
+                        item.setToolTip("")
+                        continue
+                    status = self.logic.sliceStatus(
+                        p.inputVolume,
+                        p.segmentation,
+                        item.data(qt.Qt.UserRole),
+                        axis,
+                        self._statusCache,
+                    )
+                    item.setToolTip(status.summary())
+                    lines.append(f"<b>{status.name}</b> &mdash; {status.summary()}")
+            finally:
+                self._updatingLists = False
             self.ui.summaryLabel.text = "<br>".join(lines) or _("No segment checked.")
         except Exception as exc:  # a summary must never break the panel
             self.ui.summaryLabel.text = _("Summary unavailable: {error}").format(error=exc)
@@ -439,13 +507,9 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ids = self.checkedSegmentIds()
             if len(ids) != 1:
                 raise ValueError(_("Check exactly one segment to mark a slice for."))
+            axis = self.resolvedAxis()
             status = self.logic.markCurrentSlice(
-                p.inputVolume,
-                p.segmentation,
-                ids[0],
-                self.resolvedAxis(),
-                self.currentSliceNode(),
-                labeled,
+                p.inputVolume, p.segmentation, ids[0], axis, self.lastSliceNode(), labeled
             )
             self.ui.statusLabel.text = status.summary()
         self._refreshTimer.start()
@@ -467,16 +531,26 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = False
         self.ui.statusLabel.text = _("Cancelling...")
 
+    def cancelRequested(self) -> bool:
+        return self._cancelRequested
+
     def onProgress(self, fraction: float, message: str) -> None:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()  # keep Slicer responsive; Cancel is read between batches
+        """Progress of any step; ``fraction`` < 0: unknown (busy indicator)."""
+        if fraction < 0:
+            self.ui.progressBar.maximum = 0
+        else:
+            self.ui.progressBar.maximum = 100
+            self.ui.progressBar.value = int(round(100 * fraction))
+        if message:
+            self.ui.statusLabel.text = message
+        slicer.app.processEvents()  # keep Slicer responsive; Cancel is read between steps
 
     def setRunning(self, running: bool) -> None:
         self._running = running
         self.ui.progressBar.visible = running
         self.ui.cancelButton.visible = running
         self.ui.cancelButton.enabled = running
+        self.ui.progressBar.maximum = 100
         self.ui.progressBar.value = 0
         self.updateButtons()
 
@@ -484,32 +558,27 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._running:
             return
         p = self._parameterNode
-        from UniverSegLogic.core.engine import Cancelled
-
         self._cancelRequested = False
         self.setRunning(True)
         try:
             with slicer.util.tryWithErrorDisplay(
                 _("UniverSeg propagation failed."), waitCursor=False
             ):
-                weights = self.logic.prepareRun(p.weights, p.weightsFile, progress=self.onProgress)
-                if weights is None or self._cancelRequested:
-                    self.ui.statusLabel.text = _("Cancelled: nothing changed.")
-                    return
-                supportPairs = [
-                    (self.logic.referenceVolumeOf(n), n)
-                    for n in p.supportSegmentations
-                    if n is not None
-                ]
                 try:
+                    weights = self.logic.prepareRun(
+                        p.weights, p.weightsFile, self.onProgress, self.cancelRequested
+                    )
+                    if weights is None:
+                        self.ui.statusLabel.text = _("Nothing was changed.")
+                        return
                     result = self.logic.process(
                         p.inputVolume,
                         p.segmentation,
                         self.checkedSegmentIds(),
                         mode=p.outputMode,
-                        supportPairs=supportPairs,
+                        supportPairs=self.logic.supportPairs(p),
                         progress=self.onProgress,
-                        cancel=lambda: self._cancelRequested,
+                        cancel=self.cancelRequested,
                         axis=self.resolvedAxis(),
                         support_size=p.supportSize,
                         ensemble=p.ensemble,
@@ -519,7 +588,7 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing changed.")
                     return
-                self.ui.statusLabel.text = _(
+                text = _(
                     "Predicted {slices} slices of {segments} segment(s) along the {axis} axis "
                     "in {seconds:.1f} s ({device})."
                 ).format(
@@ -529,6 +598,8 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     seconds=result.seconds,
                     device=result.device,
                 )
+                notes = list(getattr(result, "notes", []) or [])
+                self.ui.statusLabel.text = " ".join([text] + notes)
         finally:
             self.setRunning(False)
             self._refreshTimer.start()
@@ -540,10 +611,26 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
-    """Calls :mod:`UniverSegLogic.mrml`; everything here also works without the widget."""
+    """Calls :mod:`UniverSegLogic.mrml`; everything here also works without the widget.
+
+    :meth:`shared` is the one instance the module's panel and the Segment Editor effect use, so
+    they share the inference engines and the propagation sessions (a correction followed by
+    Update recomputes only what changed)."""
+
+    _shared = None
+
+    @classmethod
+    def shared(cls):
+        """The instance the panel and the effect share."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.engines = panel.EngineCache()
+        store = getattr(mrml, "SessionStore", None)
+        self.sessions = store() if store is not None else None
 
     def getParameterNode(self):
         return UniverSegSlicerParameterNode(super().getParameterNode())
@@ -553,56 +640,61 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         """The volume a segmentation was drawn on (its reference geometry node), if loaded."""
         role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
         node = segmentationNode.GetNodeReference(role) if segmentationNode else None
-        return node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else None
+        return node if panel.is_image_volume(node) else None
+
+    def supportPairs(self, parameterNode):
+        """(volume, segmentation) pairs of the extra support segmentations."""
+        return [
+            (self.referenceVolumeOf(n), n)
+            for n in parameterNode.supportSegmentations
+            if n is not None and self.referenceVolumeOf(n) is not None
+        ]
 
     @staticmethod
-    def axisOfSliceView(volumeNode, sliceNode):
-        """Array axis of ``volumeNode`` facing ``sliceNode`` (falls back to axial)."""
-        import UniverSegLogic.mrml as mrml
-
-        if volumeNode is None or sliceNode is None:
-            return "axial"
-        m = sliceNode.GetSliceToRAS()
-        return mrml.axis_for_slice_normal(volumeNode, [m.GetElement(i, 2) for i in range(3)])
+    def sliceStatus(volumeNode, segmentationNode, segmentId, axis, cache=None):
+        """Slice status of one segment; ``cache`` (a dict) skips segments that did not change."""
+        key = None
+        if cache is not None:
+            segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+            labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+            key = (
+                segmentationNode.GetID(),
+                segmentId,
+                axis,
+                volumeNode.GetID(),
+                volumeNode.GetMTime(),
+                segment.GetMTime() if segment else 0,
+                labelmap.GetMTime() if labelmap else 0,
+            )
+            if key in cache:
+                return cache[key]
+        status = mrml.slice_status(volumeNode, segmentationNode, segmentId, axis)
+        if cache is not None:
+            if len(cache) > 256:
+                cache.clear()
+            cache[key] = status
+        return status
 
     @staticmethod
-    def sliceStatus(volumeNode, segmentationNode, segmentId, axis):
-        import UniverSegLogic.mrml as mrml
-
-        return mrml.slice_status(volumeNode, segmentationNode, segmentId, axis)
+    def sliceNodes():
+        return list(slicer.util.getNodesByClass("vtkMRMLSliceNode"))
 
     def markCurrentSlice(
-        self, volumeNode, segmentationNode, segmentId, axis, sliceNode, labeled=True
+        self, volumeNode, segmentationNode, segmentId, axis, preferredSliceNode=None, labeled=True
     ):
-        """Mark (or unmark) the slice shown in ``sliceNode`` as labeled for one segment."""
-        import UniverSegLogic.mrml as mrml
-
-        if sliceNode is None:
-            raise ValueError(_("No slice view found."))
-        m = sliceNode.GetSliceToRAS()
-        normal = [m.GetElement(i, 2) for i in range(3)]
-        volumeAxis = mrml.axis_for_slice_normal(volumeNode, normal)
-        geometryAxis = mrml.array_axis(volumeNode, axis)
-        if volumeAxis != geometryAxis:
-            raise ValueError(
-                _(
-                    "The slice view {view} does not show slices along the chosen axis: "
-                    "use a view with that orientation."
-                ).format(view=sliceNode.GetName())
-            )
-        center = [m.GetElement(i, 3) for i in range(3)]
-        index = mrml.slice_index_at(volumeNode, geometryAxis, center)
+        """Mark (or unmark) the slice shown in a slice view along ``axis`` as labeled."""
+        sliceNode = panel.pick_slice_view(
+            volumeNode, axis, self.sliceNodes(), preferred=preferredSliceNode
+        )
+        index = panel.current_slice(volumeNode, axis, sliceNode)
         return mrml.mark_slice_labeled(
-            volumeNode, segmentationNode, segmentId, geometryAxis, index, labeled
+            volumeNode, segmentationNode, segmentId, axis, index, labeled
         )
 
     def clearPredictions(self, volumeNode, segmentationNode, segmentIds, undo=None) -> int:
-        import UniverSegLogic.mrml as mrml
-
-        return sum(
-            len(mrml.clear_predictions(volumeNode, segmentationNode, sid, undo))
-            for sid in segmentIds
-        )
+        """Clear untouched predictions of several segments (one undo step)."""
+        erased = panel.clear_predictions_of(volumeNode, segmentationNode, segmentIds, undo)
+        return sum(erased.values())
 
     @staticmethod
     def segmentEditorUndo(segmentationNode):
@@ -619,38 +711,104 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------ dependencies and weights
 
     @staticmethod
-    def ensureTorch() -> bool:
-        """Import torch, installing it through the PyTorch extension after the user agrees.
-        Returns False when the user declines."""
-        import importlib.util
+    def _pythonSlicer():
+        path = shutil.which("PythonSlicer")
+        if not path:
+            raise UniverSegError(_("PythonSlicer was not found: cannot install PyTorch."))
+        return path
 
-        if importlib.util.find_spec("torch") is not None:
+    @staticmethod
+    def torchBuild(torchLogic):
+        """(computation backend, text): the PyTorch build PyTorchUtils (light-the-torch) finds
+        compatible with this machine's GPU driver; (None, text) when it cannot tell."""
+        try:
+            backends = torchLogic.getCompatibleComputationBackends(
+                torchVersionRequirement=devices.TORCH_REQUIREMENT
+            )
+        except Exception as exc:  # noqa: BLE001 - the install can still let ltt choose
+            logging.warning("UniverSeg: PyTorch build detection failed: %s", exc)
+            return None, _("build chosen by light-the-torch")
+        if not backends:
+            return None, _("build chosen by light-the-torch")
+        best = max(backends)
+        spec = getattr(best, "local_specifier", None) or str(best)
+        driver = ""
+        try:
+            driver = torchLogic.nvidiaDriverVersionInformation
+        except Exception:  # noqa: BLE001
+            driver = ""
+        text = _("build {build}").format(build=spec)
+        if driver:
+            text += ", " + _("NVIDIA driver {driver}").format(driver=driver)
+        return spec, text
+
+    def ensureTorch(self, progress=None, cancel=None) -> bool:
+        """Make sure PyTorch >= the required version is installed, offering to install or
+        upgrade it through the PyTorch extension (the build for this machine's GPU driver).
+        Returns False when the user declines or a restart is needed first."""
+        check = devices.check_torch()
+        if check.ok:
             return True
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
-            raise RuntimeError(
+            raise UniverSegError(
                 _(
                     "UniverSeg needs the PyTorch extension: install 'PyTorch' from "
                     "the Extensions Manager and restart Slicer."
                 )
             ) from None
-        if not slicer.util.confirmOkCancelDisplay(
-            _(
-                "UniverSeg needs the PyTorch Python package, which is not installed yet.\n\n"
-                "Install it now? The download is large (up to a few GB with GPU support) "
-                "and may take several minutes."
-            ),
-            windowTitle=_("Install PyTorch"),
-        ):
+        question = (
+            _("UniverSeg needs the PyTorch Python package, which is not installed yet.")
+            if check.version is None
+            else _("{problem}.").format(problem=check.message)
+        )
+        question += "\n\n" + _(
+            "Install PyTorch {requirement} now? The download is large (up to a few GB with GPU "
+            "support) and may take several minutes; you can stop it until the installation "
+            "itself starts."
+        ).format(requirement=devices.TORCH_REQUIREMENT)
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install PyTorch")):
             return False
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        with slicer.util.WaitCursor():
-            installed = torchLogic.installTorch(
-                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT
+
+        def report(message):
+            if progress is not None:
+                progress(-1.0, message)
+
+        report(_("Finding the PyTorch build for this computer..."))
+        backend, buildText = self.torchBuild(torchLogic)
+        logging.info("UniverSeg: installing PyTorch %s (%s)", devices.TORCH_REQUIREMENT, buildText)
+        command = [
+            self._pythonSlicer(),
+            "-m",
+            "light_the_torch",
+            "install",
+            f"torch{devices.TORCH_REQUIREMENT}",
+        ]
+        if backend and backend != "cpu":
+            command.append(f"--pytorch-computation-backend={backend}")
+        devices.run_install(
+            command,
+            progress=lambda m: report(
+                _("PyTorch ({build}): {step}").format(build=buildText, step=m)
+            ),
+            cancel=cancel,
+            poll=slicer.app.processEvents,
+        )
+        if "torch" in sys.modules:  # an older torch is loaded in this process
+            if slicer.util.confirmOkCancelDisplay(
+                _("PyTorch was updated. Restart Slicer now to use it?"),
+                windowTitle=_("Restart required"),
+            ):
+                slicer.util.restart()
+            return False
+        importlib.invalidate_caches()
+        check = devices.check_torch()
+        if not check.ok:
+            raise UniverSegError(
+                _("PyTorch installation did not succeed: {problem}").format(problem=check.message)
             )
-        if installed is None:
-            raise RuntimeError(_("PyTorch could not be installed (see the Python console)."))
         return True
 
     @staticmethod
@@ -659,7 +817,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         if not os.environ.get("UNIVERSEG_CACHE"):
             os.environ["UNIVERSEG_CACHE"] = os.path.join(slicer.app.cachePath, "UniverSeg")
 
-    def ensureOfficialWeights(self, progress=None) -> bool:
+    def ensureOfficialWeights(self, progress=None, cancel=None) -> bool:
         """Download and verify the official weights after the user accepts their license."""
         self.useSlicerCache()
         from UniverSegLogic.core import weights
@@ -677,30 +835,77 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
             settings.setValue(SETTINGS_LICENSE_ACCEPTED, True)
 
         def report(done, total):
+            if cancel is not None and cancel():
+                raise Cancelled("download cancelled")
             if progress is not None:
                 progress(
-                    done / total if total else 0.0,
+                    done / total if total else -1.0,
                     _("Downloading official weights: {mb:.1f} MB").format(mb=done / 1e6),
                 )
 
         weights.official_path(allow_download=True, echo=logging.info, progress=report)
         return True
 
-    def prepareRun(self, weightsChoice, weightsFile=None, progress=None):
-        """Dependencies and weights for a run; returns the ``weights`` option, or None when
-        the user declined an installation or download."""
-        if not self.ensureTorch():
+    def prepareRun(self, weightsChoice, weightsFile=None, progress=None, cancel=None):
+        """Dependencies and weights for a run; returns the ``weights`` option, or None when the
+        user declined an installation or download (raises ``Cancelled`` when stopped)."""
+        if not self.ensureTorch(progress, cancel):
             return None
         if weightsChoice == "official":
-            return "official" if self.ensureOfficialWeights(progress) else None
+            return "official" if self.ensureOfficialWeights(progress, cancel) else None
         if weightsChoice == "file":
             path = str(weightsFile or "")
-            if not path or path == "." or not os.path.isfile(path):
-                raise ValueError(_("Choose a weights file (.pt) first."))
+            if not path or not os.path.isfile(path):
+                raise UniverSegError(_("Choose a weights file (.pt) first."))
             return path
         return "starter"
 
     # ------------------------------------------------------------ propagation
+
+    def _sessionKeywords(self):
+        if self.sessions is None:
+            return {}
+        if "sessions" not in inspect.signature(mrml.prepare_propagation).parameters:
+            return {}
+        return {"sessions": self.sessions}
+
+    def runJob(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentIds,
+        mode,
+        supportPairs,
+        progress,
+        cancel,
+        weights="starter",
+        device="auto",
+        **options,
+    ):
+        """Prepare and run a propagation with the shared engines (first run: loads PyTorch and
+        the model with progress; falls back from Apple's GPU to the CPU). Returns (job,
+        weights description, notes); nothing is written."""
+        self.useSlicerCache()
+        notes = []
+
+        def makeJob(engine):
+            return mrml.prepare_propagation(
+                volumeNode,
+                segmentationNode,
+                segmentIds,
+                mode,
+                supportPairs,
+                engine=engine,
+                weights=weights,
+                device=engine.device,
+                **self._sessionKeywords(),
+                **options,
+            )
+
+        job, description = panel.run_with_cpu_fallback(
+            makeJob, self.engines, weights, device, progress, cancel, notes
+        )
+        return job, description, notes
 
     def process(
         self,
@@ -712,34 +917,69 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         progress=None,
         cancel=None,
         undo="segmenteditor",
-        engine=None,
         **options,
     ):
         """Propagate and write into ``segmentationNode`` (see
         ``UniverSegLogic.mrml.propagate_segmentation``). ``undo="segmenteditor"`` makes the run
         one undo step in Segment Editor when it shows this segmentation."""
-        import UniverSegLogic.mrml as mrml
-
+        t0 = time.perf_counter()
         if isinstance(undo, str) and undo == "segmenteditor":
             undo = self.segmentEditorUndo(segmentationNode)
-        self.useSlicerCache()
         logging.info("UniverSeg: propagating %s", segmentIds)
-        result = mrml.propagate_segmentation(
+        job, description, notes = self.runJob(
             volumeNode,
             segmentationNode,
             segmentIds,
             mode,
             supportPairs,
-            progress=progress,
-            cancel=cancel,
-            engine=engine,
-            undo=undo,
+            progress,
+            cancel,
             **options,
         )
+        result = job.apply(undo)
+        result.weights = description
+        result.seconds = time.perf_counter() - t0
+        result.notes = list(getattr(result, "notes", []) or []) + notes
         logging.info(
             "UniverSeg: done in %.1f s on %s (%s)", result.seconds, result.device, result.weights
         )
         return result
+
+    def computePreview(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentIds,
+        supportPairs=(),
+        progress=None,
+        cancel=None,
+        **options,
+    ):
+        """A fill-mode propagation as a preview for the Segment Editor effect (nothing written)."""
+        t0 = time.perf_counter()
+        job, description, notes = self.runJob(
+            volumeNode,
+            segmentationNode,
+            segmentIds,
+            "fill",
+            supportPairs,
+            progress,
+            cancel,
+            **options,
+        )
+        preview = effects.PropagationPreview(job, notes)
+        preview.description = description
+        preview.seconds = time.perf_counter() - t0
+        return preview
+
+    def effectOptions(self, parameterNode, weights):
+        """Propagation options the Segment Editor effect takes from the module's settings."""
+        return {
+            "support_size": parameterNode.supportSize,
+            "ensemble": parameterNode.ensemble,
+            "device": parameterNode.device,
+            "weights": weights,
+        }
 
 
 #
@@ -749,7 +989,8 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
 class UniverSegSlicerTest(ScriptedLoadableModuleTest):
     """End-to-end test in Slicer: CTChest, lungs painted on a few slices from a threshold-made
-    reference, propagated with the starter weights, Dice against the reference."""
+    reference, propagated with the starter weights, Dice against the reference; then the same
+    through the Segment Editor effect's logic (preview, apply, undo)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -757,6 +998,8 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_PropagateLungsOnCTChest()
+        self.setUp()
+        self.test_EffectPreviewApplyUndo()
 
     @staticmethod
     def lungReference(volumeNode, axis):
@@ -784,13 +1027,10 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         keep = [v for v in range(1, 6) if v not in border]
         return np.isin(labels, keep[:2])
 
-    def test_PropagateLungsOnCTChest(self):
+    def paintedLungs(self):
         import numpy as np
         import SampleData
 
-        import UniverSegLogic.mrml as mrml
-
-        self.delayDisplay("Loading CTChest")
         volumeNode = SampleData.SampleDataLogic().downloadSample("CTChest")
         axis = mrml.array_axis(volumeNode, "axial")
         reference = self.lungReference(volumeNode, axis)
@@ -802,7 +1042,6 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         for k in painted:
             take[axis] = k
             labels[tuple(take)] = reference[tuple(take)]
-
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
@@ -810,10 +1049,22 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray(
             labels.astype(np.uint8), segmentationNode, segmentId, volumeNode
         )
+        return volumeNode, segmentationNode, segmentId, axis, reference, labels, painted
 
+    def test_PropagateLungsOnCTChest(self):
+        import numpy as np
+
+        self.delayDisplay("Loading CTChest")
+        volumeNode, segmentationNode, segmentId, axis, reference, labels, painted = (
+            self.paintedLungs()
+        )
+        take = [slice(None)] * 3
         self.delayDisplay("Propagating with the starter weights")
-        logic = UniverSegSlicerLogic()
+        logic = UniverSegSlicerLogic.shared()
         self.assertTrue(logic.ensureTorch())
+        self.assertEqual(
+            panel.resolve_axis(volumeNode, segmentationNode, "auto", [segmentId]), axis
+        )
         result = logic.process(
             volumeNode,
             segmentationNode,
@@ -842,4 +1093,36 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         status = mrml.slice_status(volumeNode, segmentationNode, segmentId, "axial")
         self.assertEqual(status.labeled, painted)
         self.assertEqual(status.predicted, predicted)
+        self.delayDisplay("Test passed")
+
+    def test_EffectPreviewApplyUndo(self):
+        import numpy as np
+
+        volumeNode, segmentationNode, segmentId, axis, reference, labels, painted = (
+            self.paintedLungs()
+        )
+        logic = UniverSegSlicerLogic.shared()
+        self.assertTrue(logic.ensureTorch())
+        self.delayDisplay("Segment Editor effect: preview")
+        before = slicer.util.arrayFromSegmentBinaryLabelmap(
+            segmentationNode, segmentId, volumeNode
+        ).copy()
+        preview = logic.computePreview(
+            volumeNode, segmentationNode, [segmentId], axis="axial", weights="starter"
+        )
+        previewNode = preview.show()
+        self.assertTrue(
+            np.array_equal(
+                slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode),
+                before,
+            )
+        )
+        history = slicer.vtkSegmentationHistory()
+        history.SetSegmentation(segmentationNode.GetSegmentation())
+        preview.apply(undo=history)
+        self.assertIsNone(previewNode.GetScene())
+        self.assertEqual(history.GetNumberOfStates(), 1)
+        self.assertTrue(history.RestorePreviousState())
+        after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        self.assertTrue(np.array_equal(after, before))
         self.delayDisplay("Test passed")

@@ -2,8 +2,9 @@
 
     python docs/render_slicer_figures.py
 
-* ``docs/slicer_panel.png`` -- the module panel, laid out from ``UniverSegSlicer.ui`` (widget
-  order, labels, texts), with example content;
+* ``docs/slicer_panel.png`` -- a *schematic* of the module panel (not a screenshot: it is drawn
+  here, laid out from ``UniverSegSlicer.ui`` -- widget order, labels, texts -- with example
+  content, and says so in the picture);
 * ``docs/slicer_loop.png`` -- the annotation loop: painted, predicted and corrected slices;
 * ``Resources/Icons/UniverSeg.png`` and ``UniverSegSlicer/Resources/Icons/UniverSegSlicer.png``
   -- the extension and module icons (128 x 128).
@@ -28,10 +29,12 @@ EXAMPLES = {
     "inputVolumeSelector": "CTChest",
     "segmentationSelector": "Segmentation",
     "segmentsList": [("lungs", "#7fb3d5", True), ("heart", "#e8523f", False)],
-    "axisComboBox": "view",
+    "effectHintLabel": "Tip: in Segment Editor, the UniverSeg effect previews the propagated "
+    "segments before you apply them and honours the editor's masking.",
+    "axisComboBox": "auto",
     "summaryLabel": "lungs \u2014 axial: 4 labeled (20, 31, 45, 60), 1 corrected, 38 predicted",
     "outputModeComboBox": "fill",
-    "supportSizeSpinBox": "8",
+    "supportSizeSpinBox": "2",
     "ensembleSpinBox": "1",
     "deviceComboBox": "auto",
     "weightsComboBox": "starter",
@@ -182,7 +185,7 @@ def _draw_layout(ax, layout, y, x0=0.04, x1=0.96):
 
 def render_panel(path: Path) -> None:
     root = ET.parse(UI).getroot().find("widget")
-    fig = plt.figure(figsize=(4.2, 7.0), dpi=150)
+    fig = plt.figure(figsize=(4.2, 7.4), dpi=150)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -197,6 +200,15 @@ def render_panel(path: Path) -> None:
         color="#666",
         ha="right",
         va="center",
+    )
+    ax.text(
+        0.5,
+        0.012,
+        "SCHEMATIC drawn from UniverSegSlicer.ui with example content - not a screenshot",
+        fontsize=6.5,
+        color="#a33",
+        ha="center",
+        va="bottom",
     )
     # show the collapsed Settings section expanded in the figure
     _draw_layout(ax, root.find("layout"), 0.945)

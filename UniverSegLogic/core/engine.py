@@ -63,19 +63,11 @@ COMPILE_MIN_PAIRS = 64
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit choices."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                "CUDA was requested but PyTorch sees no CUDA device (use device cpu or auto)"
-            )
-        return device
-    if device != "cpu":
-        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return device
+    """``auto`` -> ``cuda``, else ``mps``, else ``cpu``; validates explicit choices (the rule is
+    :func:`UniverSegLogic.core.device.choose_device`)."""
+    from .device import choose_device, torch_backends
+
+    return choose_device(device, **torch_backends(torch))
 
 
 # --------------------------------------------------------------------------- CPU capabilities
@@ -292,8 +284,8 @@ class _Weights:
 def _compose(w2: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
     """5x5 kernel of conv(conv(u, wu), w2) (both 3x3 cross-correlations, no padding effects):
     K[o, 0, a + b] = sum_c w2[o, c, b] * wu[c, 0, a]. Computed in float64."""
-    w2d, wud = w2.double(), wu.double()
-    k = torch.zeros(w2.shape[0], 1, 5, 5, dtype=torch.float64, device=w2.device)
+    w2d, wud = w2.detach().cpu().double(), wu.detach().cpu().double()  # MPS has no float64
+    k = torch.zeros(w2.shape[0], 1, 5, 5, dtype=torch.float64)
     for ay in range(3):
         for ax in range(3):
             for by in range(3):

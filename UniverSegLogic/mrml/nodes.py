@@ -224,3 +224,100 @@ def _vol_to_seg(volumeNode, segmentationNode) -> np.ndarray:
             f"{_node_name(segmentationNode)} contains shear: harden it first"
         )
     return m
+
+
+# --------------------------------------------------------------------------------------------
+# slice views and the slicing axis (the Slicer module and the Segment Editor effect; no Qt)
+
+
+def _matrix4(matrix) -> np.ndarray:
+    """A 4x4 numpy matrix from a ``vtkMatrix4x4`` or anything array-like."""
+    if hasattr(matrix, "GetElement"):
+        return _np_from_vtk_matrix(matrix)
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (4, 4):
+        raise MRMLError(f"expected a 4x4 matrix, got shape {m.shape}")
+    return m
+
+
+def slice_view_axis(volumeNode, slice_to_ras) -> int:
+    """Array axis of ``volumeNode`` that a slice view shows slices of (``slice_to_ras``: the slice
+    node's ``GetSliceToRAS()``; its third column is the view normal)."""
+    return axis_for_slice_normal(volumeNode, _matrix4(slice_to_ras)[:3, 2])
+
+
+def slice_view_index(volumeNode, axis, slice_to_ras) -> int:
+    """Index along ``axis`` of the volume slice a slice view shows (the slice through the view's
+    centre). Raises :class:`MRMLError` when the view does not show slices along ``axis`` or its
+    centre lies outside the volume."""
+    volume = _geometry_of(volumeNode)
+    a = _resolve_axis(volume, axis)
+    m = _matrix4(slice_to_ras)
+    shown = axis_for_slice_normal(volumeNode, m[:3, 2])
+    if shown != a:
+        raise MRMLError(
+            f"the slice view shows {axis_name(volume, shown)} slices of "
+            f"{_node_name(volumeNode)}, not {axis_name(volume, a)} ones: use a view with "
+            "that orientation"
+        )
+    return slice_index_at(volumeNode, a, m[:3, 3])
+
+
+def _isolated_slices(nonempty: Sequence[int]) -> int:
+    """How many of the non-empty slice indices have no non-empty neighbour (k-1, k+1)."""
+    present = set(nonempty)
+    return sum(1 for k in present if k - 1 not in present and k + 1 not in present)
+
+
+def painted_axis(mask: np.ndarray) -> int | None:
+    """Array axis along which the foreground of ``mask`` occupies separate slices, or None when
+    it is empty.
+
+    Painted slices are isolated along the axis they were painted on (their neighbours are empty)
+    and form one or two contiguous runs along the others, so the axis with the most isolated
+    non-empty slices wins; a tie (e.g. a 3D brush on adjacent slices) goes to the axis with the
+    fewest non-empty slices.
+    """
+    from .record import _nonempty_slices
+
+    if not mask.any():
+        return None
+    scores = []
+    for a in range(3):
+        nonempty = _nonempty_slices(mask, a)
+        scores.append((-_isolated_slices(nonempty), len(nonempty), a))
+    return min(scores)[2]
+
+
+def infer_axis(volumeNode, segmentationNode, segmentIds=None) -> int | None:
+    """The slicing axis the user's labels imply, or None when nothing is painted.
+
+    Per segment: the axis of its UniverSeg record when the record belongs to this volume grid (the
+    axis it was propagated along), else :func:`painted_axis` of its voxels. Segments vote; a tie
+    goes to the first segment's axis. ``segmentIds`` default: every segment that is not a review
+    output.
+    """
+    from .record import TAG_SOURCE, _get_tag, _read_record
+
+    _check_volume_node(volumeNode)
+    segmentation = segmentationNode.GetSegmentation()
+    if segmentIds is None:
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        ids = [i for i in ids if _get_tag(segmentation.GetSegment(i), TAG_SOURCE) is None]
+    else:
+        ids = [_resolve_segment_id(segmentationNode, s) for s in segmentIds]
+    grid = _grid_key(volumeNode, segmentationNode)
+    votes: list = []
+    for sid in ids:
+        rec = _read_record(_segment(segmentationNode, sid))
+        if rec is not None and rec.grid == grid and 0 <= rec.axis <= 2:
+            votes.append(rec.axis)
+            continue
+        axis = painted_axis(segment_mask(volumeNode, segmentationNode, sid))
+        if axis is not None:
+            votes.append(axis)
+    if not votes:
+        return None
+    counts = {a: votes.count(a) for a in votes}
+    best = max(counts.values())
+    return next(a for a in votes if counts[a] == best)
