@@ -818,7 +818,7 @@ def test_the_checked_imports_are_the_ones_the_module_and_effect_make():
 
 def test_torch_needed_at_load_time_fails(copy):
     assert check_torch_free_imports(copy) == []
-    _edit(copy / LOGIC_DIR / "mrml" / "panel.py", "import os\n", "import os\n\nimport torch\n")
+    _edit(copy / LOGIC_DIR / "mrml" / "panel.py", "import sys\n", "import sys\n\nimport torch\n")
     problems = check_torch_free_imports(copy)
     assert any(
         "UniverSegSlicer.py" in p and "imports UniverSegLogic.mrml.panel at load time" in p

@@ -22,6 +22,7 @@ import vtk
 from UniverSegLogic import mrml
 from UniverSegLogic.core import device
 from UniverSegLogic.core.engine import resolve_device
+from UniverSegLogic.core.engines import EngineStore, LoadedEngine
 from UniverSegLogic.errors import Cancelled, DeviceError, UsageError
 from UniverSegLogic.mrml import panel
 from UniverSegLogic.mrml.vtkglue import _oriented_image, _scalars, _vtk_matrix
@@ -247,21 +248,21 @@ def test_failed_install_is_one_line_error():
 # engines
 
 
-def test_engine_cache_builds_once_with_progress_and_stops_on_cancel():
-    cache = panel.EngineCache()
+def test_engine_store_builds_once_with_progress_and_stops_on_cancel():
+    cache = EngineStore()
     with pytest.raises(Cancelled):
         cache.get("starter", "cpu", cancel=lambda: True)
     messages = []
-    engine, description = cache.get("starter", "cpu", lambda f, m: messages.append(m))
-    assert engine.device == "cpu" and "starter" in description
+    loaded = cache.get("starter", "cpu", lambda f, m: messages.append(m))
+    assert loaded.engine.device == "cpu" and "starter" in loaded.description
     assert messages == ["Reading the weights...", "Loading the model on cpu...", "Model ready"]
-    again, _ = cache.get("starter", "cpu", lambda f, m: messages.append(m))
-    assert again is engine and len(messages) == 3
+    again = cache.get("starter", "cpu", lambda f, m: messages.append(m))
+    assert again.engine is loaded.engine and len(messages) == 3
     assert cache.device_for("auto") == device.choose_device("auto", **device.torch_backends(torch))
 
 
-class EnginesOnAnAppleGpu(panel.EngineCache):
-    """Test double: an EngineCache on a machine whose PyTorch offers MPS (engines are stand-ins
+class EnginesOnAnAppleGpu(EngineStore):
+    """Test double: an EngineStore on a machine whose PyTorch offers MPS (engines are stand-ins
     that only carry their device)."""
 
     def __init__(self):
@@ -272,7 +273,7 @@ class EnginesOnAnAppleGpu(panel.EngineCache):
         self.requests.append(device)
         chosen = "cpu" if self.mps_failed and device == "auto" else device
         chosen = "mps" if chosen == "auto" else chosen
-        return SimpleNamespace(device=chosen), "stand-in"
+        return LoadedEngine(SimpleNamespace(device=chosen), "stand-in", "file", "")
 
 
 class JobNeedingAnOperationMpsLacks:

@@ -13,7 +13,6 @@ are torch-free (Testing/test_packaging.py checks it); torch is imported only aft
 """
 
 import importlib
-import inspect
 import logging
 import os
 import shutil
@@ -54,6 +53,7 @@ _addLogicPackageToPath()
 # torch-free (checked by Testing/test_packaging.py)
 import UniverSegLogic.mrml as mrml  # noqa: E402
 from UniverSegLogic.core import device as devices  # noqa: E402
+from UniverSegLogic.core.engines import EngineStore  # noqa: E402
 from UniverSegLogic.errors import Cancelled, UniverSegError  # noqa: E402
 from UniverSegLogic.mrml import effect as effects  # noqa: E402
 from UniverSegLogic.mrml import panel  # noqa: E402
@@ -628,9 +628,8 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.engines = panel.EngineCache()
-        store = getattr(mrml, "SessionStore", None)
-        self.sessions = store() if store is not None else None
+        self.engines = EngineStore()
+        self.sessions = mrml.SessionStore(engines=self.engines)
 
     def getParameterNode(self):
         return UniverSegSlicerParameterNode(super().getParameterNode())
@@ -862,13 +861,6 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------ propagation
 
-    def _sessionKeywords(self):
-        if self.sessions is None:
-            return {}
-        if "sessions" not in inspect.signature(mrml.prepare_propagation).parameters:
-            return {}
-        return {"sessions": self.sessions}
-
     def runJob(
         self,
         volumeNode,
@@ -898,7 +890,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
                 engine=engine,
                 weights=weights,
                 device=engine.device,
-                **self._sessionKeywords(),
+                sessions=self.sessions,
                 **options,
             )
 

@@ -1,13 +1,20 @@
 """Loaded networks, owned explicitly: an :class:`EngineStore` keeps one ready engine per
-(weights, device) for whoever holds it -- the CLI one per process, the Slicer module's logic and
-the browser app one per application, a cohort worker one per worker process. Nothing is cached
-at module level."""
+(weights, device) for whoever holds it -- the CLI one per process, the Slicer module one for the
+module and its Segment Editor effect, the browser app one per server, a cohort worker one per
+worker process. Nothing is cached at module level, and importing this module imports no torch."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
+
+from ..errors import Cancelled
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
 
 
 @dataclass
@@ -24,42 +31,68 @@ class EngineStore:
     """Engines by (weights source, resolved device), loaded on first use.
 
     ``echo`` receives messages of the weights' first use (the official weights' license notice);
-    ``allow_download`` gates the official weights' download.
+    ``allow_download`` gates the official weights' download. After Apple's GPU failed once
+    (:attr:`mps_failed`, set by the caller that saw the failure), ``auto`` means the CPU.
     """
 
     def __init__(self, echo: Callable[[str], None] = print, allow_download: bool = True):
         self.echo = echo
         self.allow_download = allow_download
+        self.mps_failed = False
         self._engines: Dict[Tuple[str, str], LoadedEngine] = {}
         self._lock = threading.Lock()
 
-    def get(self, weights: str = "starter", device: str = "auto") -> LoadedEngine:
-        """The engine for ``weights`` on ``device`` (loading and checking the weights once)."""
-        from .engine import InferenceEngine, resolve_device
-        from .weights import build_model, load_weights
+    def device_for(self, requested: str) -> str:
+        """The device ``requested`` resolves to now (imports torch)."""
+        import torch
 
-        dev = resolve_device(device)
+        from .device import choose_device, torch_backends
+
+        backends = torch_backends(torch)
+        if self.mps_failed and (requested or "auto").lower() == "auto":
+            backends["mps"] = False
+        return choose_device(requested, **backends)
+
+    def get(
+        self,
+        weights: str = "starter",
+        device: str = "auto",
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> LoadedEngine:
+        """The engine for ``weights`` on ``device``, loading and checking the weights once.
+
+        ``progress(0.0, message)`` is told each slow step of a first load (import PyTorch, read
+        the weights, move the model to the device); ``cancel()`` is checked between them
+        (:class:`~UniverSegLogic.errors.Cancelled`)."""
+
+        def step(message: str) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled while loading the model")
+            if progress is not None:
+                progress(0.0, message)
+
+        if "torch" not in sys.modules:
+            # unsupported Apple-GPU operations run on the CPU instead of failing (read at import)
+            os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+            step("Loading PyTorch (first run only)...")
+        dev = self.device_for(device)
         key = (str(weights), dev)
         with self._lock:
             if key not in self._engines:
+                from .engine import InferenceEngine
+                from .weights import build_model, load_weights
+
+                step("Reading the weights...")
                 w = load_weights(weights, echo=self.echo, allow_download=self.allow_download)
-                engine = InferenceEngine(build_model(w), dev)
+                step(f"Loading the model on {dev}...")
+                engine = InferenceEngine(build_model(w, "cpu"), dev)
+                step("Model ready")
                 self._engines[key] = LoadedEngine(engine, w.description, w.source, w.path)
             return self._engines[key]
 
-    def peek(self, weights: str, device: str) -> Optional[LoadedEngine]:
-        """The engine if it is loaded already (never loads)."""
-        return next(
-            (
-                e
-                for (w, d), e in self._engines.items()
-                if w == weights and (d == device or device == "auto")
-            ),
-            None,
-        )
-
     def clear(self) -> None:
-        """Forget every engine (frees their memory once no session holds them)."""
+        """Forget every engine (frees their memory, GPU memory too, once no session holds them)."""
         with self._lock:
             self._engines.clear()
 

@@ -6,18 +6,17 @@ predictions as one undo step, the inference engines they share (with progress an
 PyTorch and the model load) and the fall-back from Apple's GPU to the CPU live here, tested on
 real MRML through slicer-core.
 
-Importing this module never imports torch (the engine is built inside :meth:`EngineCache.get`).
+Importing this module never imports torch (engines come from :class:`~UniverSegLogic.core.engines.EngineStore`).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..core.device import MPS_FALLBACK_MESSAGE, choose_device, is_mps_unsupported
-from ..errors import Cancelled, MRMLError
+from ..core.device import MPS_FALLBACK_MESSAGE, is_mps_unsupported
+from ..errors import MRMLError
 from .job import clear_predictions
 from .nodes import (
     _geometry_of,
@@ -178,77 +177,21 @@ def forget_modules(prefixes: Sequence[str] = ("UniverSegLogic",)) -> List[str]:
 # engines
 
 
-class EngineCache:
-    """Inference engines the module and the effect share, one per (weights, device), built with
-    progress and cancel between the slow steps (import PyTorch, read and check the weights,
-    move the model to the device). After Apple's GPU failed once, ``auto`` means the CPU."""
-
-    def __init__(self):
-        self._engines: Dict[Tuple[str, str], Tuple[object, str]] = {}
-        self.mps_failed = False
-
-    def device_for(self, requested: str) -> str:
-        """The device ``requested`` resolves to now (imports torch)."""
-        import torch
-
-        from ..core.device import torch_backends
-
-        backends = torch_backends(torch)
-        if self.mps_failed and (requested or "auto").lower() == "auto":
-            backends["mps"] = False
-        return choose_device(requested, **backends)
-
-    def get(
-        self,
-        weights: str = "starter",
-        device: str = "auto",
-        progress: Optional[ProgressFn] = None,
-        cancel: Optional[CancelFn] = None,
-    ):
-        """(engine, description of the weights) for ``weights`` on ``device``."""
-
-        def step(message: str) -> None:
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled while loading the model")
-            if progress is not None:
-                progress(0.0, message)
-
-        if "torch" not in sys.modules:
-            # unsupported MPS operations run on the CPU instead of failing (read at import)
-            os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
-            step("Loading PyTorch (first run only)...")
-        dev = self.device_for(device)
-        key = (str(weights), dev)
-        if key not in self._engines:
-            from ..core.engine import InferenceEngine
-            from ..core.weights import build_model, load_weights
-
-            step("Reading the weights...")
-            loaded = load_weights(weights)
-            step(f"Loading the model on {dev}...")
-            engine = InferenceEngine(build_model(loaded, "cpu"), dev)
-            step("Model ready")
-            self._engines[key] = (engine, loaded.description)
-        return self._engines[key]
-
-    def clear(self) -> None:
-        """Drop every engine (frees GPU memory)."""
-        self._engines.clear()
-
-
 def run_with_cpu_fallback(
     make_job: Callable[[object], object],
-    engines: EngineCache,
+    engines,
     weights: str,
     device: str,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
     notes: Optional[List[str]] = None,
 ):
-    """Build the engine, ``make_job(engine)`` and run it; if it fails on Apple's GPU because an
-    operation is not supported there, run it again on the CPU and add one note saying so.
+    """Take the engine from ``engines`` (a :class:`~UniverSegLogic.core.engines.EngineStore`),
+    ``make_job(engine)`` and run it; if it fails on Apple's GPU because an operation is not
+    supported there, run it again on the CPU and add one note saying so.
     Returns (job, description of the weights)."""
-    engine, description = engines.get(weights, device, progress, cancel)
+    loaded = engines.get(weights, device, progress, cancel)
+    engine, description = loaded.engine, loaded.description
     job = make_job(engine)
     try:
         job.run(progress, cancel)
@@ -258,7 +201,8 @@ def run_with_cpu_fallback(
         engines.mps_failed = True
         if notes is not None:
             notes.append(MPS_FALLBACK_MESSAGE)
-        engine, description = engines.get(weights, "cpu", progress, cancel)
+        loaded = engines.get(weights, "cpu", progress, cancel)
+        engine, description = loaded.engine, loaded.description
         job = make_job(engine)
         job.run(progress, cancel)
     return job, description

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import astuple
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,12 +36,14 @@ def _image_stamp(volumeNode) -> Tuple:
 
 class SessionStore:
     """Engines and :class:`Propagator` sessions for runs on Slicer nodes (see the module
-    docstring). ``max_sessions``: sessions kept (least recently used dropped)."""
+    docstring). ``max_sessions``: sessions kept (least recently used dropped); ``engines``: an
+    EngineStore to share (e.g. with code that loads the engine itself, with progress)."""
 
-    def __init__(self, max_sessions: int = 2, echo: Callable[[str], None] = print):
+    def __init__(self, max_sessions: int = 2, engines=None):
         from ..core.engines import EngineStore
 
-        self.engines = EngineStore(echo=echo)
+        #: the :class:`~UniverSegLogic.core.engines.EngineStore` sessions take engines from
+        self.engines = engines if engines is not None else EngineStore()
         self.max_sessions = max(1, int(max_sessions))
         self._sessions: OrderedDict[Tuple, object] = OrderedDict()
 
