@@ -21,18 +21,18 @@ def write_sample(
     from ..cli.demo import sample_paths
     from ..core.geometry import SliceFrame
     from ..core.io import Segmentation, read_image, read_segmentation, write_segmentation
+    from ..core.slices import evaluation_slices, slice_extent
     from ..errors import UsageError
-    from ..research.evaluate import extent, labeled_slices_for
 
     image_path, seg_path = sample_paths()
     image = read_image(str(image_path))
     source = read_segmentation(str(seg_path), image).get(segment)
     frame = SliceFrame.of(image, "axial")
     truth = frame.to_frame(source.mask)
-    z = extent(truth, 0)
+    z = slice_extent(truth, 0)
     if z is None:
         raise UsageError(f"segment {segment!r} is empty in the sample")
-    labeled = labeled_slices_for(z[0], z[1], k)
+    labeled = evaluation_slices(z[0], z[1], k)
     painted = np.zeros_like(truth)
     painted[labeled] = truth[labeled]
     out = Path(folder) / f"{segment} {k} slices.seg.nrrd"

@@ -422,21 +422,16 @@ class AnnotationSession:
     def _write(self, path: Path) -> None:
         import slicer
 
-        from ..core.io import atomic_path
+        from ..core.atomic import atomic_output
 
         if self.segmentation_node is None:
             raise InputError("nothing to save: load an image first")
-        tmp = atomic_path(str(path))
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        try:
+        with atomic_output(str(path)) as tmp:
+            storage = slicer.vtkMRMLSegmentationStorageNode()
             storage.SetFileName(tmp)
             ok = storage.WriteData(self.segmentation_node)
             if not ok or not os.path.getsize(tmp):
                 raise OutputError(f"Slicer could not write {path}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     def save(self) -> Path:
         """Write the segmentation to the ``--out`` path (atomic; names, colours, tags kept)."""
