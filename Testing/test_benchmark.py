@@ -11,7 +11,10 @@ from UniverSegLogic.research import benchmark
 @pytest.fixture(scope="module")
 def quick_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    rc = main(["benchmark", "--quick", "--device", "cpu", "--json", str(out)])
+    # fp32: the exactness check below is about the fast path's arithmetic, not bf16 rounding
+    rc = main(
+        ["benchmark", "--quick", "--device", "cpu", "--precision", "fp32", "--json", str(out)]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -21,12 +24,17 @@ def test_quick_benchmark_schema(quick_json):
     assert isinstance(r["device"], str) and r["device"] == "cpu"
     for key in (
         "volume_propagation_s",
+        "first_run_s",
+        "rerun_after_one_edit_s",
         "mean_abs_prob_diff",
         "max_abs_prob_diff",
         "mask_agreement",
     ):
         assert isinstance(r[key], float), key
     assert r["volume_propagation_s"] > 0
+    loop = r["volumes"][0]
+    assert loop["rerun_identical_to_fresh"] is True  # the cached re-run == a new session
+    assert loop["network_runs"]["rerun"] < loop["network_runs"]["fresh"]
     assert 0.0 <= r["mean_abs_prob_diff"] <= r["max_abs_prob_diff"] <= 1.0
     assert 0.0 <= r["mask_agreement"] <= 1.0
     rows = r["rows"]

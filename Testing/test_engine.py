@@ -207,10 +207,13 @@ def test_default_budget_uses_available_ram():
 def test_precision_choice_on_cpu(monkeypatch):
     monkeypatch.delenv("UNIVERSEG_CPU_BF16", raising=False)
     e = InferenceEngine(_model(), "cpu")
-    assert e.precision == "fp32"  # bf16 is opt-in on the CPU (exactness)
+    use, why = eng_mod.cpu_bf16_choice()
+    # auto: bf16 exactly where the CPU has native BF16 and the probe found it faster
+    assert e.precision == ("bf16" if use else "fp32") and e.precision_reason == why
     monkeypatch.setenv("UNIVERSEG_CPU_BF16", "0")
     use, why = eng_mod.cpu_bf16_choice()
     assert use is False and "UNIVERSEG_CPU_BF16" in why
+    assert InferenceEngine(_model(), "cpu").precision == "fp32"
     e = InferenceEngine(_model(), "cpu", precision="bf16")
     assert e.precision == "fp32"  # falls back when bf16 is unavailable/disabled
     with pytest.raises(ValueError):
@@ -220,7 +223,7 @@ def test_precision_choice_on_cpu(monkeypatch):
 
 
 def test_bf16_path_runs_and_is_close():
-    """bf16 (opt-in) runs wherever torch has bf16 convolutions; it is approximate."""
+    """bf16 runs wherever torch has bf16 convolutions; it is approximate."""
     m = _model()
     t, si, sl = _data(2, 3, 32)
     e = InferenceEngine(m, "cpu", precision="fp32")
