@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import rotation
 
 from UniverSegLogic import cli
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras, resolve_axis
@@ -14,22 +15,13 @@ from UniverSegLogic.research import data
 # ------------------------------------------------------------------ npz conversion
 
 
-def _rotation(axis, degrees):
-    t = np.radians(degrees)
-    c, s = np.cos(t), np.sin(t)
-    a, b = [x for x in range(3) if x != axis]
-    r = np.eye(3)
-    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-    return r
-
-
 def _oblique_case():
     """A 20x24x28 KJI volume, axes permuted and flipped w.r.t. RAS, rotated 12 degrees, with label 1
     in the right-anterior-superior corner (physically) and label 2 in the left-posterior-inferior
     one."""
     # columns = RAS directions of I, J, K: I ~ -A, J ~ S, K ~ -R
     base = np.array([[0, 0, -1], [-1, 0, 0], [0, 1, 0]], dtype=float)
-    direction = _rotation(2, 12) @ base
+    direction = rotation(2, 12) @ base
     spacing_ijk = (0.8, 1.5, 2.5)
     m = make_ijk_to_ras(spacing_ijk, (5.0, -3.0, 7.0), direction)
     shape = (20, 24, 28)  # K, J, I

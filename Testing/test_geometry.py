@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import rotation
 
 from UniverSegLogic.core.canvas import Canvas, intensity_window, scale_intensity
 from UniverSegLogic.core.geometry import (
@@ -14,18 +15,10 @@ from UniverSegLogic.core.geometry import (
 )
 
 
-def _rotation(ax, deg):
-    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
-    r = np.eye(3)
-    i, j = [x for x in range(3) if x != ax]
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 def oblique_volume(shape=(12, 17, 23), perm=(0, 1, 2), flips=(1, -1, 1)):
     """Anisotropic, oblique (rotated ~20 degrees), non-zero origin; IJK axes permuted/flipped."""
     d = np.eye(3)[:, list(perm)] * np.array(flips)
-    d = _rotation(0, 15) @ _rotation(2, 20) @ d
+    d = rotation(0, 15) @ rotation(2, 20) @ d
     m = make_ijk_to_ras((0.8, 1.3, 3.0), (-41.5, 17.25, 102.0), d)
     return Volume(np.random.default_rng(0).random(shape).astype(np.float32), m)
 

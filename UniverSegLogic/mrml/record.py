@@ -144,20 +144,30 @@ class SliceStatus:
     note: str = ""  # why the stored record was ignored, if it was
     conflict: bool = False  # untouched predictions along another axis (see `note`)
 
-    def summary(self) -> str:
-        """One line for the module panel, e.g. ``axial: 3 labeled (4, 10-12), 9 predicted``."""
-        text = f"{self.axis_name}: {len(self.labeled)} labeled"
-        if self.labeled:
+    def counts(self, slice_list: bool = False) -> str:
+        """The slice counts, in one stable wording the panel, the effect and the browser app
+        share: ``3 labeled, 1 corrected, 1 empty, 24 predicted`` (``labeled`` counts every slice
+        the next run uses as support, corrected and empty labeled ones included; ``corrected``
+        are predicted slices the user changed; ``empty`` labeled slices without foreground;
+        ``predicted`` untouched predictions), then the note on the stored record in brackets.
+        ``slice_list`` adds the labeled slices after their count."""
+        text = f"{len(self.labeled)} labeled"
+        if slice_list and self.labeled:
             text += f" ({format_slices(self.labeled)})"
-        if self.empty_labeled:
-            text += f", {len(self.empty_labeled)} empty"
-        if self.edited:
-            text += f", {len(self.edited)} corrected"
-        if self.predicted:
-            text += f", {len(self.predicted)} predicted"
+        for count, word in (
+            (self.edited, "corrected"),
+            (self.empty_labeled, "empty"),
+            (self.predicted, "predicted"),
+        ):
+            if count:
+                text += f", {len(count)} {word}"
         if self.note:
             text += f" [{self.note}]"
         return text
+
+    def summary(self) -> str:
+        """One line for the module panel, e.g. ``axial: 3 labeled (4, 10-12), 9 predicted``."""
+        return f"{self.axis_name}: {self.counts(slice_list=True)}"
 
 
 def format_slices(indices: Sequence[int]) -> str:

@@ -251,16 +251,7 @@ def status_line(status) -> str:
     slices without foreground, ``predicted`` untouched predictions. A note on the stored record
     (e.g. a prediction along another axis) follows in brackets.
     """
-    text = f"{status.name}: {len(status.labeled)} labeled"
-    if status.edited:
-        text += f", {len(status.edited)} corrected"
-    if status.empty_labeled:
-        text += f", {len(status.empty_labeled)} empty"
-    if status.predicted:
-        text += f", {len(status.predicted)} predicted"
-    if status.note:
-        text += f" [{status.note}]"
-    return text
+    return f"{status.name}: {status.counts()}"
 
 
 def slice_kinds(status) -> List[str]:
