@@ -112,6 +112,9 @@ def run(args) -> int:
         for name in OUTPUT_FILES:
             check_output_path(str(out / name), option="--out")
     options = PropagationOptions(axis="axial", device=args.device, weights=args.weights)
+    from ..core.engine import resolve_device
+
+    resolve_device(options.device)
     image_path, seg_path = sample_paths()
     image = read_image(str(image_path))
     seg = read_segmentation(str(seg_path), image)

@@ -204,6 +204,9 @@ def run(args) -> int:
         args.out, [args.image, args.labels, *(p for pair in args.support for p in pair)]
     )
     options = options_from_args(args)
+    from ..core.engine import resolve_device
+
+    resolve_device(options.device)  # --device cuda without CUDA: say so before reading anything
     image = read_image(args.image)
     labels = read_segmentation(args.labels, image, segment_names(args.segments))
     chosen = select_segments(labels, args.segments)

@@ -465,7 +465,8 @@ def read_segmentation(
 
     A label map yields one segment per value (``label_<value>``). One with more than
     :data:`MAX_LABEL_VALUES` values is refused (an image given as labels) unless ``segments``
-    names the ones to use (``label_5`` or ``5``); then only those are read."""
+    names the ones to use (``label_5`` or ``5``); then only those are read. (``segments`` does
+    not select anything otherwise: the caller picks its segments from the result.)"""
     _check_exists(path)
     if str(path).lower().endswith(".seg.nrrd"):
         import slicerio
@@ -516,9 +517,13 @@ def read_segmentation(
             raise InputError(f"{path}: a label map must hold integer label values")
         labels = labels.astype(np.int64)
     values = [int(v) for v in np.unique(labels) if v != 0]
-    if segments:
+    if len(values) > MAX_LABEL_VALUES and segments:
         wanted = {_label_value_of(str(n)) for n in segments} - {None}
         values = [v for v in values if v in wanted]
+        if not values:
+            raise InputError(
+                f"{path}: none of {', '.join(map(str, segments))} is a value of this label map"
+            )
     elif len(values) > MAX_LABEL_VALUES:
         raise InputError(
             f"{path} holds {len(values)} different values, more than a label map has "

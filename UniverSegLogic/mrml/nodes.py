@@ -172,9 +172,18 @@ def _resolve_segment_id(segmentationNode, key: str) -> str:
     seg = segmentationNode.GetSegmentation()
     if seg.GetSegment(key) is not None:
         return key
-    sid = seg.GetSegmentIdBySegmentName(key)
-    if sid:
-        return sid
+    named = [
+        seg.GetNthSegmentID(i)
+        for i in range(seg.GetNumberOfSegments())
+        if seg.GetNthSegment(i).GetName() == key
+    ]
+    if len(named) == 1:
+        return named[0]
+    if named:  # segments are told apart by ID, never by name
+        raise MRMLError(
+            f"{len(named)} segments of {_node_name(segmentationNode)} are named {key!r}: "
+            f"choose one by its ID ({', '.join(named)})"
+        )
     names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
     raise MRMLError(
         f"segmentation {_node_name(segmentationNode)} has no segment {key!r} "
