@@ -57,9 +57,12 @@ def run(args) -> int:
     from ..research.evaluate import load_manifest
     from .evaluate import _ints
 
-    check_output_path(args.out, [args.cases], option="--out")  # before anything heavy
+    inputs = [args.cases, args.weights]
+    check_output_path(args.out, inputs, option="--out")  # before anything heavy
     if args.report:
-        check_output_path(args.report, [args.cases, args.out], option="--report")
+        if os.path.abspath(args.report) == os.path.abspath(args.out):
+            raise UsageError("--report and --out name the same file")
+        check_output_path(args.report, [*inputs, args.out], option="--report")
     ks = _ints(args.k, "--k")
     support = args.support_size or PropagationOptions().support_size
     if support < 1:

@@ -90,7 +90,7 @@ def run(args) -> int:
     from ..research import evaluate as ev
 
     # before anything heavy: outputs writable, none of them an input
-    inputs = [args.image, args.cases, args.fusion, *args.mask]
+    inputs = [args.image, args.cases, args.fusion, args.weights, *args.mask]
     check_output_path(args.json, inputs, option="--json")
     if args.figures:
         check_output_path(args.figures, inputs, option="--figures", folder=True)

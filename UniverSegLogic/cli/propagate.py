@@ -201,7 +201,8 @@ def run(args) -> int:
         raise UsageError(f"--out must end with .seg.nrrd, got {args.out}")
     # before anything heavy: the output must be writable and must not be one of the inputs
     check_output_path(
-        args.out, [args.image, args.labels, *(p for pair in args.support for p in pair)]
+        args.out,
+        [args.image, args.labels, args.weights, *(p for pair in args.support for p in pair)],
     )
     options = options_from_args(args)
     from ..core.engine import resolve_device

@@ -235,12 +235,32 @@ def _nifti_expected_bytes(header: bytes) -> Optional[Tuple[int, int]]:
     return max(offset, 0) + voxels * int(bitpix) // 8, max(offset, 0)
 
 
+def _gzip_size_fast(path: str) -> Tuple[Optional[int], bytes]:
+    """(size, first bytes) of a single-member gzip NIfTI without decompressing it all: its
+    trailer (uncompressed size mod 2**32) must equal what its header needs -- a file cut short
+    ends in arbitrary bytes instead. (None, b"") when that cannot tell; then decompress."""
+    try:
+        with open(path, "rb") as fh:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            head = d.decompress(fh.read(1 << 16), 540)
+            fh.seek(-4, os.SEEK_END)
+            trailer = struct.unpack("<I", fh.read(4))[0]
+    except (OSError, zlib.error, struct.error):
+        return None, b""
+    expected = _nifti_expected_bytes(head)
+    if expected is not None and expected[0] % (1 << 32) == trailer:
+        return expected[0], head
+    return None, b""
+
+
 def _check_complete(path: str) -> None:
     """Refuse a file whose data is shorter than its header says (ITK would fill in zeros)."""
     lower = str(path).lower()
     gz = lower.endswith(".gz")
     if gz:
-        size, head = _gzip_payload_size(path, keep=540)
+        size, head = _gzip_size_fast(path)
+        if size is None:
+            size, head = _gzip_payload_size(path, keep=540)
     else:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
