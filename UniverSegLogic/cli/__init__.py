@@ -9,14 +9,24 @@ Exit codes: 0 success; 2 a user-facing error (:class:`~UniverSegLogic.errors.Uni
 OS errors on the user's files), printed as one line; 1 an internal error, printed as one line
 saying so (the traceback only with ``--debug``); 3 a cohort run where some targets failed;
 130 interrupted.
+
+Messages are ours only: ITK, VTK and PyTorch write warnings straight to the process's standard
+error (file descriptor 2), which would put them next to the one-line error. While a command runs,
+descriptor 2 is captured and dropped and Python warnings are ignored (:func:`quiet_native_output`);
+``--debug`` shows everything. This is done by the command line only, never by importing the
+library (inside Slicer, Slicer decides what its console shows).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from typing import List, Optional
+import tempfile
+import warnings
+from typing import Iterator, List, Optional
 
 from ..errors import UniverSegError, UsageError, one_line
 
@@ -66,6 +76,49 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def quiet_native_output(enabled: bool = True) -> Iterator[None]:
+    """While active: what native libraries write to file descriptor 2 goes to a temporary file
+    that is dropped, ``sys.stderr`` still reaches the terminal, and Python warnings are ignored."""
+    if not enabled:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, AttributeError, ValueError):  # no descriptor 2 (e.g. pythonw)
+            yield
+            return
+        try:
+            writes_to_fd2 = sys.stderr.fileno() == 2
+        except (OSError, AttributeError, ValueError):  # e.g. pytest's capture
+            writes_to_fd2 = False
+        sink = tempfile.TemporaryFile()
+        previous = sys.stderr
+        os.dup2(sink.fileno(), 2)
+        if writes_to_fd2:
+            sys.stderr = open(  # noqa: SIM115 - closed below
+                os.dup(saved),
+                "w",
+                buffering=1,
+                encoding=getattr(previous, "encoding", None) or "utf-8",
+                errors="backslashreplace",
+            )
+        try:
+            yield
+        finally:
+            if writes_to_fd2:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.flush()
+                    sys.stderr.close()
+                sys.stderr = previous
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.close()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -76,7 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     prog = f"universeg-slicer {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with quiet_native_output(not debug):
+            return int(args.func(args) or 0)
     except UniverSegError as exc:
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -69,6 +69,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ..core.atomic import output_error
+    from ..core.io import check_output_path
+
+    if args.json:  # before the timing runs (the folder is created, as the result's writer does)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        except OSError as exc:
+            raise output_error(exc, args.json) from None
+        check_output_path(args.json, [args.sample], option="--json")
     import torch
 
     from ..research.benchmark import run_benchmark, write_json

@@ -50,12 +50,19 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..core.engines import EngineStore
+    from ..core.io import check_output_path
     from ..core.propagator import PropagationOptions
     from ..core.weights import load_weights
     from ..research import calibrate as cal
     from ..research.evaluate import load_manifest
     from .evaluate import _ints
 
+    inputs = [args.cases, args.weights]
+    check_output_path(args.out, inputs, option="--out")  # before anything heavy
+    if args.report:
+        if os.path.abspath(args.report) == os.path.abspath(args.out):
+            raise UsageError("--report and --out name the same file")
+        check_output_path(args.report, [*inputs, args.out], option="--report")
     ks = _ints(args.k, "--k")
     support = args.support_size or PropagationOptions().support_size
     if support < 1:

@@ -18,6 +18,8 @@ from .propagate import ProgressBar
 
 DEFAULT_SEGMENT = "right lung"
 DEFAULT_K = 3
+#: Files the demo writes into its --out folder.
+OUTPUT_FILES = ("demo_result.seg.nrrd", "demo_overlay.png", "demo_metrics.json")
 
 
 def sample_paths() -> Tuple[Path, Path]:
@@ -60,8 +62,8 @@ def overlay_png(
     labeled slices framed in blue (written atomically)."""
     import SimpleITK as sitk
 
-    from ..core.atomic import write_with
     from ..core.canvas import intensity_window, scale_intensity
+    from ..core.io import write_image
     from ..core.slices import nonempty_slices
 
     nz = nonempty_slices(truth, 0)
@@ -81,14 +83,20 @@ def overlay_png(
                 rgb[border] = (40, 90, 255)
         tiles.append(rgb)
     montage = sitk.GetImageFromArray(np.concatenate(tiles, axis=1), isVector=True)
-    write_with(path, lambda tmp: sitk.WriteImage(montage, tmp))
+    write_image(path, montage)
 
 
 def run(args) -> int:
     from ..core import fill_between
     from ..core.atomic import write_text
     from ..core.geometry import SliceFrame
-    from ..core.io import Segmentation, read_image, read_segmentation, write_segmentation
+    from ..core.io import (
+        Segmentation,
+        check_output_path,
+        read_image,
+        read_segmentation,
+        write_segmentation,
+    )
     from ..core.metrics import dice
     from ..core.propagator import PropagationOptions, Propagator, SegmentInput
     from ..core.slices import evaluation_slices, slice_extent
@@ -99,7 +107,14 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
+    check_output_path(str(out), option="--out", folder=True)  # before anything heavy
+    if out.is_dir():
+        for name in OUTPUT_FILES:
+            check_output_path(str(out / name), option="--out")
     options = PropagationOptions(axis="axial", device=args.device, weights=args.weights)
+    from ..core.engine import resolve_device
+
+    resolve_device(options.device)
     image_path, seg_path = sample_paths()
     image = read_image(str(image_path))
     seg = read_segmentation(str(seg_path), image)

@@ -83,12 +83,18 @@ def _ints(text: str, what: str) -> List[int]:
 
 def run(args) -> int:
     from ..core.geometry import resolve_axis
-    from ..core.io import read_image
+    from ..core.io import check_output_path, read_image
     from ..core.prior import FusionParams
     from ..core.propagator import PropagationOptions
     from ..core.slices import slice_extent
     from ..research import evaluate as ev
 
+    # before anything heavy: outputs writable, none of them an input
+    inputs = [args.image, args.cases, args.fusion, args.weights, *args.mask]
+    check_output_path(args.json, inputs, option="--json")
+    if args.figures:
+        check_output_path(args.figures, inputs, option="--figures", folder=True)
+    fusion = FusionParams.load(args.fusion) if args.fusion else None
     ks = _ints(args.k, "--k")
     methods = [m for m in args.methods.replace(" ", "").split(",") if m]
     bad = [m for m in methods if m not in ev.METHODS]
@@ -116,7 +122,7 @@ def run(args) -> int:
             if slice_extent(m.mask, axis) is None:
                 raise UsageError(f"mask {m.name!r} of {c.name} is empty")
 
-    engine, fusion = None, None
+    engine = None
     options = PropagationOptions(device=args.device, weights=args.weights)
     if args.support_size is not None:
         if args.support_size < 1:
@@ -126,8 +132,6 @@ def run(args) -> int:
         from ..core.engines import EngineStore
 
         engine = EngineStore().get(args.weights, args.device).engine
-        if args.fusion:
-            fusion = FusionParams.load(args.fusion)
     log = None if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     outcomes = ev.evaluate_cases(

@@ -85,8 +85,12 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def parse_labeled_slices(values: List[str], names: List[str]) -> Dict[str, List[int]]:
-    """``['3,9', 'liver:1,2']`` -> {name: [slices]}; a bare list applies to every segment."""
+def parse_labeled_slices(values: List[str], names: List[str], resolve=None) -> Dict[str, List[int]]:
+    """``['3,9', 'liver:1,2']`` -> {segment: [slices]}; a bare list applies to every segment.
+
+    Without ``resolve`` the keys are the ``names``; with it, ``resolve(NAME)`` gives the key of
+    the segment ``NAME`` refers to (by ID, or by a name no other segment has) and a bare list
+    applies to every key in ``names``."""
     out: Dict[str, List[int]] = {}
     for v in values:
         name, _, lst = v.rpartition(":")
@@ -98,10 +102,13 @@ def parse_labeled_slices(values: List[str], names: List[str]) -> Dict[str, List[
             ) from None
         if not idx:
             raise UsageError(f"--labeled-slices {v!r}: no slice number given")
-        targets = names if not name else [name]
+        if resolve is not None:
+            targets = names if not name else [resolve(name)]
+        else:
+            targets = names if not name else [name]
         for n in targets:
             if n not in names:
-                raise UsageError(f"--labeled-slices: unknown segment {n!r}")
+                raise UsageError(f"--labeled-slices: unknown segment {name or n!r}")
             out.setdefault(n, []).extend(idx)
     return out
 
@@ -164,29 +171,57 @@ def select_segments(seg, spec: Optional[str]) -> List:
         raise UsageError("the segmentation holds no segment")
     if not spec:
         return list(seg.segments)
-    return [seg.get(n.strip()) for n in spec.split(",") if n.strip()]
+    chosen: List = []
+    for name in segment_names(spec) or []:
+        segment = seg.get(name)
+        if not any(segment is c for c in chosen):
+            chosen.append(segment)
+    if not chosen:
+        raise UsageError(f"--segments {spec!r}: no segment of the labels is named so")
+    return chosen
+
+
+def segment_names(spec: Optional[str]) -> Optional[List[str]]:
+    """``--segments`` as a list of names or IDs (None: all segments)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()] if spec else []
+    return names or None
 
 
 def run(args) -> int:
-    from ..core.io import Segmentation, read_image, read_segmentation, write_segmentation
+    from ..core.io import (
+        Segmentation,
+        check_output_path,
+        read_image,
+        read_segmentation,
+        write_segmentation,
+    )
     from ..core.propagator import Propagator, SegmentInput, SupportVolume
 
     if not args.out.lower().endswith(".seg.nrrd"):
         raise UsageError(f"--out must end with .seg.nrrd, got {args.out}")
+    # before anything heavy: the output must be writable and must not be one of the inputs
+    check_output_path(
+        args.out,
+        [args.image, args.labels, args.weights, *(p for pair in args.support for p in pair)],
+    )
     options = options_from_args(args)
+    from ..core.engine import resolve_device
+
+    resolve_device(options.device)  # --device cuda without CUDA: say so before reading anything
     image = read_image(args.image)
-    labels = read_segmentation(args.labels, image)
+    labels = read_segmentation(args.labels, image, segment_names(args.segments))
     chosen = select_segments(labels, args.segments)
-    names = [s.name for s in chosen]
-    labeled = parse_labeled_slices(args.labeled_slices, names)
+    # segments are told apart by their position in the file, never by name
+    keys = {id(s): str(i) for i, s in enumerate(labels.segments)}
+    labeled = parse_labeled_slices(
+        args.labeled_slices, [keys[id(s)] for s in chosen], lambda n: keys[id(labels.get(n))]
+    )
     support = []
     for img_path, seg_path in args.support:
         simg = read_image(img_path)
         sseg = read_segmentation(seg_path, simg)
         support.append(SupportVolume(simg, {s.name: s.mask for s in sseg.segments}))
-    # segments are matched back by their position in the file, never by name
-    keys = {id(s): str(i) for i, s in enumerate(labels.segments)}
-    inputs = [SegmentInput(keys[id(s)], s.name, s.mask, labeled.get(s.name)) for s in chosen]
+    inputs = [SegmentInput(keys[id(s)], s.name, s.mask, labeled.get(keys[id(s)])) for s in chosen]
     session = Propagator(image, options, support_volumes=support)
     result = session.propagate(inputs, progress=ProgressBar(not args.quiet))
     print_notes(result.notes)

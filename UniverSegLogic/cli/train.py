@@ -11,6 +11,8 @@ import sys
 from dataclasses import fields
 from typing import List, Optional
 
+from ..errors import UniverSegError, one_line
+
 HELP = "train or fine-tune the network on prepared .npz slice stacks (GPU recommended)"
 
 
@@ -88,8 +90,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.io import check_output_path
     from ..research.train import train
 
+    check_output_path(args.out, option="--out", folder=True)  # before loading any data
     cfg = config_from_args(args)
     if cfg.minutes <= 0 and not cfg.max_steps:
         print("universeg-slicer train: error: --minutes must be positive", file=sys.stderr)
@@ -111,8 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"universeg-slicer train: error: {exc}", file=sys.stderr)
+    except (UniverSegError, OSError, ValueError) as exc:
+        print(f"universeg-slicer train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -18,7 +18,7 @@ ITK's ``Platform`` threader (``ITK_GLOBAL_DEFAULT_THREADER``) unless the caller 
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -41,9 +41,9 @@ class FillBetweenRefused(FillBetweenUnavailable):
 
 
 #: The interpolator labels the islands of a slice with an 8-bit ITK ConnectedComponentImageFilter;
-#: more than this many islands throw a C++ exception that aborts the process (measured: 1156
-#: islands of 3x3 pixels abort slicer-core 5.11; ``Testing/test_fill_between.py``). Checked
-#: before every call, with 4-connectivity (which counts at least as many islands as ITK does).
+#: more than this many islands throw a C++ exception that aborts the process (measured: 306
+#: islands of 3x3 pixels abort slicer-core 5.11; ``Testing/test_safety.py``). Checked before every
+#: call, with the filter's own 4-connectivity, on every slice the filter will label.
 MAX_ISLANDS = 255
 
 
@@ -58,16 +58,56 @@ def count_islands(plane: np.ndarray) -> int:
     return int(sitk.GetArrayViewFromImage(cc).max())
 
 
-def check_islands(mask: np.ndarray, labeled_slices: Sequence[int], axis: int = 0) -> None:
-    """Raise :class:`FillBetweenRefused` when a labeled slice of ``mask`` holds more islands than
-    the interpolator can label (:data:`MAX_ISLANDS`)."""
-    for i in labeled_slices:
-        n = count_islands(np.take(mask, int(i), axis=axis))
-        if n > MAX_ISLANDS:
-            raise FillBetweenRefused(
-                f"Fill between slices skipped: slice {int(i)} holds {n} separate islands "
-                f"(it handles at most {MAX_ISLANDS})"
-            )
+def interpolated_slices(mask: np.ndarray, axis: int = -1) -> Dict[int, List[int]]:
+    """The slices the interpolator treats as annotated, per array axis (its
+    ``DetermineSliceOrientations``): a voxel marks its slice along axis ``a`` when both of its
+    neighbours along ``a`` are empty and both of its neighbours along each other axis are set.
+    So a painting on adjacent slices can make the filter work on slices along *another* axis.
+    ``axis`` >= 0 keeps that array axis only (the filter's ``SetAxis``)."""
+    m = np.pad(np.asarray(mask, dtype=bool), 1)
+    core = (slice(1, -1),) * 3
+    isolated, adjacent = [], []
+    for a in range(3):
+        lo = [slice(1, -1)] * 3
+        hi = [slice(1, -1)] * 3
+        lo[a], hi[a] = slice(0, -2), slice(2, None)
+        prev, nxt = m[tuple(lo)], m[tuple(hi)]
+        isolated.append(~prev & ~nxt)
+        adjacent.append(prev & nxt)
+    inside = m[core]
+    once = (isolated[0].astype(np.uint8) + isolated[1] + isolated[2]) == 1
+    out: Dict[int, List[int]] = {}
+    for a in range(3) if axis < 0 else (int(axis),):
+        others = [b for b in range(3) if b != a]
+        marks = inside & isolated[a] & once & adjacent[others[0]] & adjacent[others[1]]
+        if marks.any():
+            out[a] = [int(i) for i in np.flatnonzero(marks.any(axis=tuple(others)))]
+    return out
+
+
+def check_islands(
+    mask: np.ndarray,
+    labeled_slices: Optional[Sequence[int]] = None,
+    axis: int = 0,
+    interpolation_axis: int = -1,
+) -> None:
+    """Raise :class:`FillBetweenRefused` when a slice the interpolator will label holds more
+    islands than it can (:data:`MAX_ISLANDS`): the ``labeled_slices`` along ``axis`` and every
+    slice :func:`interpolated_slices` finds in ``mask`` (the painting the filter receives)."""
+    work = {int(axis): [int(i) for i in labeled_slices]} if labeled_slices is not None else {}
+    for a, found in interpolated_slices(mask, interpolation_axis).items():
+        work[a] = sorted(set(work.get(a, [])) | set(found))
+    for a, slices in sorted(work.items()):
+        for i in slices:
+            n = count_islands(np.take(mask, int(i), axis=a))
+            if n > MAX_ISLANDS:
+                where = (
+                    f"slice {int(i)}" if a == int(axis) else f"slice {int(i)} along array axis {a}"
+                )
+                raise FillBetweenRefused(
+                    f"Fill between slices skipped: {where} holds {n} separate islands "
+                    f"(it handles at most {MAX_ISLANDS})"
+                )
 
 
 def interpolator_class():
@@ -178,7 +218,7 @@ def fill_between_slices(
     ext = slicer_extent(painted)
     if ext is None:
         return out
-    check_islands(painted, labeled_slices, axis)
+    check_islands(painted, labeled_slices, axis, interpolation_axis)
     crop = tuple(slice(lo, hi + 1) for lo, hi in ext)
     result = interpolate_labelmap(painted[crop].astype(np.uint8), spacing_kji, interpolation_axis)
     out[crop] = result > 0

@@ -3,22 +3,41 @@
 Images: anything SimpleITK reads (NRRD, NIfTI, MHA, ...). Segmentations: Slicer ``.seg.nrrd``
 (segment names, colors and tags are kept, through slicerio) or integer label maps (one segment per
 label value). All arrays are returned KJI with an IJK-to-RAS matrix (files are LPS; converted here).
-Writes are atomic: a result file appears complete or not at all.
+Writes are atomic: a result file appears complete or not at all, and :func:`check_output_path`
+validates an output path (folder, permissions, name length, not one of the inputs) before any
+computation starts.
+
+Inputs are checked, not trusted: a truncated or size-inconsistent image (a ``.nii.gz`` cut short
+reads as zeros in ITK) and a "label map" with more values than any segmentation has (an image
+given by mistake) are refused with one line. Segment names (and every other ``.seg.nrrd`` field)
+round-trip exactly in UTF-8, as Slicer writes them; pynrrd alone reads headers as ASCII and drops
+every other character, and cannot write them at all.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import secrets
+import shutil
+import struct
+import tempfile
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InputError  # noqa: F401
-from .atomic import write_with
+from ..errors import InputError, OutputError, UsageError, one_line
+from .atomic import output_error, temporary_name, write_with
 from .geometry import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: A label map with more distinct values than this is refused unless the segments are named
+#: (an image given as labels by mistake: a CT has thousands of values).
+MAX_LABEL_VALUES = 255
 
 #: Colors given to segments that come without one (label maps).
 PALETTE: Sequence[Tuple[float, float, float]] = (
@@ -55,10 +74,19 @@ class Segmentation:
         return [s.name for s in self.segments]
 
     def get(self, name: str) -> Segment:
-        """The segment called ``name`` (or with that ID)."""
+        """The segment with ID ``name``, else the one segment called ``name``; a name that two
+        segments share is refused (segments are told apart by ID, never by name)."""
         for s in self.segments:
-            if s.name == name or s.id == name:
+            if s.id is not None and s.id == name:
                 return s
+        named = [s for s in self.segments if s.name == name]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            ids = ", ".join(str(s.id) for s in named)
+            raise UsageError(
+                f"{len(named)} segments are named {name!r}: choose one by its ID ({ids})"
+            )
         raise InputError(f"no segment named {name!r} (segments: {', '.join(self.names())})")
 
 
@@ -67,6 +95,197 @@ def _check_exists(path: str) -> None:
         raise InputError(f"file not found: {path}")
     if os.path.isdir(path):
         raise InputError(f"expected a file, got a folder: {path}")
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - e.g. Windows
+        return 255
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links too
+    except OSError:
+        return False
+
+
+def _probe_folder(folder: str, path: str) -> None:
+    """Create and remove a temporary file in ``folder`` (read-only, permissions, full inodes)."""
+    probe = temporary_name(os.path.join(folder, "probe"))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise output_error(exc, path) from None
+
+
+def check_output_path(
+    path: str, inputs: Iterable[Optional[str]] = (), option: str = "--out", folder: bool = False
+) -> str:
+    """Check, before any computation, that ``path`` can be written: its folder exists and is
+    writable, the name fits the file system, it is not a folder (or, with ``folder=True``, not a
+    file) and it is none of ``inputs`` (symbolic and hard links included). Raises
+    :class:`OutputError` or :class:`UsageError` (one line); returns ``path``."""
+    if not path or not str(path).strip():
+        raise UsageError(f"{option}: no path given")
+    path = os.fspath(path)
+    for given in inputs:
+        if given and os.path.exists(given) and os.path.exists(path) and _same_file(path, given):
+            raise UsageError(
+                f"{option} {path} is the input {given}: choose another output "
+                "(the input would be overwritten)"
+            )
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OutputError(f"cannot write into {path}: it exists and is not a folder")
+        parent = os.path.abspath(path)
+        while not os.path.isdir(parent):  # the nearest existing folder must take new entries
+            up = os.path.dirname(parent)
+            if up == parent or (os.path.exists(parent) and not os.path.isdir(parent)):
+                raise OutputError(f"cannot create the folder {path}: a parent is not a folder")
+            parent = up
+        _probe_folder(parent, path)
+        return path
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: is a folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
+    if len(os.path.basename(path).encode("utf-8", "surrogateescape")) > _name_max(parent):
+        raise output_error(OSError(errno.ENAMETOOLONG, "file name too long"), path)
+    _probe_folder(parent, path)
+    return path
+
+
+# ------------------------------------------------------------------------------ image files
+
+
+def _itk_reason(exc: BaseException) -> str:
+    """The informative line of an ITK exception (its ERROR line, else the last line)."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    for line in lines:
+        if "ERROR" in line and "): " in line:
+            return line.split("): ", 1)[1]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _gzip_payload_size(path: str, keep: int = 0) -> Tuple[int, bytes]:
+    """Decompressed size of a gzip file and its first ``keep`` bytes; InputError when the
+    compressed stream is damaged or ends early (ITK reads such a file with zeros for the rest).
+    Bytes after a complete member that are not another member are ignored, as zlib does."""
+    head = bytearray()
+    total, members = 0, 0
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    started = False
+    with open(path, "rb") as fh:
+        pending = b""
+        while True:
+            chunk = pending or fh.read(1 << 20)
+            pending = b""
+            if not chunk:
+                break
+            try:
+                data = d.decompress(chunk)
+            except zlib.error as exc:
+                if members:
+                    break  # trailing bytes after a complete member
+                raise InputError(f"{path}: the compressed data is damaged ({exc})") from None
+            started = True
+            total += len(data)
+            if len(head) < keep:
+                head += data[: keep - len(head)]
+            if d.eof:
+                members += 1
+                pending = d.unused_data
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                started = False
+    if started or not members:
+        raise InputError(f"{path}: the file is truncated (the compressed data ends early)")
+    return total, bytes(head)
+
+
+def _nifti_expected_bytes(header: bytes) -> Optional[Tuple[int, int]]:
+    """(bytes a NIfTI-1/2 or Analyze file must hold, voxel offset), or None if ``header`` is not
+    such a header."""
+    if len(header) < 348:
+        return None
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0]
+        if size == 348:  # NIfTI-1 / Analyze 7.5
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if size == 540 and len(header) >= 540:  # NIfTI-2
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = int(struct.unpack(endian + "q", header[168:176])[0])
+            break
+    else:
+        return None
+    n = int(dims[0])
+    if not 1 <= n <= 7 or bitpix <= 0 or any(int(d) < 1 for d in dims[1 : n + 1]):
+        return None
+    voxels = int(np.prod([int(d) for d in dims[1 : n + 1]], dtype=np.int64))
+    return max(offset, 0) + voxels * int(bitpix) // 8, max(offset, 0)
+
+
+def _gzip_size_fast(path: str) -> Tuple[Optional[int], bytes]:
+    """(size, first bytes) of a single-member gzip NIfTI without decompressing it all: its
+    trailer (uncompressed size mod 2**32) must equal what its header needs -- a file cut short
+    ends in arbitrary bytes instead. (None, b"") when that cannot tell; then decompress."""
+    try:
+        with open(path, "rb") as fh:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            head = d.decompress(fh.read(1 << 16), 540)
+            fh.seek(-4, os.SEEK_END)
+            trailer = struct.unpack("<I", fh.read(4))[0]
+    except (OSError, zlib.error, struct.error):
+        return None, b""
+    expected = _nifti_expected_bytes(head)
+    if expected is not None and expected[0] % (1 << 32) == trailer:
+        return expected[0], head
+    return None, b""
+
+
+def _check_complete(path: str) -> None:
+    """Refuse a file whose data is shorter than its header says (ITK would fill in zeros)."""
+    lower = str(path).lower()
+    gz = lower.endswith(".gz")
+    if gz:
+        size, head = _gzip_size_fast(path)
+        if size is None:
+            size, head = _gzip_payload_size(path, keep=540)
+    else:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(540)
+    nifti = lower.endswith((".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz"))
+    if not nifti:
+        return
+    if lower.endswith((".img", ".img.gz")):  # the pair's header is beside it
+        return
+    expected = _nifti_expected_bytes(head)
+    if expected is None:
+        return
+    need, offset = expected
+    if lower.endswith((".hdr", ".hdr.gz")):
+        base = path[: -len(".hdr.gz")] if lower.endswith(".gz") else path[: -len(".hdr")]
+        for img in (base + ".img", base + ".img.gz"):
+            if os.path.isfile(img):
+                got = _gzip_payload_size(img)[0] if img.endswith(".gz") else os.path.getsize(img)
+                if got < need - offset:
+                    raise InputError(
+                        f"{img}: the file is truncated ({got} of {need - offset} bytes of voxel data)"
+                    )
+        return
+    if size < need:
+        raise InputError(f"{path}: the file is truncated ({size} of {need} bytes)")
 
 
 def ijk_to_ras_from_sitk(image) -> np.ndarray:
@@ -83,10 +302,11 @@ def read_image(path: str) -> Volume:
     import SimpleITK as sitk
 
     _check_exists(path)
+    _check_complete(str(path))
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"cannot read image {path}: {str(exc).strip().splitlines()[-1]}") from None
+        raise InputError(f"cannot read image {path}: {_itk_reason(exc)}") from None
     if image.GetDimension() != 3:
         raise InputError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
     array = sitk.GetArrayFromImage(image)
@@ -142,16 +362,139 @@ def _embed(
     return out
 
 
-def read_segmentation(path: str, reference: Volume) -> Segmentation:
-    """Read a ``.seg.nrrd`` or an integer label map onto the grid of ``reference``."""
+# ------------------------------------------------------------------ .seg.nrrd in UTF-8
+
+#: Longest header read when looking for non-ASCII fields (the header ends at the first blank line).
+_MAX_HEADER = 16 << 20
+
+
+def _header_of(path: str) -> Optional[bytes]:
+    """The header of an attached-data NRRD file (up to and including its blank line), or None."""
+    with open(path, "rb") as fh:
+        data = b""
+        while len(data) < _MAX_HEADER:
+            chunk = fh.read(1 << 16)
+            if not chunk:
+                return None
+            data += chunk
+            end = data.find(b"\n\n")
+            if end >= 0:
+                return data[: end + 2]
+    return None
+
+
+def _nonce_for(text: str) -> str:
+    while True:
+        nonce = "u8" + secrets.token_hex(4)
+        if nonce not in text:
+            return nonce
+
+
+def _escape(value, nonce: str):
+    """Strings inside ``value`` (dicts, lists, tuples) with every non-ASCII character replaced by
+    ``@<nonce>x<hex>@`` (ASCII that neither pynrrd nor slicerio alter)."""
+    if isinstance(value, str):
+        return "".join(c if ord(c) < 128 else f"@{nonce}x{ord(c):x}@" for c in value)
+    if isinstance(value, dict):
+        return {_escape(k, nonce): _escape(v, nonce) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_escape(v, nonce) for v in value)
+    return value
+
+
+def _unescape(value, nonce: str):
+    """Inverse of :func:`_escape` (numpy arrays and other values pass through)."""
+    if isinstance(value, str):
+        return re.sub(f"@{nonce}x([0-9a-f]{{1,6}})@", lambda m: chr(int(m.group(1), 16)), value)
+    if isinstance(value, dict):
+        return type(value)((_unescape(k, nonce), _unescape(v, nonce)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_unescape(v, nonce) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_unescape(v, nonce) for v in value)
+    return value
+
+
+def _read_seg_nrrd(path: str) -> Dict:
+    """``slicerio.read_segmentation`` with every header field decoded as UTF-8 (what Slicer
+    writes; invalid UTF-8 is read as Latin-1) instead of pynrrd's ASCII, which drops characters."""
+    import slicerio
+
+    header = _header_of(path)
+    if header is None or max(header, default=0) < 0x80 or b"\ndata file:" in header:
+        return slicerio.read_segmentation(path)
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError:
+        text = header.decode("latin-1")
+    nonce = _nonce_for(text)
+    with tempfile.TemporaryDirectory(prefix="universeg-") as tmp:
+        copy = os.path.join(tmp, "header-escaped.seg.nrrd")
+        with open(path, "rb") as src, open(copy, "wb") as dst:
+            src.seek(len(header))
+            dst.write(_escape(text, nonce).encode("ascii"))
+            shutil.copyfileobj(src, dst, 1 << 20)
+        seg = slicerio.read_segmentation(copy)
+    return _unescape(seg, nonce)
+
+
+def _write_seg_nrrd(path: str, seg: Dict) -> None:
+    """``slicerio.write_segmentation`` that writes non-ASCII field values as UTF-8 bytes, as
+    Slicer does (pynrrd encodes headers as ASCII and fails on them)."""
+    import slicerio
+
+    text = repr(seg.get("segments", []))
+    if all(ord(c) < 128 for c in text):
+        slicerio.write_segmentation(path, seg)
+        return
+    nonce = _nonce_for(text)
+    escaped = dict(seg)
+    escaped["segments"] = _escape(seg["segments"], nonce)
+    ascii_path = temporary_name(path)
+    try:
+        slicerio.write_segmentation(ascii_path, escaped)
+        header = _header_of(ascii_path)
+        if header is None:  # pragma: no cover - pynrrd always writes an attached header
+            raise OutputError(f"cannot write {path}: unexpected NRRD layout")
+        pattern = re.compile(f"@{nonce}x([0-9a-f]{{1,6}})@".encode("ascii"))
+        utf8 = pattern.sub(lambda m: chr(int(m.group(1), 16)).encode("utf-8"), header)
+        with open(ascii_path, "rb") as src, open(path, "wb") as dst:
+            src.seek(len(header))
+            dst.write(utf8)
+            shutil.copyfileobj(src, dst, 1 << 20)
+    finally:
+        if os.path.lexists(ascii_path):
+            os.remove(ascii_path)
+
+
+# ------------------------------------------------------------------------------ segmentations
+
+
+def _label_value_of(name: str) -> Optional[int]:
+    """``'label_5'`` or ``'5'`` -> 5 (how label-map segments are named); else None."""
+    text = name.strip()
+    if text.startswith("label_"):
+        text = text[len("label_") :]
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def read_segmentation(
+    path: str, reference: Volume, segments: Optional[Sequence[str]] = None
+) -> Segmentation:
+    """Read a ``.seg.nrrd`` or an integer label map onto the grid of ``reference``.
+
+    A label map yields one segment per value (``label_<value>``). One with more than
+    :data:`MAX_LABEL_VALUES` values is refused (an image given as labels) unless ``segments``
+    names the ones to use (``label_5`` or ``5``); then only those are read. (``segments`` does
+    not select anything otherwise: the caller picks its segments from the result.)"""
     _check_exists(path)
     if str(path).lower().endswith(".seg.nrrd"):
         import slicerio
 
         try:
-            seg = slicerio.read_segmentation(str(path))
+            seg = _read_seg_nrrd(str(path))
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
-            raise InputError(f"cannot read segmentation {path}: {exc}") from None
+            raise InputError(f"cannot read segmentation {path}: {one_line(exc)}") from None
         ijk_to_ras = LPS_TO_RAS @ np.asarray(seg["ijkToLPS"], dtype=np.float64)
         voxels = seg["voxels"]
         if voxels.ndim not in (3, 4):
@@ -181,26 +524,51 @@ def read_segmentation(path: str, reference: Volume) -> Segmentation:
 
     import SimpleITK as sitk
 
+    _check_complete(str(path))
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(
-            f"cannot read label map {path}: {str(exc).strip().splitlines()[-1]}"
-        ) from None
+        raise InputError(f"cannot read label map {path}: {_itk_reason(exc)}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: expected a 3D scalar label map")
     labels = sitk.GetArrayFromImage(image)
     if labels.dtype.kind == "f":
-        if not np.all(np.equal(np.mod(labels, 1), 0)):
+        if not np.all(np.isfinite(labels)) or not np.all(np.equal(np.mod(labels, 1), 0)):
             raise InputError(f"{path}: a label map must hold integer label values")
         labels = labels.astype(np.int64)
     values = [int(v) for v in np.unique(labels) if v != 0]
+    if len(values) > MAX_LABEL_VALUES and segments:
+        wanted = {_label_value_of(str(n)) for n in segments} - {None}
+        values = [v for v in values if v in wanted]
+        if not values:
+            raise InputError(
+                f"{path}: none of {', '.join(map(str, segments))} is a value of this label map"
+            )
+    elif len(values) > MAX_LABEL_VALUES:
+        raise InputError(
+            f"{path} holds {len(values)} different values, more than a label map has "
+            f"({MAX_LABEL_VALUES} at most): is it an image? To use some of them, name the "
+            f"segments (e.g. label_{values[0]},label_{values[1]})"
+        )
     masks = _embed(reference, ijk_to_ras_from_sitk(image), [labels == v for v in values], path)
     segments = [
         Segment(f"label_{v}", m, PALETTE[i % len(PALETTE)], f"label_{v}", {"labelValue": v})
         for i, (v, m) in enumerate(zip(values, masks))
     ]
     return Segmentation(reference, segments)
+
+
+def write_image(path: str, image) -> None:
+    """Write a SimpleITK image atomically; ITK's write failures become one-line OutputErrors."""
+    import SimpleITK as sitk
+
+    def writer(tmp: str) -> None:
+        try:
+            sitk.WriteImage(image, tmp)
+        except RuntimeError as exc:
+            raise OutputError(f"cannot write {path}: {_itk_reason(exc)}") from None
+
+    write_with(path, writer)
 
 
 def write_segmentation(path: str, segmentation: Segmentation) -> None:
@@ -220,4 +588,4 @@ def write_segmentation(path: str, segmentation: Segmentation) -> None:
         used.add(sid)
         fields.update({"id": sid, "name": s.name, "color": [float(c) for c in s.color]})
         slicerio.add_segment(seg, np.asarray(s.mask, dtype=bool).transpose(2, 1, 0), fields)
-    write_with(path, lambda tmp: slicerio.write_segmentation(tmp, seg))
+    write_with(path, lambda tmp: _write_seg_nrrd(tmp, seg))

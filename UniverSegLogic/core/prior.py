@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import InputError
 from .slices import typical_gap
 
 #: Signed distance given to every pixel of an empty labeled slice (mm, "far outside").
@@ -121,7 +122,28 @@ class LogisticRule:
 
     @classmethod
     def from_dict(cls, d: Dict) -> LogisticRule:
-        return cls(list(d["features"]), [float(w) for w in d["weights"]], float(d.get("bias", 0)))
+        """A rule from its JSON form; a malformed one raises :class:`InputError`."""
+        if not isinstance(d, dict) or "features" not in d or "weights" not in d:
+            raise InputError("a fusion rule needs 'features' and 'weights'")
+        features, weights = d["features"], d["weights"]
+        if not isinstance(features, list) or not all(
+            isinstance(f, str) and all(p.isidentifier() for p in f.split("*")) for f in features
+        ):
+            raise InputError(
+                f"fusion rule: 'features' must be a list of feature names: {features!r}"
+            )
+        try:
+            values = [float(w) for w in weights] + [float(d.get("bias", 0))]
+        except (TypeError, ValueError):
+            raise InputError(
+                f"fusion rule: 'weights' and 'bias' must be numbers: {weights!r}"
+            ) from None
+        if len(values) - 1 != len(features) or not np.all(np.isfinite(values)):
+            raise InputError(
+                "fusion rule: one finite weight per feature is needed "
+                f"({len(features)} features, {len(values) - 1} weights)"
+            )
+        return cls(list(features), values[:-1], values[-1])
 
 
 def _default_inside() -> LogisticRule:
@@ -160,6 +182,9 @@ class FusionParams:
     # -------------------------------------------------------------------------- files
     @classmethod
     def from_dict(cls, data: Dict) -> FusionParams:
+        """Parameters from their JSON form; a malformed one raises :class:`InputError`."""
+        if not isinstance(data, dict):
+            raise InputError("fusion parameters must be a JSON object")
         out = cls()
         if "inside" in data:
             out.inside = LogisticRule.from_dict(data["inside"])
@@ -169,24 +194,59 @@ class FusionParams:
             out.outside = LogisticRule.from_dict(data["outside"])
         for k in ("extrapolation_gaps", "chain_outside", "source"):
             if k in data:
-                setattr(out, k, type(getattr(out, k))(data[k]))
+                kind = type(getattr(out, k))
+                if (
+                    kind is float
+                    and isinstance(data[k], (int, float))
+                    and not isinstance(data[k], bool)
+                ):
+                    setattr(out, k, float(data[k]))
+                elif kind is not float and isinstance(data[k], kind):
+                    setattr(out, k, data[k])
+                else:
+                    raise InputError(f"fusion parameter {k!r} must be a {kind.__name__}")
         return out
 
     @classmethod
     def load(cls, path: Path) -> FusionParams:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a fusion JSON; a missing, unreadable or malformed file raises InputError."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"fusion parameters not found: {path}") from None
+        except IsADirectoryError:
+            raise InputError(f"fusion parameters: expected a file, got a folder: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read fusion parameters {path}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            ) from None
+        try:
+            return cls.from_dict(data)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
 
     def to_dict(self) -> Dict:
         return asdict(self)
 
     def save(self, path: Path, extra: Optional[Dict] = None) -> None:
+        from .atomic import write_text
+
         data = self.to_dict()
         if extra:
             data.update(extra)
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        write_text(str(path), json.dumps(data, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------- features
+
+
+class UnknownFeature(InputError, KeyError):
+    """A fusion rule names a feature that this region of a slice does not have (a fusion JSON
+    made for another version, or edited by hand): one line for the user, a KeyError for code."""
+
+    __str__ = Exception.__str__
 
 
 class FeatureSource:
@@ -204,7 +264,7 @@ class FeatureSource:
                 self._cache[name] = self.get(a) * self.get(b)
             else:
                 if name not in self._base:
-                    raise KeyError(
+                    raise UnknownFeature(
                         f"unknown fusion feature {name!r} here "
                         f"(available: {', '.join(sorted(self._base))})"
                     )

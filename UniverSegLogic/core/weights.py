@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..errors import OutputError, WeightsError, one_line
-from .atomic import atomic_output
+from .atomic import atomic_output, output_error
 from .model import UniverSeg
 
 OFFICIAL_URL = (
@@ -113,9 +113,14 @@ def sha256_of(path: str) -> str:
 def load_file(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Load and verify a weights file (``weights_only=True``; GPU-saved files load on CPU)."""
     p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    size = p.stat().st_size
+    try:
+        if not p.is_file():
+            raise WeightsError(f"weights file not found: {path}")
+        size = p.stat().st_size
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file {path}: {_reason(exc)}") from None
     if size == 0:
         raise WeightsError(f"weights file is empty: {path}")
     if size > MAX_FILE_BYTES:
@@ -139,6 +144,14 @@ def load_file(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor
             f"cannot read weights file {path} (corrupt or truncated?): {msg}"
         ) from None
     return verify_state_dict(state, origin=str(path))
+
+
+def _reason(exc: OSError) -> str:
+    """The reason of an OS error in a few words (e.g. 'read-only file system')."""
+    return one_line(output_error(exc, "")).split(": ", 1)[-1]
+
+
+_CACHE_HINT = "set UNIVERSEG_CACHE to a writable folder or pass a weights file"
 
 
 def cache_dir() -> Path:
@@ -192,10 +205,14 @@ def download(
             if sha256 and sha256_of(tmp).lower() != sha256.lower():
                 raise WeightsError(f"downloaded file from {url} does not match the pinned sha256")
             load_file(tmp)  # structure check before the file becomes visible in the cache
-    except (OutputError, OSError) as exc:
+    except OutputError as exc:
         raise WeightsError(
-            f"cannot store the downloaded weights in {dest.parent} ({one_line(exc)}); set "
-            "UNIVERSEG_CACHE to a writable folder or pass a weights file"
+            f"cannot store the downloaded weights in {dest.parent} "
+            f"({one_line(exc).rsplit(': ', 1)[-1]}); {_CACHE_HINT}"
+        ) from None
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot store the downloaded weights in {dest.parent} ({_reason(exc)}); {_CACHE_HINT}"
         ) from None
     return dest
 
@@ -207,8 +224,11 @@ def _notice_marker() -> Path:
 def show_license_notice_once(echo: Callable[[str], None] = print) -> bool:
     """Print the official weights' license notice the first time; True when shown now."""
     marker = _notice_marker()
-    if marker.exists():
-        return False
+    try:
+        if marker.exists():
+            return False
+    except OSError:
+        pass  # an unreadable cache: show the notice
     echo(OFFICIAL_LICENSE_NOTICE)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -228,8 +248,13 @@ def official_path(
     """Path of the cached official weights, downloading them on first use."""
     url = os.environ.get("UNIVERSEG_OFFICIAL_URL", url)  # mirrors / tests
     dest = cache_dir() / OFFICIAL_FILENAME
-    if dest.is_file():
-        return dest
+    try:
+        if dest.is_file():
+            return dest
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot read the weights cache {dest.parent} ({_reason(exc)}); {_CACHE_HINT}"
+        ) from None
     if not allow_download:
         raise WeightsError("official weights are not in the cache and downloading is disabled")
     show_license_notice_once(echo)

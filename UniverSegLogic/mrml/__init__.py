@@ -4,16 +4,18 @@ Works with Slicer itself and with the Qt-free ``slicer-core`` package.
 
 Reading
     The volume is read as a KJI array with its *world* IJK-to-RAS matrix (a linear parent transform
-    is applied, so "axial" means axial in the views). Each segment is resampled onto the volume's
-    voxel grid by Slicer (``GenerateMergedLabelmapInReferenceGeometry`` with the volume as
-    reference geometry), which also accounts for parent transforms of both nodes.
+    is applied, so "axial" means axial in the views). Each segment is read from its own labelmap
+    grid onto the volume's voxel grid with the one rule of :mod:`.gridmap` (parent transforms of
+    both nodes included): every painted voxel shows in the volume slice its centre lies in, and
+    ties (grids shifted by half a voxel) go the same way as when writing.
 
 Writing
     Nothing is written until every prediction has been computed. The change is expressed on the
-    volume grid as a code per voxel (0 keep, 1 background, 2 foreground), resampled with nearest
-    neighbour onto the segmentation's own labelmap grid and merged there with the segment's current
-    labelmap, so voxels outside the changed slices -- the user's labeled slices in particular -- keep
-    their stored values bit for bit, whatever the segmentation's geometry. Other segments are never
+    volume grid as a code per voxel (0 keep, 1 background, 2 foreground) and applied on the
+    segmentation's own labelmap grid by the same rule (a voxel takes the code of the volume cell
+    its centre lies in; kept cells, and voxels a kept cell reads, keep their stored values), so
+    voxels outside the changed slices -- the user's labeled slices in particular -- keep their
+    stored values bit for bit, whatever the segmentation's geometry. Other segments are never
     written (Slicer moves them to another layer if a prediction overlaps them).
 
     ``fill`` mode changes only the slices the user did not label in the same segment. ``new`` mode

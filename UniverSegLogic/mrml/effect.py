@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import MRMLError
+from .gridmap import GridMap, code_on_segment
 from .job import PropagationJob, prepare_propagation
 from .nodes import _local_ijk_to_ras, _node_name, _segment, _vol_to_seg, segment_mask
 from .record import (
@@ -291,18 +292,13 @@ def _fill_code(job: PropagationJob, index: int) -> np.ndarray:
 
 
 def _resample_code(job: PropagationJob, code: np.ndarray, extent, grid) -> np.ndarray:
-    """A volume-grid code map resampled (nearest neighbour) onto ``extent`` of ``grid``."""
-    slicer = _slicer()
-    volumeNode = job.volumeNode
-    dims = volumeNode.GetImageData().GetDimensions()
-    vol_ijk_to_seg = _vol_to_seg(volumeNode, job.segmentationNode) @ _local_ijk_to_ras(volumeNode)
-    image = _oriented_image(code, (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1), vol_ijk_to_seg)
-    out = slicer.vtkOrientedImageData()
-    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        image, _geometry_image(extent, grid), out, False, False
-    ):
-        raise MRMLError("resampling the result onto the segmentation grid failed")
-    return _scalars(out)
+    """A volume-grid code map on ``extent`` of the segmentation ``grid``, by the bridge's one
+    cell rule (:func:`gridmap.code_on_segment`: the same rule reads painted voxels, so kept
+    slices read back unchanged whatever the two grids' relation)."""
+    vol_ijk_to_seg = _vol_to_seg(job.volumeNode, job.segmentationNode) @ _local_ijk_to_ras(
+        job.volumeNode
+    )
+    return code_on_segment(code, GridMap(np.linalg.solve(vol_ijk_to_seg, grid)), extent)
 
 
 def _labelmap_grid(segmentationNode, segmentId) -> Tuple[Optional[List[int]], np.ndarray]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..core.geometry import AXIS_NAMES, GeometryError, Volume, resolve_axis
 from ..errors import MRMLError
+from .gridmap import GridMap, cell_index, read_onto_volume
 from .vtkglue import _extent_empty, _np_from_vtk_matrix, _scalars, _slicer, _vtk, _vtk_matrix
 
 
@@ -135,7 +136,7 @@ def slice_index_at(volumeNode, axis, point_ras: Sequence[float]) -> int:
     a = _resolve_axis(volume, axis)
     p = np.append(np.asarray(point_ras, dtype=np.float64)[:3], 1.0)
     ijk = np.linalg.solve(volume.ijk_to_ras, p)[:3]
-    index = int(np.floor(ijk[2 - a] + 0.5))
+    index = int(cell_index(ijk[2 - a]))
     n = volume.array.shape[a]
     if not 0 <= index < n:
         raise MRMLError(
@@ -171,9 +172,18 @@ def _resolve_segment_id(segmentationNode, key: str) -> str:
     seg = segmentationNode.GetSegmentation()
     if seg.GetSegment(key) is not None:
         return key
-    sid = seg.GetSegmentIdBySegmentName(key)
-    if sid:
-        return sid
+    named = [
+        seg.GetNthSegmentID(i)
+        for i in range(seg.GetNumberOfSegments())
+        if seg.GetNthSegment(i).GetName() == key
+    ]
+    if len(named) == 1:
+        return named[0]
+    if named:  # segments are told apart by ID, never by name
+        raise MRMLError(
+            f"{len(named)} segments of {_node_name(segmentationNode)} are named {key!r}: "
+            f"choose one by its ID ({', '.join(named)})"
+        )
     names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
     raise MRMLError(
         f"segmentation {_node_name(segmentationNode)} has no segment {key!r} "
@@ -182,8 +192,11 @@ def _resolve_segment_id(segmentationNode, key: str) -> str:
 
 
 def segment_mask(volumeNode, segmentationNode, segmentId) -> np.ndarray:
-    """Boolean KJI mask of one segment on the volume's voxel grid (resampled by Slicer)."""
-    slicer, vtk = _slicer(), _vtk()
+    """Boolean KJI mask of one segment on the volume's voxel grid.
+
+    Read from the segment's own labelmap grid with the rule of :mod:`.gridmap` (the rule writing
+    uses): every painted voxel is seen in the volume slice its centre lies in, and ties (grids
+    shifted by half a voxel) are broken the same way in both directions."""
     _segment(segmentationNode, segmentId)
     shape = tuple(volumeNode.GetImageData().GetDimensions()[::-1])
     internal = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
@@ -191,28 +204,17 @@ def segment_mask(volumeNode, segmentationNode, segmentId) -> np.ndarray:
         return np.zeros(shape, dtype=bool)
     label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
     stored_values = _scalars(internal)
-    if stored_values is None or not (stored_values == label).any():
-        return np.zeros(shape, dtype=bool)  # (Slicer would log an error resampling nothing)
-    ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segmentId)
-    out = slicer.vtkOrientedImageData()
-    slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
-        segmentationNode, volumeNode, ids, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, out
-    )
-    values = _scalars(out)
-    if values is None:
+    if stored_values is None:
         return np.zeros(shape, dtype=bool)
-    ext = out.GetExtent()
-    if values.shape == shape and ext[0] == ext[2] == ext[4] == 0:
-        return values > 0
-    # place whatever extent Slicer returned onto the volume extent
-    full = np.zeros(shape, dtype=bool)
-    lo = np.array([ext[4], ext[2], ext[0]])
-    src = tuple(slice(max(0, -o), min(s, n - o)) for o, s, n in zip(lo, values.shape, shape))
-    dst = tuple(slice(s.start + o, s.stop + o) for s, o in zip(src, lo))
-    if all(s.stop > s.start for s in src):
-        full[dst] = values[src] > 0
-    return full
+    stored = stored_values == label
+    if not stored.any():
+        return np.zeros(shape, dtype=bool)
+    m = _vtk().vtkMatrix4x4()
+    internal.GetImageToWorldMatrix(m)
+    world = np.linalg.inv(_parent_to_world(segmentationNode)) @ _parent_to_world(volumeNode)
+    vol_ijk_to_seg = world @ _local_ijk_to_ras(volumeNode)
+    grid = GridMap(np.linalg.solve(vol_ijk_to_seg, _np_from_vtk_matrix(m)))
+    return read_onto_volume(stored, internal.GetExtent(), grid, shape)
 
 
 def _vol_to_seg(volumeNode, segmentationNode) -> np.ndarray:

@@ -8,6 +8,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import MRMLError
+from .gridmap import (  # noqa: F401 - the codes are part of this module's interface (job.py)
+    BACKGROUND,
+    FOREGROUND,
+    KEEP,
+    GridMap,
+    write_onto_segment,
+)
 from .nodes import _local_ijk_to_ras, _segment, _vol_to_seg, segment_mask
 from .record import (
     TAG_LABELED,
@@ -21,15 +28,12 @@ from .record import (
 )
 from .vtkglue import (
     _extent_empty,
-    _geometry_image,
     _np_from_vtk_matrix,
     _oriented_image,
     _scalars,
     _slicer,
     _vtk,
 )
-
-KEEP, BACKGROUND, FOREGROUND = 0, 1, 2
 
 
 @dataclass
@@ -133,21 +137,11 @@ def _write_segment(
     extent = _footprint_extent(vol_ijk_to_seg, seg_grid, dims)
     if not w.replace_all:
         extent = _union_extent(current, extent)
-    code_img = _oriented_image(
-        w.code, (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1), vol_ijk_to_seg
-    )
-    resampled = slicer.vtkOrientedImageData()
-    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        code_img, _geometry_image(extent, seg_grid), resampled, False, False
-    ):
-        raise MRMLError("resampling the result onto the segmentation grid failed")
-    code = _scalars(resampled)
-    if w.replace_all:
-        values = (code == FOREGROUND).astype(np.uint8)
-    else:
-        values = np.where(
-            code == KEEP, _segment_values(segmentationNode, segment_id, extent), code == FOREGROUND
-        ).astype(np.uint8)
+    # one rule with the reader (gridmap): a voxel takes the code of the volume cell its centre
+    # lies in; KEEP cells, and voxels that a KEEP cell reads, keep their stored values
+    grid = GridMap(np.linalg.solve(vol_ijk_to_seg, seg_grid))
+    current = None if w.replace_all else _segment_values(segmentationNode, segment_id, extent)
+    values = write_onto_segment(w.code, grid, extent, current)
     image = _oriented_image(values, extent, seg_grid)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(
