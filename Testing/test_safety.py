@@ -1014,8 +1014,8 @@ def test_native_warnings_never_reach_the_cli_stderr(files, tmp_path):
 @pytest.mark.parametrize("degrees", [5, 20])
 @pytest.mark.parametrize("planes", [(6, 12, 18), (7, 13, 19)])
 def test_the_segment_editor_effect_keeps_every_painted_voxel_on_a_tilted_grid(degrees, planes):
-    """The effect's Apply writes through the bridge's one cell rule too (it resampled with
-    Slicer's nearest-neighbour filter before, which breaks ties the other way)."""
+    """The effect's Apply writes through the bridge's one cell rule (gridmap.code_on_segment) too:
+    painted voxels and the labeled slices' read-back survive a tilted, oversampled grid."""
     from UniverSegLogic.mrml import effect
 
     grid = _fine(2, _tilted(degrees, 1))
