@@ -45,6 +45,7 @@ from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, resolve_axis
 from .prior import FusionParams, ShapePrior, fuse_gap, fuse_outside, gaps_of, sigmoid
 from .restack import assemble
 from .slices import extrapolation_slices, nonempty_slices, prediction_targets
+from .suggest import SliceUncertainty, slice_uncertainty, suggest_slices
 from .support import ExternalSupport, ensemble_subsets, labeled_slices_of, select_support
 
 ProgressFn = Callable[[float, str], None]
@@ -155,6 +156,17 @@ class SegmentResult:
     probability: np.ndarray  # float32
     labeled_slices: List[int]
     predicted_slices: List[int]
+    #: how unsure the propagation is on each slice (:mod:`suggest`; never sees a ground truth)
+    uncertainty: Optional[SliceUncertainty] = None
+
+    @property
+    def slice_uncertainty(self) -> Dict[int, float]:
+        """{slice: expected wrong voxels} for every slice along the axis (labeled slices 0)."""
+        return self.uncertainty.as_dict() if self.uncertainty is not None else {}
+
+    def suggested_slices(self, n: int = 1) -> List[int]:
+        """Up to ``n`` slices to paint next, best first (:func:`suggest.suggest_slices`)."""
+        return suggest_slices(self.uncertainty, n) if self.uncertainty is not None else []
 
 
 @dataclass
@@ -379,6 +391,7 @@ class Propagator:
                     prob.astype(np.float32, copy=False),
                     list(plan.labeled),
                     sorted(probs),
+                    slice_uncertainty(probs, plan.mask_stack, plan.labeled),
                 )
             )
         for cache in (self._logits, self._gaps):
@@ -397,6 +410,16 @@ class Propagator:
             state["runs"],
             state["reused"],
         )
+
+    def suggest_slices(self, result, n: int = 1):
+        """Slices to paint next: for a :class:`SegmentResult`, up to ``n`` slice numbers (best
+        first); for a :class:`PropagationResult`, ``{segment key: [slices]}``. Computed from what
+        the propagation returned (its per-slice uncertainty), never from a ground truth."""
+        if isinstance(result, PropagationResult):
+            return {s.key: s.suggested_slices(n) for s in result.segments}
+        if isinstance(result, SegmentResult):
+            return result.suggested_slices(n)
+        raise UsageError("suggest_slices takes a PropagationResult or a SegmentResult")
 
     def network_logits(self, segment: SegmentInput, extrapolation: int) -> Tuple[_Plan, Dict]:
         """(plan, raw network logit of every target) for one segment, ``extrapolation`` slices

@@ -1,0 +1,225 @@
+"""How unsure a propagation is on each slice, and which slices to paint next.
+
+Nothing here sees a ground truth: the inputs are what a propagation has -- the fused probability
+of every predicted slice, the user's labeled slices and the size of the stack.
+
+*Slice uncertainty* (:func:`slice_uncertainty`), in voxels: the number of voxels of the slice that
+are expected to be wrong.
+
+* A predicted slice: ``sum(min(p, 1 - p))`` over its voxels, ``p`` the fused probability. The
+  fusion is a logistic rule fitted by maximum likelihood, so ``p`` is close to calibrated and this
+  is the expected count of voxels on the wrong side of 0.5; it is high where the network and the
+  painted-slice prior disagree (the rule then lands near 0.5) and along long, changing contours.
+  It is scaled by :data:`PREDICTED_SCALE` (calibrated on the validation structures: the fused
+  probability is over-confident away from the painted slices, ``research/suggest_fit.py``).
+* A slice beyond the predicted range, on a side whose end slice is painted (the structure may go
+  on): the area ``A`` of the outermost non-empty slice on that side (predicted or painted) times
+  ``BEYOND_FIRST * BEYOND_DECAY ** (j - 1)``, ``j`` slices further out, in units of the typical gap
+  between painted slices (calibrated on the validation structures too). Beyond an end slice
+  labeled empty, 0: the user said the structure has ended.
+* A labeled slice: 0.
+
+*Suggestion* (:func:`suggest_slices`): the expected gain of painting slice ``c`` is the
+uncertainty of ``c`` itself plus the part of its neighbours' uncertainty that a painted slice at
+``c`` removes. An unlabeled slice ``s`` between labeled slices ``a < s < b`` is modelled as wrong in
+proportion to ``phi(s) = (s - a)(b - s) / (b - a)`` (the error of interpolating over the gap; with
+only one labeled side, the distance to it), so painting ``c`` inside ``(a, b)`` multiplies the
+uncertainty of ``s`` by ``phi'(s) / phi(s)``, ``phi'`` with ``c`` labeled. The best slice is taken,
+the model updated as if it were painted, and the next one chosen the same way: the suggestions are
+spread out, never a labeled slice, and may lie beyond the painted range (where an empty slice
+marked labeled tells the propagation that the structure ends there). With a uniform uncertainty
+this is bisection of the longest gap; uncertainty moves it to where the shape changes most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .slices import typical_gap
+
+#: Multiplier of the expected wrong voxels of a predicted slice (calibrated on validation).
+PREDICTED_SCALE = 1.0
+#: Expected wrong voxels one slice beyond the outermost non-empty slice, over its area.
+BEYOND_FIRST = 0.5
+#: Factor per typical gap further out (the structure is less and less likely to go on).
+BEYOND_DECAY = 0.25
+#: Beyond-range uncertainties below this many voxels are dropped (far from the structure).
+MIN_VOXELS = 0.05
+
+
+@dataclass
+class SliceUncertainty:
+    """Per-slice uncertainty of one segment's propagation (canonical slice numbers = array
+    indices along the propagation axis) and what a suggestion needs besides it."""
+
+    n_slices: int
+    labeled: List[int]
+    #: expected wrong voxels per slice (every slice of the stack; labeled slices 0)
+    scores: Dict[int, float] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[int, float]:
+        """{slice: expected wrong voxels} for every slice."""
+        return dict(self.scores)
+
+
+def expected_wrong_voxels(probability: np.ndarray) -> float:
+    """``sum(min(p, 1 - p))``: voxels of a slice expected on the wrong side of 0.5."""
+    p = np.asarray(probability, dtype=np.float32)
+    return float(np.minimum(p, np.float32(1.0) - p).sum(dtype=np.float64))
+
+
+def slice_uncertainty(
+    probabilities: Mapping[int, np.ndarray],
+    mask_stack: np.ndarray,
+    labeled: Sequence[int],
+) -> SliceUncertainty:
+    """The uncertainty of every slice of one segment's propagation.
+
+    ``probabilities``: fused probability of each predicted slice (slice -> 2D array);
+    ``mask_stack``: the user's labels, (slices, rows, cols); ``labeled``: the labeled slices (an
+    empty one is labeled background). See the module docstring for the model."""
+    n = int(mask_stack.shape[0])
+    lab = sorted(int(i) for i in labeled)
+    scores: Dict[int, float] = {i: 0.0 for i in range(n)}
+    areas: Dict[int, int] = {}
+    for t, p in probabilities.items():
+        scores[int(t)] = PREDICTED_SCALE * expected_wrong_voxels(p)
+        areas[int(t)] = int(np.count_nonzero(np.asarray(p) >= 0.5))
+    for i in lab:
+        scores[i] = 0.0
+        areas[i] = int(np.count_nonzero(mask_stack[i]))
+    if lab:
+        gap = max(1.0, typical_gap(lab, n))
+        for end, step in ((lab[0], -1), (lab[-1], 1)):
+            if areas[end] == 0:
+                continue  # labeled empty: the structure ends here
+            # the outermost slice of this side that was predicted or painted
+            o = end
+            while 0 <= o + step < n and (o + step) in areas:
+                o += step
+            # ... and the outermost non-empty one, whose area may go on
+            last = o
+            while last != end and areas[last] == 0:
+                last -= step
+            area = areas[last]
+            if area == 0 or last != o:
+                continue  # the prediction came out empty before its limit: it has ended there
+            s = o + step
+            while 0 <= s < n:
+                j = abs(s - o)
+                u = area * BEYOND_FIRST * BEYOND_DECAY ** ((j - 1) / gap)
+                if u < MIN_VOXELS:
+                    break
+                scores[s] = max(scores.get(s, 0.0), float(u))
+                s += step
+    return SliceUncertainty(n, lab, scores)
+
+
+def _phi(s: np.ndarray, a: Optional[int], b: Optional[int]) -> np.ndarray:
+    """Error-growth model of unlabeled slices ``s`` bracketed by labeled ``a`` (below) and ``b``
+    (above); either may be None (no labeled slice on that side)."""
+    s = np.asarray(s, dtype=np.float64)
+    if a is not None and b is not None:
+        return (s - a) * (b - s) / float(b - a)
+    if a is not None:
+        return s - a
+    return b - s
+
+
+def _brackets(
+    labeled: Sequence[int], n: int
+) -> List[Tuple[Optional[int], Optional[int], int, int]]:
+    """(a, b, first, last) for each run of unlabeled slices ``first..last`` of ``0..n-1``, with
+    ``a``/``b`` the labeled slices around it (None at the ends of the stack)."""
+    lab = sorted(set(int(i) for i in labeled))
+    runs = []
+    prev: Optional[int] = None
+    for i in lab + [None]:
+        first = 0 if prev is None else prev + 1
+        last = (n - 1) if i is None else i - 1
+        if first <= last:
+            runs.append((prev, i, first, last))
+        prev = i
+    return runs
+
+
+def gains(unc: SliceUncertainty, labeled: Optional[Sequence[int]] = None) -> Dict[int, float]:
+    """Expected voxels made right by painting each unlabeled slice (see the module docstring);
+    ``labeled`` overrides the labeled slices (the scores are then taken as they are)."""
+    lab = unc.labeled if labeled is None else labeled
+    out: Dict[int, float] = {}
+    for a, b, first, last in _brackets(lab, unc.n_slices):
+        s = np.arange(first, last + 1)
+        u = np.array([unc.scores.get(int(i), 0.0) for i in s], dtype=np.float64)
+        if not u.any():
+            for c in s:
+                out[int(c)] = 0.0
+            continue
+        phi = _phi(s, a, b)
+        for ci, c in enumerate(s):
+            ratio = np.empty_like(phi)
+            below = s < c
+            ratio[below] = _phi(s[below], a, int(c)) / phi[below]
+            ratio[~below] = _phi(s[~below], int(c), b) / phi[~below]
+            ratio[ci] = 0.0
+            out[int(c)] = float(np.dot(u, 1.0 - ratio))
+    return out
+
+
+def _bisection_bonus(labeled: Sequence[int], n: int) -> Dict[int, float]:
+    """A tie-breaker (tiny): prefers the middle of long gaps between labeled slices."""
+    out: Dict[int, float] = {}
+    for a, b, first, last in _brackets(labeled, n):
+        s = np.arange(first, last + 1)
+        if a is None or b is None:
+            phi = np.zeros(len(s))  # outside the labeled range: no tie-break pull
+        else:
+            phi = _phi(s, a, b)
+        for c, v in zip(s, phi):
+            out[int(c)] = float(v)
+    return out
+
+
+def suggest_slices(unc: SliceUncertainty, n: int = 1) -> List[int]:
+    """Up to ``n`` slices to paint next, best first (never a labeled slice; see the module
+    docstring). Empty when every slice is labeled."""
+    if n < 1:
+        return []
+    labeled = list(unc.labeled)
+    scores = dict(unc.scores)
+    out: List[int] = []
+    for _ in range(int(n)):
+        work = SliceUncertainty(unc.n_slices, labeled, scores)
+        g = gains(work)
+        if not g:
+            break
+        tie = _bisection_bonus(labeled, unc.n_slices)
+        best = max(g, key=lambda c: (g[c] + 1e-9 * tie.get(c, 0.0), -c))
+        if g[best] <= 0.0 and tie.get(best, 0.0) <= 0.0:
+            break  # nothing left to gain anywhere
+        out.append(int(best))
+        scores = _after_painting(work, int(best))
+        labeled = sorted(labeled + [int(best)])
+    return out
+
+
+def _after_painting(unc: SliceUncertainty, c: int) -> Dict[int, float]:
+    """The scores as the model expects them once slice ``c`` is painted."""
+    scores = dict(unc.scores)
+    for a, b, first, last in _brackets(unc.labeled, unc.n_slices):
+        if not first <= c <= last:
+            continue
+        s = np.arange(first, last + 1)
+        phi = _phi(s, a, b)
+        for i, si in enumerate(s):
+            si = int(si)
+            if si == c:
+                scores[si] = 0.0
+            elif si < c:
+                scores[si] *= float(_phi(np.array([si]), a, c)[0] / phi[i])
+            else:
+                scores[si] *= float(_phi(np.array([si]), c, b)[0] / phi[i])
+    return scores
