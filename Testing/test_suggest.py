@@ -91,7 +91,7 @@ def test_uncertainty_moves_the_suggestion_and_zero_beyond_an_empty_end():
 
 def test_uncertainty_of_a_propagation_is_computed_without_any_truth():
     params = set(inspect.signature(suggest.slice_uncertainty).parameters)
-    assert params == {"probabilities", "mask_stack", "labeled"}
+    assert params == {"probabilities", "mask_stack", "labeled", "prior"}
     assert set(inspect.signature(suggest.suggest_slices).parameters) == {"unc", "n"}
     stack = np.zeros((12, 8, 8), bool)
     stack[3, 2:6, 2:6] = stack[8, 2:6, 2:6] = True
@@ -99,7 +99,7 @@ def test_uncertainty_of_a_propagation_is_computed_without_any_truth():
     unc = suggest.slice_uncertainty(probs, stack, [3, 8])
     assert set(unc.scores) == set(range(12))
     assert unc.scores[3] == unc.scores[8] == 0.0
-    assert unc.scores[5] == pytest.approx(32.0 * suggest.PREDICTED_SCALE)
+    assert unc.scores[5] == pytest.approx(32.0 * suggest.WEIGHTS["inside_no_prior"]["margin"])
     assert unc.scores[5] > unc.scores[4] > 0
     # the painted end goes on: the slices beyond the prediction are unsure; labeled-empty: not
     assert unc.scores[2] > 0 and unc.scores[9] > 0

@@ -380,7 +380,7 @@ class Propagator:
         tick("starting", 0)
         results = []
         for plan in plans:
-            probs = self._segment_probabilities(plan, tick, state)
+            probs, prior = self._segment_probabilities(plan, tick, state)
             tick(f"{plan.seg.name}: restacking", 0)
             mask, prob = assemble(self.frame, plan.seg.mask, plan.labeled, probs)
             results.append(
@@ -391,7 +391,7 @@ class Propagator:
                     prob.astype(np.float32, copy=False),
                     list(plan.labeled),
                     sorted(probs),
-                    slice_uncertainty(probs, plan.mask_stack, plan.labeled),
+                    slice_uncertainty(probs, plan.mask_stack, plan.labeled, prior),
                 )
             )
         for cache in (self._logits, self._gaps):
@@ -591,14 +591,17 @@ class Propagator:
         return tuple((t, tuple(k for k, _, _ in self._support_sets(plan, t))) for t in targets)
 
     # -------------------------------------------------------------------------- fusion
-    def _segment_probabilities(self, plan: _Plan, tick, state) -> Dict[int, np.ndarray]:
-        """Probability (canonical native grid) of every target of one segment."""
+    def _segment_probabilities(
+        self, plan: _Plan, tick, state
+    ) -> Tuple[Dict[int, np.ndarray], Optional[ShapePrior]]:
+        """(probability (canonical native grid) of every target of one segment, the shape prior
+        it was fused with or None)."""
 
         def network(ts: Sequence[int]) -> Dict[int, np.ndarray]:
             return self._network(plan, ts, tick, state)
 
         if not (self.options.use_prior and plan.labeled):
-            return {t: sigmoid(lg) for t, lg in network(plan.targets).items()}
+            return {t: sigmoid(lg) for t, lg in network(plan.targets).items()}, None
         fbs = None
         if self.fusion.uses_fbs():
             tick(f"{plan.seg.name}: fill between slices", 0)
@@ -613,7 +616,7 @@ class Propagator:
         for i in plan.labeled:
             if prior.has_sdf(i):
                 self._sdf[plan.fingerprints[i]] = prior.sdf(i)
-        return probs
+        return probs, prior
 
     def _fill_between(self, plan: _Plan) -> Optional[np.ndarray]:
         """Slicer's Fill between slices on the canonical stack, or None (and a note once) where

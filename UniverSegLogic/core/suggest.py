@@ -1,23 +1,30 @@
 """How unsure a propagation is on each slice, and which slices to paint next.
 
 Nothing here sees a ground truth: the inputs are what a propagation has -- the fused probability
-of every predicted slice, the user's labeled slices and the size of the stack.
+of every predicted slice, the user's labeled slices and the painted-slice shape prior
+(:class:`~UniverSegLogic.core.prior.ShapePrior`: the interpolated signed distance, Slicer's Fill
+between slices where available, the painted end slices).
 
-*Slice uncertainty* (:func:`slice_uncertainty`), in voxels: the number of voxels of the slice that
-are expected to be wrong.
+*Slice uncertainty* (:func:`slice_uncertainty`): the number of voxels of the slice expected to be
+wrong, from per-slice features (:func:`slice_features`), each in voxels:
 
-* A predicted slice: ``sum(min(p, 1 - p))`` over its voxels, ``p`` the fused probability. The
-  fusion is a logistic rule fitted by maximum likelihood, so ``p`` is close to calibrated and this
-  is the expected count of voxels on the wrong side of 0.5; it is high where the network and the
-  painted-slice prior disagree (the rule then lands near 0.5) and along long, changing contours.
-  It is scaled by :data:`PREDICTED_SCALE` (calibrated on the validation structures: the fused
-  probability is over-confident away from the painted slices, ``research/suggest_fit.py``).
-* A slice beyond the predicted range, on a side whose end slice is painted (the structure may go
-  on): the area ``A`` of the outermost non-empty slice on that side (predicted or painted) times
-  ``BEYOND_FIRST * BEYOND_DECAY ** (j - 1)``, ``j`` slices further out, in units of the typical gap
-  between painted slices (calibrated on the validation structures too). Beyond an end slice
-  labeled empty, 0: the user said the structure has ended.
-* A labeled slice: 0.
+* ``margin`` -- ``sum(min(p, 1 - p))`` over the slice, ``p`` the fused probability (voxels on the
+  wrong side of 0.5 if ``p`` were calibrated);
+* inside the painted range: ``vs_fbs`` -- voxels where the prediction and Fill between slices
+  disagree, ``vs_sdf`` -- voxels where it and the interpolated signed distance of the two
+  bracketing painted slices disagree (one of the two is wrong there);
+* beyond the painted range: ``vs_end`` -- voxels where it and the nearest painted end slice
+  disagree (how much the shape changed since the last painted slice).
+
+A predicted slice scores ``sum(weight * feature)`` with the weights of :data:`WEIGHTS`
+(non-negative least squares of the real error on the validation structures,
+``research/suggest_fit.py``; without a prior, the margin alone, scaled the same way). A slice
+beyond the predicted range, on a side whose end slice is painted (the structure may go on), scores
+``A * first * decay ** (j - 1)``: ``A`` the area of the outermost non-empty slice on that side
+(predicted or painted), ``j`` slices further out; :data:`BEYOND` holds ``(first, decay)`` for the
+two cases the validation structures tell apart -- the prediction reached its extent limit still
+non-empty, or it came out empty before (the network lost the structure, which then often goes on).
+Beyond an end slice labeled empty: 0 (the user said the structure ends there). A labeled slice: 0.
 
 *Suggestion* (:func:`suggest_slices`): the expected gain of painting slice ``c`` is the
 uncertainty of ``c`` itself plus the part of its neighbours' uncertainty that a painted slice at
@@ -38,14 +45,18 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .slices import typical_gap
-
-#: Multiplier of the expected wrong voxels of a predicted slice (calibrated on validation).
-PREDICTED_SCALE = 1.0
-#: Expected wrong voxels one slice beyond the outermost non-empty slice, over its area.
-BEYOND_FIRST = 0.5
-#: Factor per typical gap further out (the structure is less and less likely to go on).
-BEYOND_DECAY = 0.25
+#: Weights of the per-slice features (expected wrong voxels), by region; fitted on the
+#: validation structures (``python -m UniverSegLogic.research.suggest_fit``).
+WEIGHTS: Dict[str, Dict[str, float]] = {
+    "inside": {"margin": 0.153, "vs_fbs": 0.642, "vs_sdf": 0.359},
+    "inside_no_fbs": {"margin": 0.371, "vs_sdf": 0.619},
+    "outside": {"margin": 1.744, "vs_end": 0.524},
+    "inside_no_prior": {"margin": 0.784},
+    "outside_no_prior": {"margin": 2.642},
+}
+#: (first, decay) beyond the predicted range: the prediction reached its limit non-empty /
+#: came out empty before it (fitted on the validation structures too).
+BEYOND: Dict[str, Tuple[float, float]] = {"open": (0.376, 0.307), "stopped": (1.571, 0.73)}
 #: Beyond-range uncertainties below this many voxels are dropped (far from the structure).
 MIN_VOXELS = 0.05
 
@@ -71,50 +82,80 @@ def expected_wrong_voxels(probability: np.ndarray) -> float:
     return float(np.minimum(p, np.float32(1.0) - p).sum(dtype=np.float64))
 
 
+def slice_features(
+    probabilities: Mapping[int, np.ndarray], labeled: Sequence[int], prior=None
+) -> Dict[int, Tuple[str, Dict[str, float]]]:
+    """``{slice: (region, {feature: voxels})}`` of every predicted slice (see the module
+    docstring); ``prior``: the segment's :class:`~UniverSegLogic.core.prior.ShapePrior`, or None
+    when the propagation used none (then only the margin)."""
+    lab = sorted(int(i) for i in labeled)
+    out: Dict[int, Tuple[str, Dict[str, float]]] = {}
+    for t, p in probabilities.items():
+        t = int(t)
+        feats = {"margin": expected_wrong_voxels(p)}
+        if prior is None or not lab:
+            inside = bool(lab) and lab[0] < t < lab[-1]
+            out[t] = ("inside_no_prior" if inside else "outside_no_prior", feats)
+            continue
+        mask = np.asarray(p) >= 0.5
+        b = prior.bracket(t)
+        if b is not None:
+            lo, hi = b
+            feats["vs_sdf"] = float(np.count_nonzero(mask ^ (prior.distance(t) <= 0)))
+            fbs = prior.fbs
+            if fbs is not None:
+                ref = fbs[t]
+                if not (ref.any() and prior.masks[lo].any() and prior.masks[hi].any()):
+                    ref = prior.distance(t) <= 0  # as the fusion does: the distance stands in
+                feats["vs_fbs"] = float(np.count_nonzero(mask ^ ref))
+                out[t] = ("inside", feats)
+            else:
+                out[t] = ("inside_no_fbs", feats)
+        else:
+            e = prior.end_of(t)
+            feats["vs_end"] = float(np.count_nonzero(mask ^ np.asarray(prior.masks[e], bool)))
+            out[t] = ("outside", feats)
+    return out
+
+
 def slice_uncertainty(
     probabilities: Mapping[int, np.ndarray],
     mask_stack: np.ndarray,
     labeled: Sequence[int],
+    prior=None,
 ) -> SliceUncertainty:
     """The uncertainty of every slice of one segment's propagation.
 
     ``probabilities``: fused probability of each predicted slice (slice -> 2D array);
     ``mask_stack``: the user's labels, (slices, rows, cols); ``labeled``: the labeled slices (an
-    empty one is labeled background). See the module docstring for the model."""
+    empty one is labeled background); ``prior``: the painted-slice prior the propagation used
+    (None: none). See the module docstring for the model."""
     n = int(mask_stack.shape[0])
     lab = sorted(int(i) for i in labeled)
     scores: Dict[int, float] = {i: 0.0 for i in range(n)}
     areas: Dict[int, int] = {}
-    for t, p in probabilities.items():
-        scores[int(t)] = PREDICTED_SCALE * expected_wrong_voxels(p)
-        areas[int(t)] = int(np.count_nonzero(np.asarray(p) >= 0.5))
+    for t, (region, feats) in slice_features(probabilities, lab, prior).items():
+        w = WEIGHTS[region]
+        scores[t] = float(sum(w.get(k, 0.0) * v for k, v in feats.items()))
+        areas[t] = int(np.count_nonzero(np.asarray(probabilities[t]) >= 0.5))
     for i in lab:
         scores[i] = 0.0
         areas[i] = int(np.count_nonzero(mask_stack[i]))
-    if lab:
-        gap = max(1.0, typical_gap(lab, n))
-        for end, step in ((lab[0], -1), (lab[-1], 1)):
-            if areas[end] == 0:
-                continue  # labeled empty: the structure ends here
-            # the outermost slice of this side that was predicted or painted
-            o = end
-            while 0 <= o + step < n and (o + step) in areas:
-                o += step
-            # ... and the outermost non-empty one, whose area may go on
-            last = o
-            while last != end and areas[last] == 0:
-                last -= step
-            area = areas[last]
-            if area == 0 or last != o:
-                continue  # the prediction came out empty before its limit: it has ended there
-            s = o + step
-            while 0 <= s < n:
-                j = abs(s - o)
-                u = area * BEYOND_FIRST * BEYOND_DECAY ** ((j - 1) / gap)
-                if u < MIN_VOXELS:
-                    break
-                scores[s] = max(scores.get(s, 0.0), float(u))
-                s += step
+    for end, step in ((lab[0], -1), (lab[-1], 1)) if lab else ():
+        if areas[end] == 0:
+            continue  # labeled empty: the structure ends here
+        last = end  # the outermost non-empty slice of this side, predicted or painted
+        while (last + step) in areas and areas[last + step] > 0 and (last + step) not in lab:
+            last += step
+        stopped = (last + step) in areas and (last + step) not in lab
+        first, decay = BEYOND["stopped" if stopped else "open"]
+        s = last + step
+        while 0 <= s < n and s not in lab:
+            u = areas[last] * first * decay ** (abs(s - last) - 1)
+            if u < MIN_VOXELS:
+                break
+            scores[s] = max(scores[s], float(u))
+            s += step
     return SliceUncertainty(n, lab, scores)
 
 
