@@ -20,15 +20,17 @@ A predicted slice scores ``sum(weight * feature)`` with the weights of :data:`WE
 (non-negative least squares of the real error on the validation structures,
 ``research/suggest_fit.py``; without a prior, the margin alone, scaled the same way). A slice
 beyond the predicted range, on a side whose end slice is painted (the structure may go on), scores
-``A * first * decay ** (j - 1)``: ``A`` the area of the outermost non-empty slice on that side
-(predicted or painted), ``j`` slices further out; :data:`BEYOND` holds ``(first, decay)`` for the
+``A`` the area of the outermost non-empty slice on that side
+(predicted or painted), ``j`` slices further out: ``A * first * exp(-(j - 1) / (reach * gap))``
+with ``gap`` the typical gap between painted slices; :data:`BEYOND` holds ``(first, reach)`` for the
 two cases the validation structures tell apart -- the prediction reached its extent limit still
 non-empty, or it came out empty before (the network lost the structure, which then often goes on).
 Beyond an end slice labeled empty: 0 (the user said the structure ends there). A labeled slice: 0.
 
 *Suggestion* (:func:`suggest_slices`): the expected gain of painting slice ``c`` is the
 uncertainty of ``c`` itself plus the part of its neighbours' uncertainty that a painted slice at
-``c`` removes. An unlabeled slice ``s`` between labeled slices ``a < s < b`` is modelled as wrong in
+``c`` removes (beyond the painted range counted :data:`OUTSIDE_GAIN` times: painting there also
+moves the extrapolation limit). An unlabeled slice ``s`` between labeled slices ``a < s < b`` is modelled as wrong in
 proportion to ``phi(s) = (s - a)(b - s) / (b - a)`` (the error of interpolating over the gap; with
 only one labeled side, the distance to it), so painting ``c`` inside ``(a, b)`` multiplies the
 uncertainty of ``s`` by ``phi'(s) / phi(s)``, ``phi'`` with ``c`` labeled. The best slice is taken,
@@ -45,6 +47,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .slices import typical_gap
+
 #: Weights of the per-slice features (expected wrong voxels), by region; fitted on the
 #: validation structures (``python -m UniverSegLogic.research.suggest_fit``).
 WEIGHTS: Dict[str, Dict[str, float]] = {
@@ -54,9 +58,13 @@ WEIGHTS: Dict[str, Dict[str, float]] = {
     "inside_no_prior": {"margin": 0.784},
     "outside_no_prior": {"margin": 2.642},
 }
-#: (first, decay) beyond the predicted range: the prediction reached its limit non-empty /
-#: came out empty before it (fitted on the validation structures too).
-BEYOND: Dict[str, Tuple[float, float]] = {"open": (0.376, 0.307), "stopped": (1.571, 0.73)}
+#: (first, reach in typical gaps) beyond the predicted range: the prediction reached its limit
+#: non-empty / came out empty before it (fitted on the validation structures too).
+BEYOND: Dict[str, Tuple[float, float]] = {"open": (0.77, 0.1), "stopped": (2.738, 0.14)}
+#: In the gain of a painted slice, the uncertainty beyond the painted range counts this many
+#: times (painting there also moves the extrapolation limit, which the ``phi`` model ignores);
+#: chosen among 1, 2, 3 on the validation annotation sessions (``docs/results/session/``).
+OUTSIDE_GAIN = 2.0
 #: Beyond-range uncertainties below this many voxels are dropped (far from the structure).
 MIN_VOXELS = 0.05
 
@@ -141,6 +149,7 @@ def slice_uncertainty(
     for i in lab:
         scores[i] = 0.0
         areas[i] = int(np.count_nonzero(mask_stack[i]))
+    gap = max(1.0, typical_gap(lab, n)) if lab else 1.0
     for end, step in ((lab[0], -1), (lab[-1], 1)) if lab else ():
         if areas[end] == 0:
             continue  # labeled empty: the structure ends here
@@ -148,10 +157,11 @@ def slice_uncertainty(
         while (last + step) in areas and areas[last + step] > 0 and (last + step) not in lab:
             last += step
         stopped = (last + step) in areas and (last + step) not in lab
-        first, decay = BEYOND["stopped" if stopped else "open"]
+        first, reach = BEYOND["stopped" if stopped else "open"]
+        scale = max(1e-6, reach * gap)
         s = last + step
         while 0 <= s < n and s not in lab:
-            u = areas[last] * first * decay ** (abs(s - last) - 1)
+            u = areas[last] * first * float(np.exp(-(abs(s - last) - 1) / scale))
             if u < MIN_VOXELS:
                 break
             scores[s] = max(scores[s], float(u))
@@ -195,6 +205,8 @@ def gains(unc: SliceUncertainty, labeled: Optional[Sequence[int]] = None) -> Dic
     for a, b, first, last in _brackets(lab, unc.n_slices):
         s = np.arange(first, last + 1)
         u = np.array([unc.scores.get(int(i), 0.0) for i in s], dtype=np.float64)
+        if a is None or b is None:
+            u = u * OUTSIDE_GAIN
         if not u.any():
             for c in s:
                 out[int(c)] = 0.0

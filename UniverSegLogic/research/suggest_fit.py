@@ -7,7 +7,9 @@ features (:func:`~UniverSegLogic.core.suggest.slice_features`) and its real erro
 prediction and the truth differ). Per region, the weights are the non-negative least-squares fit
 of the error on the features. Beyond the predicted range, on each side whose end slice is painted,
 the truth's area ``j`` slices past the outermost non-empty slice is compared with that slice's
-area: ``first`` is the ratio at ``j = 1``, ``decay`` the ratio of successive sums. The result is
+area, and ``area ratio = first * exp(-(j - 1) / (reach * gap))`` is fitted by least squares
+(``gap``: the typical gap between the painted slices, so the rule does not depend on the slice
+thickness). The result is
 printed as the constants of :mod:`~UniverSegLogic.core.suggest` and written as JSON.
 
 Run (validation role only; the unseen chest CT is never used)::
@@ -56,6 +58,24 @@ def nnls(X: np.ndarray, y: np.ndarray, iterations: int = 200) -> np.ndarray:
     return w
 
 
+def fit_beyond(rows: Sequence[Dict]) -> Tuple[float, float]:
+    """(first, reach) of ``area ratio = first * exp(-(j - 1) / (reach * gap))`` fitted by least
+    squares (a grid over ``reach``, ``first`` in closed form)."""
+    sel = [b for b in rows if b["area"] > 0]
+    if not sel:
+        return 0.0, 1.0
+    y = np.array([b["truth"] / b["area"] for b in sel], dtype=np.float64)
+    x = np.array([(b["j"] - 1) / max(1.0, b["gap"]) for b in sel], dtype=np.float64)
+    best = None
+    for reach in np.round(np.arange(0.02, 1.51, 0.02), 2):
+        f = np.exp(-x / reach)
+        first = float(max(0.0, (f @ y) / (f @ f)))
+        sse = float(((first * f - y) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, first, float(reach))
+    return round(best[1], 3), best[2]
+
+
 def episode_rows(
     ep: cal.Episode, fusion: FusionParams, use_fbs: bool = True
 ) -> Tuple[List[Dict], List[Dict]]:
@@ -97,6 +117,7 @@ def episode_rows(
                     "case": "stopped" if stopped else "open",
                     "j": j,
                     "area": areas[last],
+                    "gap": float(prior.gap),
                     "truth": int(np.count_nonzero(ep.truth[s])),
                 }
             )
@@ -139,21 +160,17 @@ def fit(episodes: Sequence[cal.Episode], fusion: FusionParams) -> Dict:
     beyond_fit: Dict[str, Tuple[float, float]] = {}
     for case in ("open", "stopped"):
         sel = [b for b in beyond if b["case"] == case and b["area"] > 0]
+        if not sel:
+            continue
+        beyond_fit[case] = fit_beyond(sel)
         ratio = {}
-        for j in range(1, 16):
+        for j in range(1, 7):
             bj = [b for b in sel if b["j"] == j]
             if bj:
-                ratio[j] = sum(b["truth"] for b in bj) / max(1, sum(b["area"] for b in bj))
-        if 1 not in ratio:
-            continue
-        tail = sum(ratio.get(j, 0.0) for j in range(2, 16))
-        head = sum(ratio.get(j, 0.0) for j in range(1, 15))
-        decay = tail / head if head > 0 else 0.0
-        beyond_fit[case] = (round(ratio[1], 3), round(decay, 3))
-        stats[f"beyond_{case}"] = {
-            "sides": len({(b["episode"], b["k"]) for b in sel if b["j"] == 1}),
-            **{f"ratio_j{j}": round(v, 4) for j, v in ratio.items() if j <= 6},
-        }
+                ratio[f"ratio_j{j}"] = round(
+                    sum(b["truth"] for b in bj) / max(1, sum(b["area"] for b in bj)), 4
+                )
+        stats[f"beyond_{case}"] = {"sides": sum(1 for b in sel if b["j"] == 1), **ratio}
     return {"weights": weights, "beyond": beyond_fit, "stats": stats, "episodes": len(episodes)}
 
 
