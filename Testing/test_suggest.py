@@ -65,6 +65,9 @@ def test_suggestions_are_never_labeled_distinct_and_at_most_n():
         free = n - len(labeled)
         assert len(out) == min(want, free)  # every unlabeled slice has something to gain
     assert suggest.suggest_slices(_uniform(5, range(5)), 3) == []
+    # no labeled slice (support from other volumes only): still spread out
+    none = suggest.suggest_slices(_uniform(40, []), 3)
+    assert len(set(none)) == 3 and min(abs(x - y) for x in none for y in none if x != y) >= 3
 
 
 def test_uniform_uncertainty_gives_bisection_and_spread_out_suggestions():

@@ -180,6 +180,23 @@ def _phi(s: np.ndarray, a: Optional[int], b: Optional[int]) -> np.ndarray:
     return b - s
 
 
+def _ratios(s: np.ndarray, a: Optional[int], b: Optional[int], c: int, n: int) -> np.ndarray:
+    """Factor on the uncertainty of slices ``s`` (one run between ``a`` and ``b``) once slice
+    ``c`` of that run is painted (0 at ``c``). With no labeled slice at all (support from other
+    volumes only), the error is taken to fall off within a typical gap of ``c``."""
+    s = np.asarray(s, dtype=np.float64)
+    if a is None and b is None:
+        out = np.minimum(1.0, np.abs(s - c) / typical_gap([], n))
+    else:
+        phi = _phi(s, a, b)
+        out = np.empty_like(phi)
+        below = s < c
+        out[below] = _phi(s[below], a, int(c)) / phi[below]
+        out[~below] = _phi(s[~below], int(c), b) / phi[~below]
+    out[s == c] = 0.0
+    return out
+
+
 def _brackets(
     labeled: Sequence[int], n: int
 ) -> List[Tuple[Optional[int], Optional[int], int, int]]:
@@ -211,14 +228,8 @@ def gains(unc: SliceUncertainty, labeled: Optional[Sequence[int]] = None) -> Dic
             for c in s:
                 out[int(c)] = 0.0
             continue
-        phi = _phi(s, a, b)
-        for ci, c in enumerate(s):
-            ratio = np.empty_like(phi)
-            below = s < c
-            ratio[below] = _phi(s[below], a, int(c)) / phi[below]
-            ratio[~below] = _phi(s[~below], int(c), b) / phi[~below]
-            ratio[ci] = 0.0
-            out[int(c)] = float(np.dot(u, 1.0 - ratio))
+        for c in s:
+            out[int(c)] = float(np.dot(u, 1.0 - _ratios(s, a, b, int(c), unc.n_slices)))
     return out
 
 
@@ -266,13 +277,6 @@ def _after_painting(unc: SliceUncertainty, c: int) -> Dict[int, float]:
         if not first <= c <= last:
             continue
         s = np.arange(first, last + 1)
-        phi = _phi(s, a, b)
-        for i, si in enumerate(s):
-            si = int(si)
-            if si == c:
-                scores[si] = 0.0
-            elif si < c:
-                scores[si] *= float(_phi(np.array([si]), a, c)[0] / phi[i])
-            else:
-                scores[si] *= float(_phi(np.array([si]), c, b)[0] / phi[i])
+        for si, r in zip(s, _ratios(s, a, b, c, unc.n_slices)):
+            scores[int(si)] = scores.get(int(si), 0.0) * float(r)
     return scores
