@@ -218,3 +218,40 @@ def test_session_evaluation_on_a_phantom(tmp_path):
     assert set(data["summary"]["val"]) == set(se.STRATEGIES)
     figs = se.write_figures(str(tmp_path / "fig"), traces, 8)
     assert len(figs) == 2 and all(p.endswith(".png") for p in figs)
+
+
+def test_evaluate_session_command_writes_the_json_and_figures(tmp_path, capsys):
+    import SimpleITK as sitk
+    import torch
+
+    from UniverSegLogic.cli import main
+    from UniverSegLogic.core.model import UniverSeg
+
+    vol, truth = _moving_disc(16)
+    paths = {}
+    for name, arr in (("image", vol.array), ("disc", truth.astype(np.uint8))):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((1.0, 1.0, 2.0))
+        paths[name] = str(tmp_path / f"{name}.nrrd")
+        sitk.WriteImage(img, paths[name])
+    torch.manual_seed(0)
+    torch.save(UniverSeg().state_dict(), tmp_path / "random.pt")
+    out = tmp_path / "sessions.json"
+    args = ["evaluate", "--session", "--image", paths["image"], "--mask", paths["disc"]]
+    args += ["--weights", str(tmp_path / "random.pt"), "--device", "cpu", "--json", str(out)]
+    args += ["--max-painted", "4", "--figures", str(tmp_path / "fig"), "--quiet"]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"protocol", "summary", "sessions"}
+    assert data["protocol"]["max_painted"] == 4 and data["protocol"]["target_dice"] == 0.9
+    assert {s["strategy"] for s in data["sessions"]} == set(se.STRATEGIES)
+    for s in data["sessions"]:
+        assert s["mask"] == "disc" and len(s["painted_slices"]) <= 4
+        assert s["n_painted"][0] == 2 and len(s["dice"]) == len(s["n_painted"])
+        assert s["slices_to_090"] is None or s["dice"][-1] >= 0.9
+    assert "median_slices_to_090" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == [
+        "dice_vs_painted_all.png",
+        "dice_vs_painted_per_mask_all.png",
+    ]
+    assert main(args[:-1] + ["--strategies", "nonsense", "--quiet"]) == 2
