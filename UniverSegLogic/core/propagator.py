@@ -18,7 +18,11 @@ user paints. For each segment it
    importable, Slicer's Fill between slices) by a calibrated logistic rule; beyond it the network
    with a calibrated rule, walking outwards and keeping only regions that overlap the previous
    slice, stopping (and skipping the network) once a slice comes out empty,
-6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit.
+6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit,
+7. scores how unsure each slice is (:mod:`suggest`, from the fused probabilities and the shape
+   prior, never a ground truth): ``SegmentResult.slice_uncertainty`` and
+   ``SegmentResult.suggested_slices(n)`` / :meth:`Propagator.suggest_slices`, the slices to paint
+   next.
 
 What a session remembers between calls is keyed by *content*, so a result never depends on what
 was cached: the network logit of each (target slice, support set) -- a support set named by the
