@@ -149,6 +149,82 @@ def test_propagate_keeps_other_segments_and_geometry(case, capsys, tmp_path):
         assert np.array_equal(b_res[..., k], b_src[..., k])
 
 
+def test_propagate_suggest_and_report_contract(case, capsys, tmp_path):
+    d, ball, box = case
+    out, report = tmp_path / "out.seg.nrrd", tmp_path / "report.json"
+    # slice 12 of "box" is empty and listed: labeled background
+    code, stdout, err = _run(
+        [
+            "propagate",
+            "--image",
+            str(d / "image.nrrd"),
+            "--labels",
+            str(d / "labels.seg.nrrd"),
+            "--out",
+            str(out),
+            "--labeled-slices",
+            "box:3,9,12",
+            "--weights",
+            str(d / "weights.pt"),
+            "--suggest",
+            "2",
+            "--report",
+            str(report),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert set(data) == {"segments"}
+    segs = data["segments"]
+    assert [s["name"] for s in segs] == ["ball", "box"]
+    n = ball.shape[0]  # axial = array axis 0 here
+    for s in segs:
+        assert set(s) == {
+            "name",
+            "labeled_slices",
+            "predicted_slices",
+            "suggested_slices",
+            "slice_uncertainty",
+        }
+        assert isinstance(s["name"], str)
+        for key in ("labeled_slices", "predicted_slices", "suggested_slices"):
+            assert isinstance(s[key], list) and all(type(i) is int for i in s[key]), key
+            assert all(0 <= i < n for i in s[key]), key
+        assert s["labeled_slices"] == sorted(s["labeled_slices"])
+        assert not set(s["labeled_slices"]) & set(s["predicted_slices"])
+        assert 1 <= len(s["suggested_slices"]) <= 2
+        assert not set(s["suggested_slices"]) & set(s["labeled_slices"])
+        unc = s["slice_uncertainty"]
+        assert set(unc) == {str(i) for i in range(n)}
+        assert all(type(v) is float and v >= 0.0 for v in unc.values())
+        assert all(unc[str(i)] == 0.0 for i in s["labeled_slices"])
+    by = {s["name"]: s for s in segs}
+    assert by["ball"]["labeled_slices"] == [4, 7, 10]
+    assert by["box"]["labeled_slices"] == [3, 9, 12]  # the empty listed slice is labeled
+    assert 12 not in by["box"]["predicted_slices"]
+    assert all(t < 12 for t in by["box"]["suggested_slices"])  # the box ended at 12
+    assert "paint next" in stdout
+    # without --report nothing is written; a negative count is a usage error
+    code, _, err = _run(
+        [
+            "propagate",
+            "--image",
+            str(d / "image.nrrd"),
+            "--labels",
+            str(d / "labels.seg.nrrd"),
+            "--out",
+            str(tmp_path / "o2.seg.nrrd"),
+            "--suggest",
+            "-1",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 2 and "--suggest" in err and not (tmp_path / "o2.seg.nrrd").exists()
+
+
 def test_propagate_with_support_from_a_second_volume(case, capsys, tmp_path):
     d, ball, box = case
     # the target volume's own segmentation has no labeled slice of "ball": support comes from

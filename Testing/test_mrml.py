@@ -230,6 +230,25 @@ def test_fill_predicts_only_unlabeled_slices_and_keeps_everything_else(case):
     assert status.labeled == case.labeled and status.predicted == predicted and not status.edited
 
 
+def test_result_carries_the_suggested_slices_and_the_slice_uncertainty(case):
+    job, result = run(case, "fill")
+    res = job.result.segments[0]
+    suggested = result.suggested_slices[case.target]
+    assert suggested == res.suggested_slices(mrml.job.SUGGESTED_SLICES) and suggested
+    assert not set(suggested) & set(case.labeled)
+    assert all(0 <= t < SHAPE[case.axis] for t in suggested)
+    unc = result.slice_uncertainty[case.target]
+    assert set(unc) == set(range(SHAPE[case.axis]))
+    assert all(unc[t] == 0.0 for t in case.labeled)
+    assert all(unc[t] >= 0.0 for t in unc)
+    # "Go to suggested slice": the world position of that slice maps back to it
+    for t in suggested:
+        ras = mrml.slice_center_ras(case.volume, case.axis, t)
+        assert mrml.slice_index_at(case.volume, case.axis, ras) == t
+    with pytest.raises(mrml.MRMLError, match="outside"):
+        mrml.slice_center_ras(case.volume, case.axis, SHAPE[case.axis])
+
+
 def test_new_mode_writes_a_review_segment_and_rerun_replaces_it(case):
     before = state(case.seg)
     job, result = run(case, "new")

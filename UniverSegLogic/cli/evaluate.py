@@ -68,6 +68,26 @@ def register(sub) -> None:
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--figures", default=None, help="folder for Dice-vs-k curves and montages")
     p.add_argument("--quiet", action="store_true", help="only the summary table")
+    p.add_argument(
+        "--session",
+        action="store_true",
+        help="simulate annotation sessions instead: from the k=2 slices, paint the slice each "
+        "strategy picks until Dice >= --target-dice or --max-painted slices "
+        "(UniverSegLogic/research/session_eval.py)",
+    )
+    p.add_argument(
+        "--strategies",
+        default="ours_suggest,ours_bisect,fbs_bisect",
+        help="with --session: comma-separated strategies",
+    )
+    p.add_argument("--target-dice", type=float, default=0.90, help="with --session (0.90)")
+    p.add_argument("--max-painted", type=int, default=20, help="with --session (20)")
+    p.add_argument(
+        "--logit-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the network's logits in DIR between runs (exact; a developer speed-up)",
+    )
     p.set_defaults(func=run)
 
 
@@ -79,6 +99,15 @@ def _ints(text: str, what: str) -> List[int]:
     if not out or any(v < 1 for v in out):
         raise UsageError(f"{what}: expected positive integers, got {text!r}")
     return out
+
+
+def _session_factory(args, axis, engine, options, fusion):
+    """Propagator per case, its logits kept in ``--logit-cache`` when given (else None)."""
+    if not args.logit_cache:
+        return None
+    from ..research.logit_store import session_factory
+
+    return session_factory(args.logit_cache, args.weights, axis, engine, options, fusion)
 
 
 def run(args) -> int:
@@ -121,6 +150,10 @@ def run(args) -> int:
         for m in c.masks:
             if slice_extent(m.mask, axis) is None:
                 raise UsageError(f"mask {m.name!r} of {c.name} is empty")
+    if args.session:
+        from ..research import session_eval
+
+        return session_eval.run_cli(args, cases, axis)
 
     engine = None
     options = PropagationOptions(device=args.device, weights=args.weights)
@@ -144,6 +177,7 @@ def run(args) -> int:
         fusion,
         keep_predictions=bool(args.figures),
         log=log,
+        session_factory=_session_factory(args, axis, engine, options, fusion),
     )
     total = time.perf_counter() - t0
     ev.write_json(args.json, outcomes)

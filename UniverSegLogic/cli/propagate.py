@@ -33,6 +33,20 @@ def register(sub) -> None:
         metavar=("IMG", "SEG"),
         help="another labeled volume whose same-named segments serve as support (repeatable)",
     )
+    p.add_argument(
+        "--suggest",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also suggest the N slices per segment that painting would improve most (0)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="REPORT.json",
+        help="write per-segment labeled, predicted and suggested slices and the per-slice "
+        "uncertainty (slice numbers along the propagation axis, array order)",
+    )
     p.set_defaults(func=run)
 
 
@@ -199,11 +213,20 @@ def run(args) -> int:
 
     if not args.out.lower().endswith(".seg.nrrd"):
         raise UsageError(f"--out must end with .seg.nrrd, got {args.out}")
+    if args.suggest < 0:
+        raise UsageError(f"--suggest must be 0 or more, got {args.suggest}")
     # before anything heavy: the output must be writable and must not be one of the inputs
-    check_output_path(
-        args.out,
-        [args.image, args.labels, args.weights, *(p for pair in args.support for p in pair)],
-    )
+    inputs_given = [
+        args.image,
+        args.labels,
+        args.weights,
+        *(p for pair in args.support for p in pair),
+    ]
+    check_output_path(args.out, inputs_given)
+    if args.report:
+        if os.path.abspath(args.report) == os.path.abspath(args.out):
+            raise UsageError("--report must not be the --out file")
+        check_output_path(args.report, inputs_given)
     options = options_from_args(args)
     from ..core.engine import resolve_device
 
@@ -245,8 +268,39 @@ def run(args) -> int:
             f"  {r.name}: labeled slices {_ranges(r.labeled_slices)}; predicted "
             f"{len(r.predicted_slices)} slices"
         )
+        if args.suggest:
+            picks = r.suggested_slices(args.suggest)
+            print(
+                f"  {r.name}: paint next: "
+                + (f"slice {_ranges(picks)}" if picks else "nothing (every slice is labeled)")
+            )
     print(f"wrote {os.path.abspath(args.out)}")
+    if args.report:
+        write_report(args.report, [result.get(inp.key) for inp in inputs], args.suggest)
+        print(f"wrote {os.path.abspath(args.report)}")
     return 0
+
+
+def write_report(path: str, results: List, suggest: int) -> None:
+    """The ``--report`` JSON, written atomically: ``{"segments": [{"name", "labeled_slices",
+    "predicted_slices", "suggested_slices", "slice_uncertainty": {"<slice>": float}}]}``."""
+    import json
+
+    from ..core.atomic import write_text
+
+    segments = [
+        {
+            "name": r.name,
+            "labeled_slices": [int(i) for i in r.labeled_slices],
+            "predicted_slices": [int(i) for i in r.predicted_slices],
+            "suggested_slices": [int(i) for i in r.suggested_slices(suggest)] if suggest else [],
+            "slice_uncertainty": {
+                str(int(i)): round(float(v), 4) for i, v in sorted(r.slice_uncertainty.items())
+            },
+        }
+        for r in results
+    ]
+    write_text(path, json.dumps({"segments": segments}, indent=1) + "\n")
 
 
 def _ranges(idx: List[int]) -> str:

@@ -18,7 +18,11 @@ user paints. For each segment it
    importable, Slicer's Fill between slices) by a calibrated logistic rule; beyond it the network
    with a calibrated rule, walking outwards and keeping only regions that overlap the previous
    slice, stopping (and skipping the network) once a slice comes out empty,
-6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit.
+6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit,
+7. scores how unsure each slice is (:mod:`suggest`, from the fused probabilities and the shape
+   prior, never a ground truth): ``SegmentResult.slice_uncertainty`` and
+   ``SegmentResult.suggested_slices(n)`` / :meth:`Propagator.suggest_slices`, the slices to paint
+   next.
 
 What a session remembers between calls is keyed by *content*, so a result never depends on what
 was cached: the network logit of each (target slice, support set) -- a support set named by the
@@ -45,6 +49,7 @@ from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, resolve_axis
 from .prior import FusionParams, ShapePrior, fuse_gap, fuse_outside, gaps_of, sigmoid
 from .restack import assemble
 from .slices import extrapolation_slices, nonempty_slices, prediction_targets
+from .suggest import SliceUncertainty, slice_uncertainty, suggest_slices
 from .support import ExternalSupport, ensemble_subsets, labeled_slices_of, select_support
 
 ProgressFn = Callable[[float, str], None]
@@ -155,6 +160,17 @@ class SegmentResult:
     probability: np.ndarray  # float32
     labeled_slices: List[int]
     predicted_slices: List[int]
+    #: how unsure the propagation is on each slice (:mod:`suggest`; never sees a ground truth)
+    uncertainty: Optional[SliceUncertainty] = None
+
+    @property
+    def slice_uncertainty(self) -> Dict[int, float]:
+        """{slice: expected wrong voxels} for every slice along the axis (labeled slices 0)."""
+        return self.uncertainty.as_dict() if self.uncertainty is not None else {}
+
+    def suggested_slices(self, n: int = 1) -> List[int]:
+        """Up to ``n`` slices to paint next, best first (:func:`suggest.suggest_slices`)."""
+        return suggest_slices(self.uncertainty, n) if self.uncertainty is not None else []
 
 
 @dataclass
@@ -368,7 +384,7 @@ class Propagator:
         tick("starting", 0)
         results = []
         for plan in plans:
-            probs = self._segment_probabilities(plan, tick, state)
+            probs, prior = self._segment_probabilities(plan, tick, state)
             tick(f"{plan.seg.name}: restacking", 0)
             mask, prob = assemble(self.frame, plan.seg.mask, plan.labeled, probs)
             results.append(
@@ -379,6 +395,7 @@ class Propagator:
                     prob.astype(np.float32, copy=False),
                     list(plan.labeled),
                     sorted(probs),
+                    slice_uncertainty(probs, plan.mask_stack, plan.labeled, prior),
                 )
             )
         for cache in (self._logits, self._gaps):
@@ -397,6 +414,16 @@ class Propagator:
             state["runs"],
             state["reused"],
         )
+
+    def suggest_slices(self, result, n: int = 1):
+        """Slices to paint next: for a :class:`SegmentResult`, up to ``n`` slice numbers (best
+        first); for a :class:`PropagationResult`, ``{segment key: [slices]}``. Computed from what
+        the propagation returned (its per-slice uncertainty), never from a ground truth."""
+        if isinstance(result, PropagationResult):
+            return {s.key: s.suggested_slices(n) for s in result.segments}
+        if isinstance(result, SegmentResult):
+            return result.suggested_slices(n)
+        raise UsageError("suggest_slices takes a PropagationResult or a SegmentResult")
 
     def network_logits(self, segment: SegmentInput, extrapolation: int) -> Tuple[_Plan, Dict]:
         """(plan, raw network logit of every target) for one segment, ``extrapolation`` slices
@@ -568,14 +595,17 @@ class Propagator:
         return tuple((t, tuple(k for k, _, _ in self._support_sets(plan, t))) for t in targets)
 
     # -------------------------------------------------------------------------- fusion
-    def _segment_probabilities(self, plan: _Plan, tick, state) -> Dict[int, np.ndarray]:
-        """Probability (canonical native grid) of every target of one segment."""
+    def _segment_probabilities(
+        self, plan: _Plan, tick, state
+    ) -> Tuple[Dict[int, np.ndarray], Optional[ShapePrior]]:
+        """(probability (canonical native grid) of every target of one segment, the shape prior
+        it was fused with or None)."""
 
         def network(ts: Sequence[int]) -> Dict[int, np.ndarray]:
             return self._network(plan, ts, tick, state)
 
         if not (self.options.use_prior and plan.labeled):
-            return {t: sigmoid(lg) for t, lg in network(plan.targets).items()}
+            return {t: sigmoid(lg) for t, lg in network(plan.targets).items()}, None
         fbs = None
         if self.fusion.uses_fbs():
             tick(f"{plan.seg.name}: fill between slices", 0)
@@ -590,7 +620,7 @@ class Propagator:
         for i in plan.labeled:
             if prior.has_sdf(i):
                 self._sdf[plan.fingerprints[i]] = prior.sdf(i)
-        return probs
+        return probs, prior
 
     def _fill_between(self, plan: _Plan) -> Optional[np.ndarray]:
         """Slicer's Fill between slices on the canonical stack, or None (and a note once) where

@@ -51,6 +51,7 @@ from .nodes import (
     axis_for_slice_normal,
     axis_name,
     segment_mask,
+    slice_center_ras,
     slice_index_at,
     volume_from_node,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "prepare_propagation",
     "propagate_segmentation",
     "segment_mask",
+    "slice_center_ras",
     "slice_index_at",
     "slice_status",
     "volume_from_node",

@@ -43,6 +43,8 @@ from .writing import BACKGROUND, FOREGROUND, _apply_writes, _Write
 
 OUTPUT_SUFFIX = " (UniverSeg)"
 MODES = ("fill", "new")
+#: Slices suggested per segment in :attr:`MRMLPropagationResult.suggested_slices`.
+SUGGESTED_SLICES = 3
 
 
 @dataclass
@@ -61,6 +63,11 @@ class MRMLPropagationResult:
     seconds: float
     #: one-time messages for the user (e.g. hand-set fusion defaults for these weights)
     notes: List[str] = field(default_factory=list)
+    #: per source segment id: slices to paint next along ``axis``, best first (core.suggest;
+    #: a slice beyond the predicted range may be one to mark labeled empty)
+    suggested_slices: Dict[str, List[int]] = field(default_factory=dict)
+    #: per source segment id: {slice along ``axis``: expected wrong voxels} (labeled slices 0)
+    slice_uncertainty: Dict[str, Dict[int, float]] = field(default_factory=dict)
 
 
 def _make_options(options: Dict[str, object]):
@@ -299,6 +306,8 @@ class PropagationJob:
             res.weights,
             res.seconds,
             list(res.notes),
+            {sid: res.get(sid).suggested_slices(SUGGESTED_SLICES) for sid in self.source_ids},
+            {sid: res.get(sid).slice_uncertainty for sid in self.source_ids},
         )
 
 

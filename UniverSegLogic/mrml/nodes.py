@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -144,6 +144,20 @@ def slice_index_at(volumeNode, axis, point_ras: Sequence[float]) -> int:
             f"axis (slice {index} of 0..{n - 1})"
         )
     return index
+
+
+def slice_center_ras(volumeNode, axis, index: int) -> List[float]:
+    """World (RAS) position of the centre of slice ``index`` along ``axis`` (the inverse of
+    :func:`slice_index_at`): e.g. ``sliceNode.JumpSliceByOffsetting(*ras)`` shows that slice
+    ("Go to suggested slice"). Raises :class:`MRMLError` for an index outside the volume."""
+    volume = _geometry_of(volumeNode)
+    a = _resolve_axis(volume, axis)
+    n = volume.array.shape[a]
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise MRMLError(f"slice {index!r} is outside 0..{n - 1}")
+    ijk = [(volume.array.shape[2 - x] - 1) / 2.0 for x in range(3)]  # I, J, K centre
+    ijk[2 - a] = float(index)
+    return [float(v) for v in (volume.ijk_to_ras @ np.array(ijk + [1.0]))[:3]]
 
 
 def _grid_key(volumeNode, segmentationNode) -> str:

@@ -228,15 +228,20 @@ def evaluate_cases(
     fusion=None,
     keep_predictions: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    session_factory: Optional[Callable[[EvalCase], object]] = None,
 ) -> List[Outcome]:
     """:func:`evaluate_mask` for every mask of every case (mask names become ``case/name`` when
-    there is more than one case)."""
+    there is more than one case); ``session_factory(case)`` may supply each case's Propagator."""
     out: List[Outcome] = []
     prefix = len(cases) > 1
     for c in cases:
         session = None  # one Propagator per image, shared by its masks
         if "universeg" in methods:
-            session = make_session(c.image, axis, engine, options, fusion)
+            session = (
+                session_factory(c)
+                if session_factory is not None
+                else make_session(c.image, axis, engine, options, fusion)
+            )
         for m in c.masks:
             name = f"{c.name}/{m.name}" if prefix else m.name
             out.extend(
