@@ -580,3 +580,50 @@ def test_module_choices_match_the_logic():
     assert "DEVICE_CHOICES = list(devices.DEVICE_NAMES)" in source
     assert device.DEVICE_NAMES == ("auto", "cpu", "cuda", "mps")
     assert re.search(r"AXIS_CHOICES = \[panel\.AXIS_AUTO, ", source)
+
+
+# --------------------------------------------------------------------------------------------
+# "Go to suggested slice"
+
+
+def test_suggestions_interleave_segments_best_first():
+    assert panel.suggested_slices_of({"a": [5, 9], "b": [2]}, ["b", "a", "c"]) == [
+        ("b", 2),
+        ("a", 5),
+        ("a", 9),
+    ]
+    assert panel.suggested_slices_of({}, ["a"]) == []
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_go_to_slice_moves_a_real_slice_node_onto_that_slice(axis):
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
+    from conftest import rotation
+
+    ijk = np.eye(4)  # oblique, anisotropic, off-origin: slices are still planes of the view
+    ijk[:3, :3] = rotation(0, 12) @ rotation(2, 30) @ np.diag([1.1, 0.9, 2.5])
+    ijk[:3, 3] = (-20, 5, 30)
+    volume.SetIJKToRASMatrix(_vtk_matrix(ijk))
+    image = vtk.vtkImageData()
+    image.SetDimensions(14, 11, 9)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    volume.SetAndObserveImageData(image)
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    normal = ijk[:3, 2 - axis] / np.linalg.norm(ijk[:3, 2 - axis])  # a view along that axis
+    m = np.eye(4)
+    helper = np.array([1.0, 0, 0]) if abs(normal[0]) < 0.9 else np.array([0, 1.0, 0])
+    x = np.cross(helper, normal)
+    x /= np.linalg.norm(x)
+    m[:3, 0], m[:3, 1], m[:3, 2] = x, np.cross(normal, x), normal
+    view.GetSliceToRAS().DeepCopy(_vtk_matrix(m))
+    view.UpdateMatrices()
+    assert panel.pick_slice_view(volume, axis, [view]) is view
+    n = image.GetDimensions()[2 - axis]
+    for index in (0, n // 2, n - 1):
+        panel.go_to_slice(volume, axis, index, view)
+        assert panel.current_slice(volume, axis, view) == index
+    with pytest.raises(mrml.MRMLError):
+        panel.go_to_slice(volume, axis, n, view)
+    with pytest.raises(mrml.MRMLError):
+        panel.go_to_slice(volume, axis, 0, None)

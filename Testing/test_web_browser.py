@@ -238,6 +238,17 @@ def test_paint_propagate_save_and_a_bad_upload_in_chromium(server, sample, tmp_p
             timings["second_propagate_to_status_s"] = round(time.perf_counter() - t, 2)
             predicted = int(re.search(r"(\d+) predicted", status).group(1))
             assert predicted > 0
+            assert re.search(r"paint slice \d+ next", _text(page, "#message"))
+
+            # "Go to suggested slice" moves the view onto a slice that is not labeled
+            page.locator("#suggested-slice").click()
+            message = _wait_text(page, "#message", r"^Suggested: paint slice \d+")
+            suggested = int(re.search(r"slice (\d+)", message).group(1))
+            page.wait_for_function(
+                f"window.trame.state.get('slice_index') === {suggested}", timeout=30_000
+            )
+            kinds = page.evaluate("window.trame.state.get('slice_kinds')")
+            assert kinds[suggested] not in ("labeled", "corrected")
 
             page.locator("#save").click()
             _wait_text(page, "#message", r"^Saved ")

@@ -60,6 +60,7 @@ def test_propagate_writes_predictions_as_one_undo_step_and_save_keeps_everything
     assert re.fullmatch(r"right lung: 3 labeled, \d+ predicted", line)
     (status,) = session.statuses("axial")
     assert report.predicted == len(status.predicted) > 0
+    assert report.suggested and not set(report.suggested) & set(status.labeled)
     after, tags = _stored(session)
     for t in labeled:
         assert np.array_equal(after[t], before[t])

@@ -182,6 +182,7 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmentsSignature = None
         self._supportSignature = None
         self._statusCache = {}
+        self._suggestions, self._suggestionAxis, self._suggestionIndex = [], 0, 0
         # lists and summaries are refreshed shortly after the last change (painting fires many
         # events; a summary resamples each checked segment)
         self._refreshTimer = qt.QTimer()
@@ -212,6 +213,7 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.markSliceButton.clicked.connect(lambda: self.onMarkSlice(True))
         self.ui.unmarkSliceButton.clicked.connect(lambda: self.onMarkSlice(False))
         self.ui.clearPredictionButton.clicked.connect(self.onClearPrediction)
+        self.ui.suggestedSliceButton.clicked.connect(self.onGoToSuggestedSlice)
         self.ui.propagateButton.clicked.connect(self.onPropagate)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self._refreshTimer.timeout.connect(self.refresh)
@@ -514,6 +516,27 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = status.summary()
         self._refreshTimer.start()
 
+    def onGoToSuggestedSlice(self) -> None:
+        """Show the next suggested slice of the last run in a slice view along its axis."""
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not go to the slice."), waitCursor=True):
+            if not self._suggestions:
+                raise ValueError(_("Propagate first: suggestions come with a run."))
+            sid, index = self._suggestions[self._suggestionIndex % len(self._suggestions)]
+            self._suggestionIndex += 1
+            sliceNode = panel.pick_slice_view(
+                p.inputVolume,
+                self._suggestionAxis,
+                self.logic.sliceNodes(),
+                preferred=self.lastSliceNode(),
+            )
+            panel.go_to_slice(p.inputVolume, self._suggestionAxis, index, sliceNode)
+            name = p.segmentation.GetSegmentation().GetSegment(sid).GetName()
+            self.ui.statusLabel.text = _(
+                "Suggested: paint slice {index} of {name} (or mark it "
+                "as labeled if the structure is absent there)."
+            ).format(index=index, name=name)
+
     def onClearPrediction(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not clear the prediction."), waitCursor=True):
@@ -600,6 +623,11 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
                 notes = list(getattr(result, "notes", []) or [])
                 self.ui.statusLabel.text = " ".join([text] + notes)
+                self._suggestions = panel.suggested_slices_of(
+                    result.suggested_slices, result.source_ids
+                )
+                self._suggestionAxis, self._suggestionIndex = result.axis, 0
+                self.ui.suggestedSliceButton.enabled = bool(self._suggestions)
         finally:
             self.setRunning(False)
             self._refreshTimer.start()

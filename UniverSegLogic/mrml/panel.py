@@ -22,6 +22,7 @@ from .nodes import (
     _geometry_of,
     _resolve_axis,
     infer_axis,
+    slice_center_ras,
     slice_view_axis,
     slice_view_index,
 )
@@ -136,6 +137,29 @@ def current_slice(volumeNode, axis, sliceNode) -> int:
     if sliceNode is None:
         raise MRMLError("no slice view shows slices along the chosen axis")
     return slice_view_index(volumeNode, axis, sliceNode.GetSliceToRAS())
+
+
+def go_to_slice(volumeNode, axis, index: int, sliceNode) -> List[float]:
+    """Move ``sliceNode`` (a slice view along ``axis``) to slice ``index`` of the volume: it is
+    offset through the slice's centre, keeping its orientation. Returns the RAS point used."""
+    if sliceNode is None:
+        raise MRMLError("no slice view shows slices along the chosen axis")
+    ras = slice_center_ras(volumeNode, axis, int(index))
+    sliceNode.JumpSliceByOffsetting(*ras)
+    return ras
+
+
+def suggested_slices_of(
+    suggested: Dict[str, Sequence[int]], segmentIds: Sequence[str]
+) -> List[Tuple[str, int]]:
+    """(segment id, slice) pairs to paint next, best first, from each segment's suggestions
+    (e.g. ``MRMLPropagationResult.suggested_slices``): the first of every segment in the order
+    of ``segmentIds``, then the second, ..."""
+    lists = [(sid, list(suggested.get(sid, []))) for sid in segmentIds]
+    out: List[Tuple[str, int]] = []
+    for rank in range(max((len(v) for _, v in lists), default=0)):
+        out += [(sid, v[rank]) for sid, v in lists if rank < len(v)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class WebApp:
         self.view = self.slicer_app.view_manager.get_slice_views()[0]
         self._loop = None
         self._refresh_handle = None
+        self._suggested, self._suggested_next = [], 0  # the last run's slices to paint next
         self._init_state()
         self._build_ui()
         self.view.modified.connect(lambda *_: self._on_view_modified())
@@ -138,6 +139,7 @@ class WebApp:
         s.slice_kinds = []
         s.slice_index = -1
         s.running = False
+        s.has_suggestion = False
         s.progress = 0.0
         s.progress_text = ""
         s.message = "Load an image to start."
@@ -328,6 +330,23 @@ class WebApp:
 
         self._guard(action)
 
+    def on_go_to_suggested(self) -> None:
+        """Show the next slice to paint that the last run suggested."""
+        if not self._suggested:
+            return
+
+        def action():
+            index = self._suggested[self._suggested_next % len(self._suggested)]
+            self._suggested_next += 1
+            self.session.go_to_slice(self.view, index)
+            self._say(
+                f"Suggested: paint slice {index} (or mark it labeled if the structure "
+                "is absent there)"
+            )
+            self.refresh()
+
+        self._guard(action)
+
     def on_propagate(self) -> None:
         """Start a propagation without blocking the page (Cancel stays clickable)."""
         if self.session.running:
@@ -350,6 +369,9 @@ class WebApp:
             axis, _ = self.session.view_position(self.view)
             report = await self.session.propagate(axis, progress)
             text, kind = report.message(), "info"
+            self._suggested, self._suggested_next = list(report.suggested), 0
+            with self.state:
+                self.state.has_suggestion = bool(report.suggested)
         except Cancelled:
             text, kind = "Cancelled: nothing changed.", "info"
         except UniverSegError as exc:
@@ -592,6 +614,13 @@ class WebApp:
                             size="small",
                             click=self.on_clear_predictions,
                             disabled=("!active_segment || running",),
+                        )
+                        v3.VBtn(
+                            "Go to suggested slice",
+                            id="suggested-slice",
+                            size="small",
+                            click=self.on_go_to_suggested,
+                            disabled=("!has_suggestion || running",),
                         )
                     # which slices of the active segment are labeled / predicted / corrected
                     with html.Div(

@@ -64,12 +64,16 @@ class PropagationReport:
     seconds: float
     device: str
     notes: List[str] = field(default_factory=list)
+    #: slices to paint next, best first (UniverSeg's own uncertainty, no ground truth)
+    suggested: List[int] = field(default_factory=list)
 
     def message(self) -> str:
         text = (
             f"{self.segment_name}: predicted {self.predicted} slices along the {self.axis_name} "
             f"axis in {self.seconds:.1f} s ({self.device})"
         )
+        if self.suggested:
+            text += f"; paint slice {self.suggested[0]} next"
         return "; ".join([text] + list(self.notes))
 
 
@@ -299,6 +303,14 @@ class AnnotationSession:
             index = None
         return axis, index
 
+    def go_to_slice(self, view, index: int) -> None:
+        """Show slice ``index`` (along the view's axis) in a trame-slicer slice view."""
+        from ..mrml import panel
+
+        axis, _ = self.view_position(view)
+        node = self.scene.GetNodeByID(view.get_view_node_id())
+        panel.go_to_slice(self.volume_node, axis, index, node)
+
     def statuses(self, axis) -> List:
         """:class:`~UniverSegLogic.mrml.SliceStatus` of every segment that is not a review
         output, along ``axis`` (a name or an array axis)."""
@@ -395,6 +407,7 @@ class AnnotationSession:
             result.seconds + (time.perf_counter() - t0),
             result.device,
             list(getattr(result, "notes", []) or []),
+            list(result.suggested_slices.get(sid, [])),
         )
 
     async def propagate(

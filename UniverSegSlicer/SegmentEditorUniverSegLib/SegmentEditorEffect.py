@@ -57,6 +57,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
         scriptedEffect.name = EFFECT_NAME
         scriptedEffect.title = _("UniverSeg")
         self._preview = None  # UniverSegLogic.mrml.effect.PropagationPreview
+        self._suggestions = []  # (segment id, slice) to paint next, best first
+        self._suggestionIndex = 0
         self._previewMask = None  # the EditMask the preview node shows
         self._computing = False
         self._cancelRequested = False
@@ -128,6 +130,17 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+        self.suggestedSliceButton = qt.QPushButton(_("Go to suggested slice"))
+        self.suggestedSliceButton.setToolTip(
+            _(
+                "Show the slice whose painting (or marking as empty) would improve the preview "
+                "most, by UniverSeg's own uncertainty. Each click goes to the next suggestion."
+            )
+        )
+        self.suggestedSliceButton.enabled = False
+        self.suggestedSliceButton.connect("clicked()", self.onGoToSuggestedSlice)
+        self.scriptedEffect.addOptionsWidget(self.suggestedSliceButton)
 
         settingsButton = qt.QPushButton(_("UniverSeg settings..."))
         settingsButton.setToolTip(_("Support size, device, weights and extra support volumes."))
@@ -292,6 +305,11 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
         finally:
             self.setComputing(False)
         self._preview = preview
+        self._suggestions = panel.suggested_slices_of(
+            {s.key: s.suggested_slices(3) for s in preview.job.result.segments}, ids
+        )
+        self._suggestionIndex = 0
+        self.suggestedSliceButton.enabled = bool(self._suggestions)
         selected = vtk.vtkStringArray()
         for sid in ids:
             selected.InsertNextValue(sid)
@@ -321,6 +339,23 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
             ]
             + list(preview.notes)
         )
+
+    def onGoToSuggestedSlice(self):
+        """Show the next suggested slice of the preview in a slice view along its axis."""
+        if not self._suggestions or self._preview is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("UniverSeg: could not go to the slice.")):
+            sid, index = self._suggestions[self._suggestionIndex % len(self._suggestions)]
+            self._suggestionIndex += 1
+            job = self._preview.job
+            sliceNode = panel.pick_slice_view(
+                job.volumeNode, job.axis, self.moduleLogic().sliceNodes()
+            )
+            panel.go_to_slice(job.volumeNode, job.axis, index, sliceNode)
+            name = job.segmentationNode.GetSegmentation().GetSegment(sid).GetName()
+            self.statusLabel.text = _("Suggested: paint slice {index} of {name}.").format(
+                index=index, name=name
+            )
 
     def showPreview(self, mask):
         """(Re)fill the preview node with what Apply would write under ``mask``."""
@@ -360,6 +395,9 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
 
     def reset(self):
         self._preview = None
+        self._suggestions = []
+        if hasattr(self, "suggestedSliceButton"):
+            self.suggestedSliceButton.enabled = False
         self._previewMask = None
         AbstractScriptedSegmentEditorAutoCompleteEffect.reset(self)
         self.updateSummary()
