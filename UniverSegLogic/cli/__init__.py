@@ -34,6 +34,7 @@ from ..errors import UniverSegError, UsageError, one_line
 COMMAND_MODULES = (
     "propagate",
     "demo",
+    "cohort",
     "evaluate",
     "calibrate",
     "data",

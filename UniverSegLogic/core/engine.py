@@ -87,6 +87,13 @@ def _cpu_flags() -> Optional[set]:
 _BF16_PROBE: Optional[Tuple[bool, str]] = None
 
 
+def set_cpu_bf16_choice(use: bool, why: str) -> None:
+    """Fix this process's bf16 decision (skips the timing probe): processes that must compute
+    identical results, such as the workers of one cohort run, take one decision made once."""
+    global _BF16_PROBE
+    _BF16_PROBE = (bool(use), str(why))
+
+
 def cpu_bf16_choice(probe: bool = True) -> Tuple[bool, str]:
     """(use bf16 on this CPU?, why). Needs native BF16 (AVX512-BF16 or AMX) and a probe showing
     a representative bf16 convolution is clearly faster than fp32 (oneDNN emulates bf16 on

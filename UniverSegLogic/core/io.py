@@ -297,6 +297,20 @@ def ijk_to_ras_from_sitk(image) -> np.ndarray:
     return LPS_TO_RAS @ m
 
 
+def volume_to_sitk(volume: Volume):
+    """A SimpleITK image of ``volume`` (same voxels and geometry; inverse of
+    :func:`ijk_to_ras_from_sitk`)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
+    m = LPS_TO_RAS @ volume.ijk_to_ras
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in (m[:3, :3] / spacing).reshape(-1)])
+    image.SetOrigin([float(v) for v in m[:3, 3]])
+    return image
+
+
 def read_image(path: str) -> Volume:
     """Read a 3D scalar image (RGB images become grayscale) as a :class:`Volume`."""
     import SimpleITK as sitk

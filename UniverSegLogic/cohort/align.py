@@ -1,0 +1,219 @@
+"""Bring a labeled reference volume onto a target's grid, so that its slices can be support.
+
+Cohort labeling takes its support from reference volumes. The :class:`Propagator` matches a
+support slice to a target slice by their relative position along the slicing axis, which is only
+meaningful when the two volumes show the anatomy at the same place. This module makes it so: it
+resamples the reference image (linear) and its masks (nearest neighbour) onto the target grid
+through a transform from the target's physical space to the reference's, found by one of
+
+* ``extent`` (default): the bounding box of the body (the voxels above the image's Otsu
+  threshold, from the 1st to the 99th percentile of their coordinates along each physical axis) in
+  the target is mapped onto the body box of the reference, one scale and shift per axis (scales
+  kept within 1/2..2). Fast (well under a second) and deterministic; it recovers shifts, a
+  different field of view in-plane and a different resolution;
+* ``affine``: a SimpleITK affine registration (Mattes mutual information, three resolution
+  levels) started from the ``extent`` transform;
+* ``none``: the physical coordinates as stored (for volumes already in one frame).
+
+:func:`register` also offers ``deformable`` (affine, then a B-spline), used only by the atlas
+baseline of the evaluation (:mod:`UniverSegLogic.research.cohort_eval`). Every random choice of
+the registrations (the metric's voxel sampling) uses :data:`REGISTRATION_SEED`: SimpleITK's seed 0
+would mean "from the wall clock", so a fixed nonzero seed makes them reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+
+from ..core.geometry import Volume
+from ..errors import UsageError
+
+ALIGN_METHODS = ("extent", "affine", "none")
+REGISTRATION_KINDS = ("extent", "affine", "deformable", "none")
+#: Seed of the registrations' random voxel sampling (nonzero: SimpleITK's 0 means the clock).
+REGISTRATION_SEED = 20261202
+#: Range of the per-axis scale of the ``extent`` alignment.
+EXTENT_SCALE_RANGE = (0.5, 2.0)
+#: Voxels sampled (at most) to find the body box.
+BOX_SAMPLES = 400_000
+
+
+@dataclass
+class AlignedReference:
+    """A reference volume resampled onto a target grid."""
+
+    image: Volume
+    masks: Dict[str, np.ndarray]
+    method: str
+    seconds: float
+    #: the transform (target physical LPS point -> reference point), as SimpleITK parameters
+    parameters: List[float] = field(default_factory=list)
+
+
+def body_box(image) -> np.ndarray:
+    """(2, 3) lower/upper corner (LPS mm) of the body in a SimpleITK image: voxels above the
+    Otsu threshold, 1st to 99th percentile of their physical coordinates per axis."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(image)
+    flat = np.asarray(array, dtype=np.float32).reshape(-1)
+    finite = flat[np.isfinite(flat)]
+    if finite.size == 0 or float(finite.max()) <= float(finite.min()):
+        fg = np.ones(array.shape, dtype=bool)
+    else:
+        mask = sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1, 128)
+        fg = sitk.GetArrayViewFromImage(mask).astype(bool)
+        if not fg.any():
+            fg = np.ones(array.shape, dtype=bool)
+    kji = np.argwhere(fg)
+    if len(kji) > BOX_SAMPLES:
+        step = int(np.ceil(len(kji) / BOX_SAMPLES))
+        kji = kji[::step]
+    ijk = kji[:, ::-1].astype(np.float64)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    points = (direction * np.array(image.GetSpacing())) @ ijk.T + np.array(image.GetOrigin())[
+        :, None
+    ]
+    lo = np.percentile(points, 1, axis=1)
+    hi = np.percentile(points, 99, axis=1)
+    return np.stack([lo, hi])
+
+
+def extent_transform(reference, target):
+    """The ``extent`` alignment: a SimpleITK transform from target to reference points that maps
+    the target's body box onto the reference's (one scale and shift per physical axis)."""
+    import SimpleITK as sitk
+
+    rbox, tbox = body_box(reference), body_box(target)
+    rsize, tsize = rbox[1] - rbox[0], tbox[1] - tbox[0]
+    scale = np.where(tsize > 1e-6, rsize / np.maximum(tsize, 1e-6), 1.0)
+    scale = np.clip(scale, *EXTENT_SCALE_RANGE)
+    tcenter, rcenter = tbox.mean(axis=0), rbox.mean(axis=0)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([float(v) for v in np.diag(scale).reshape(-1)])
+    transform.SetCenter([float(v) for v in tcenter])
+    transform.SetTranslation([float(v) for v in rcenter - tcenter])
+    return transform
+
+
+def _registration(fixed, moving, transform, levels, iterations, seed):
+    import SimpleITK as sitk
+
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.2, seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetShrinkFactorsPerLevel(levels[0])
+    reg.SetSmoothingSigmasPerLevel(levels[1])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetInitialTransform(transform, inPlace=False)
+    return reg
+
+
+def affine_registration(reference, target, initial=None, seed: int = REGISTRATION_SEED):
+    """Affine transform (target -> reference points) by mutual information, started from
+    ``initial`` (default: :func:`extent_transform`)."""
+    import SimpleITK as sitk
+
+    fixed = sitk.Cast(target, sitk.sitkFloat32)
+    moving = sitk.Cast(reference, sitk.sitkFloat32)
+    start = sitk.AffineTransform(
+        initial if initial is not None else extent_transform(reference, target)
+    )
+    reg = _registration(fixed, moving, start, ([4, 2, 1], [2, 1, 0]), 100, seed)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-3, numberOfIterations=100, relaxationFactor=0.5
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    try:
+        return reg.Execute(fixed, moving)
+    except RuntimeError:  # the optimizer left the image overlap: keep the starting alignment
+        return start
+
+
+def deformable_registration(reference, target, affine, seed: int = REGISTRATION_SEED):
+    """``affine`` followed by a B-spline transform (mesh of about 50 mm), target -> reference."""
+    import SimpleITK as sitk
+
+    fixed = sitk.Cast(target, sitk.sitkFloat32)
+    moving = sitk.Resample(
+        sitk.Cast(reference, sitk.sitkFloat32), fixed, affine, sitk.sitkLinear, 0.0
+    )
+    extent = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
+    mesh = [max(1, int(round(e / 50.0))) for e in extent]
+    bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    reg = _registration(fixed, moving, bspline, ([2, 1], [1, 0]), 50, seed)
+    reg.SetOptimizerAsLBFGSB(
+        gradientConvergenceTolerance=1e-5, numberOfIterations=50, maximumNumberOfCorrections=5
+    )
+    try:
+        warp = reg.Execute(fixed, moving)
+    except RuntimeError:
+        return affine
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(affine)
+    composite.AddTransform(warp)
+    return composite
+
+
+def register(reference, target, kind: str = "extent", seed: int = REGISTRATION_SEED):
+    """Transform from ``target`` to ``reference`` points (SimpleITK images) of one ``kind``."""
+    import SimpleITK as sitk
+
+    if kind == "none":
+        return sitk.Transform(3, sitk.sitkIdentity)
+    if kind == "extent":
+        return extent_transform(reference, target)
+    if kind == "affine":
+        return affine_registration(reference, target, seed=seed)
+    if kind == "deformable":
+        return deformable_registration(
+            reference, target, affine_registration(reference, target, seed=seed), seed
+        )
+    raise UsageError(f"alignment must be one of {', '.join(REGISTRATION_KINDS)}, got {kind!r}")
+
+
+def resample_onto(target: Volume, reference: Volume, masks: Dict[str, np.ndarray], transform):
+    """(reference image on the target grid, masks on the target grid) through ``transform``."""
+    import SimpleITK as sitk
+
+    from ..core.io import volume_to_sitk
+
+    grid = volume_to_sitk(Volume(np.zeros(target.array.shape, np.uint8), target.ijk_to_ras))
+    ref = volume_to_sitk(reference)
+    low = float(np.min(reference.array)) if reference.array.size else 0.0
+    image = sitk.Resample(sitk.Cast(ref, sitk.sitkFloat32), grid, transform, sitk.sitkLinear, low)
+    out_masks = {}
+    for name, mask in masks.items():
+        m = volume_to_sitk(Volume(np.asarray(mask, dtype=np.uint8), reference.ijk_to_ras))
+        warped = sitk.Resample(m, grid, transform, sitk.sitkNearestNeighbor, 0)
+        out_masks[name] = sitk.GetArrayFromImage(warped).astype(bool)
+    return Volume(sitk.GetArrayFromImage(image), target.ijk_to_ras), out_masks
+
+
+def align_reference(
+    reference: Volume,
+    masks: Dict[str, np.ndarray],
+    target: Volume,
+    method: str = "extent",
+    seed: int = REGISTRATION_SEED,
+) -> AlignedReference:
+    """``reference`` and its ``masks`` resampled onto the grid of ``target`` by ``method``
+    (:data:`REGISTRATION_KINDS`)."""
+    from ..core.io import volume_to_sitk
+
+    if method not in REGISTRATION_KINDS:
+        raise UsageError(f"alignment must be one of {', '.join(ALIGN_METHODS)}, got {method!r}")
+    t0 = time.perf_counter()
+    transform = register(volume_to_sitk(reference), volume_to_sitk(target), method, seed)
+    image, out = resample_onto(target, reference, masks, transform)
+    try:
+        params = [float(v) for v in transform.GetParameters()] if method != "deformable" else []
+    except RuntimeError:
+        params = []
+    return AlignedReference(image, out, method, time.perf_counter() - t0, params)
