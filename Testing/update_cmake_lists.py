@@ -25,7 +25,7 @@ END = "# END UniverSegLogic files"
 #: Sub-packages of UniverSegLogic that the extension ships (besides the top-level modules).
 SHIPPED_PACKAGES = ("core", "mrml")
 #: Sub-packages that must never be shipped in (or imported by) the extension.
-NOT_SHIPPED = ("cli", "research", "web")
+NOT_SHIPPED = ("cli", "cohort", "research", "web")
 #: Top-level modules that are not shipped.
 NOT_SHIPPED_MODULES = ("__main__.py",)
 

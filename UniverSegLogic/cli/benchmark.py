@@ -62,6 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "docs/results/benchmarks/chest_ct_slices.npz); default: slicerio's chest CT",
     )
     p.add_argument(
+        "--cohort",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: time 'cohort' on N synthetic targets with 1 and 2 local Dask workers "
+        "(UniverSegLogic/research/cohort_scaling.py; needs the cohort extra)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="let the engine use torch.compile for large calls (opt-in; slow to start)",
@@ -80,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise output_error(exc, args.json) from None
         check_output_path(args.json, [args.sample], option="--json")
+    if args.cohort is not None:
+        return _cohort(args)
     import torch
 
     from ..research.benchmark import run_benchmark, write_json
@@ -100,6 +110,27 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cohort(args: argparse.Namespace) -> int:
+    import json
+
+    from ..core.atomic import write_text
+    from ..errors import UsageError
+    from ..research.cohort_scaling import run_cohort_scaling
+
+    if args.cohort < 2:
+        raise UsageError(f"--cohort needs at least 2 targets, got {args.cohort}")
+    result = run_cohort_scaling(args.cohort)
+    for r in result["rows"]:
+        print(
+            f"  {r['workers']} workers x {r['threads_per_worker']} threads: {r['wall_s']} s, "
+            f"{r['speedup_vs_first']}x the first row, identical: {r['identical_to_first']}"
+        )
+    if args.json:
+        write_text(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -97,14 +97,17 @@ _WORKER: Dict[str, object] = {}
 
 def worker_engines(settings: CohortSettings):
     """This process's :class:`~UniverSegLogic.core.engines.EngineStore` (weights are loaded once
-    per process; the PyTorch threads and the bf16 decision are set on first use)."""
+    per process; the PyTorch and ITK threads and the bf16 decision are set on first use)."""
     if "engines" not in _WORKER:
         import torch
 
         from ..core.engine import set_cpu_bf16_choice
         from ..core.engines import EngineStore
 
+        import SimpleITK as sitk
+
         torch.set_num_threads(max(1, int(settings.threads)))
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(settings.threads)))
         set_cpu_bf16_choice(settings.cpu_bf16, settings.cpu_bf16_reason or "cohort setting")
         _WORKER["engines"] = EngineStore(echo=lambda message: None, allow_download=False)
     return _WORKER["engines"]
