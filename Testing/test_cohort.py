@@ -414,3 +414,58 @@ def test_qc_flags_and_png():
     assert "implausible" in qc_flag(40.0, 10.0) and "implausible" in qc_flag(2.0, 10.0)
     png = encode_png(np.zeros((3, 5, 3), np.uint8))
     assert png.startswith(b"\x89PNG") and png.endswith(b"IEND\xaeB`\x82")
+
+
+def test_a_targets_painted_slices_are_used_and_kept(cohort, tmp_path):
+    """A manifest row with labels: its painted slices are support and come back bit for bit; a
+    row whose labels are on another grid fails with its reason, the others finish."""
+    from UniverSegLogic.core.io import Segment, Segmentation, write_segmentation
+
+    root = cohort["root"]
+    image = read_image(str(root / "in" / "copy000.nrrd"))
+    truth = read_segmentation(str(root / "in" / "truth" / "copy000.seg.nrrd"), image)
+    lung = truth.get("right lung").mask
+    rows = np.flatnonzero(lung.reshape(lung.shape[0], -1).any(1))
+    keep = [int(rows[len(rows) // 3]), int(rows[2 * len(rows) // 3])]
+    painted = np.zeros_like(lung)
+    painted[keep] = lung[keep]
+    write_segmentation(
+        str(tmp_path / "painted.seg.nrrd"), Segmentation(image, [Segment("right lung", painted)])
+    )
+    other = read_image(str(root / "in" / "copy001.nrrd"))
+    write_segmentation(
+        str(tmp_path / "wrong_grid.seg.nrrd"),
+        Segmentation(other, [Segment("right lung", np.zeros(other.array.shape, bool))]),
+    )
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,image,labels\n"
+        f"painted,{root / 'in' / 'copy000.nrrd'},painted.seg.nrrd\n"
+        f"mismatch,{root / 'in' / 'copy002.nrrd'},wrong_grid.seg.nrrd\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "cohort",
+            "--targets",
+            str(manifest),
+            *reference_args(),
+            "--out",
+            str(out),
+            "--segments",
+            "right lung",
+            "--scheduler",
+            "inprocess",
+            "--quiet",
+        ]
+    )
+    assert rc == 3
+    rows_csv = {r["id"]: r for r in read_summary(out)}
+    assert rows_csv["mismatch"]["status"] == "failed" and rows_csv["mismatch"]["reason"]
+    result = read_segmentation(str(out / "painted.seg.nrrd"), image).get("right lung").mask
+    np.testing.assert_array_equal(result[keep], lung[keep])
+    with open(out / "painted.json", encoding="utf-8") as fh:
+        rec = json.load(fh)
+    assert rec["segments"][0]["painted_slices"] == keep
+    assert dice(result, lung) > 0.8
