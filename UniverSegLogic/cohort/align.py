@@ -6,11 +6,13 @@ meaningful when the two volumes show the anatomy at the same place. This module 
 resamples the reference image (linear) and its masks (nearest neighbour) onto the target grid
 through a transform from the target's physical space to the reference's, found by one of
 
-* ``extent`` (default): the bounding box of the body (the voxels above the image's Otsu
-  threshold, from the 1st to the 99th percentile of their coordinates along each physical axis) in
-  the target is mapped onto the body box of the reference, one scale and shift per axis (scales
-  kept within 1/2..2). Fast (well under a second) and deterministic; it recovers shifts, a
-  different field of view in-plane and a different resolution;
+* ``extent`` (default): the bounding box of the body (the largest connected region of the voxels
+  above the image's Otsu threshold, so that a table or arms lying apart are left out; from the 1st
+  to the 99th percentile of their coordinates along each physical axis) in the target is mapped
+  onto the body box of the reference, one scale and shift per axis (scales kept within 1/2..2).
+  Fast (about a second) and deterministic; it recovers shifts, a different field of view in-plane
+  and a different resolution, but not a different coverage along the body axis (a body cut by
+  the field of view at both ends has no landmark there: use ``affine``);
 * ``affine``: a SimpleITK affine registration (Mattes mutual information, three resolution
   levels) started from the ``extent`` transform;
 * ``none``: the physical coordinates as stored (for volumes already in one frame).
@@ -55,8 +57,9 @@ class AlignedReference:
 
 
 def body_box(image) -> np.ndarray:
-    """(2, 3) lower/upper corner (LPS mm) of the body in a SimpleITK image: voxels above the
-    Otsu threshold, 1st to 99th percentile of their physical coordinates per axis."""
+    """(2, 3) lower/upper corner (LPS mm) of the body in a SimpleITK image: the largest connected
+    region of the voxels above the Otsu threshold, 1st to 99th percentile of their physical
+    coordinates per axis."""
     import SimpleITK as sitk
 
     array = sitk.GetArrayViewFromImage(image)
@@ -66,7 +69,9 @@ def body_box(image) -> np.ndarray:
         fg = np.ones(array.shape, dtype=bool)
     else:
         mask = sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1, 128)
-        fg = sitk.GetArrayViewFromImage(mask).astype(bool)
+        # the body is the largest connected part: the table and arms lying apart do not count
+        parts = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+        fg = sitk.GetArrayViewFromImage(parts) == 1
         if not fg.any():
             fg = np.ones(array.shape, dtype=bool)
     kji = np.argwhere(fg)
