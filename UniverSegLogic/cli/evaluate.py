@@ -25,6 +25,24 @@ def register(sub) -> None:
         metavar="MANIFEST",
         help="evaluation manifest (eval/manifest.json written by 'data prepare')",
     )
+    src.add_argument(
+        "--cohort",
+        action="store_true",
+        help="cohort labeling vs atlas registration: each of the two TotalSegmentator CT "
+        "training cases segmented from the other as reference (Dice per structure, seconds "
+        "per case; UniverSegLogic/research/cohort_eval.py)",
+    )
+    p.add_argument(
+        "--cache",
+        default=os.path.join(".data", "cache"),
+        help="with --cohort: download cache of the TotalSegmentator files (default: .data/cache)",
+    )
+    p.add_argument(
+        "--structures",
+        default=None,
+        help="with --cohort: comma-separated structures (default: every structure both scans "
+        "label with >= 500 voxels over >= 3 axial slices)",
+    )
     p.add_argument(
         "--mask",
         action="append",
@@ -62,10 +80,15 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--methods",
-        default=",".join(("universeg", "fill_between_slices", "nearest_slice")),
-        help="comma-separated subset of universeg, fill_between_slices, nearest_slice",
+        default=None,
+        help="comma-separated subset of universeg, fill_between_slices, nearest_slice (default: "
+        "all); with --cohort of ours, atlas, ours_affine, atlas_affine (default: all)",
     )
-    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument(
+        "--json",
+        required=True,
+        help="output JSON file (with --cohort also a Markdown report beside it, .md)",
+    )
     p.add_argument("--figures", default=None, help="folder for Dice-vs-k curves and montages")
     p.add_argument("--quiet", action="store_true", help="only the summary table")
     p.add_argument(
@@ -123,9 +146,13 @@ def run(args) -> int:
     check_output_path(args.json, inputs, option="--json")
     if args.figures:
         check_output_path(args.figures, inputs, option="--figures", folder=True)
+    if args.cohort:
+        from ..research import cohort_eval
+
+        return cohort_eval.run_cli(args)
     fusion = FusionParams.load(args.fusion) if args.fusion else None
     ks = _ints(args.k, "--k")
-    methods = [m for m in args.methods.replace(" ", "").split(",") if m]
+    methods = [m for m in (args.methods or ",".join(ev.METHODS)).replace(" ", "").split(",") if m]
     bad = [m for m in methods if m not in ev.METHODS]
     if bad or not methods:
         raise UsageError(

@@ -99,12 +99,11 @@ def worker_engines(settings: CohortSettings):
     """This process's :class:`~UniverSegLogic.core.engines.EngineStore` (weights are loaded once
     per process; the PyTorch and ITK threads and the bf16 decision are set on first use)."""
     if "engines" not in _WORKER:
+        import SimpleITK as sitk
         import torch
 
         from ..core.engine import set_cpu_bf16_choice
         from ..core.engines import EngineStore
-
-        import SimpleITK as sitk
 
         torch.set_num_threads(max(1, int(settings.threads)))
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(settings.threads)))
@@ -190,25 +189,27 @@ def _write_record(path: str, record: CaseRecord) -> None:
     write_text(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")
 
 
-def _segment(
-    target: TargetSpec,
-    references: List[Reference],
-    settings: CohortSettings,
-    out_dir: str,
-    t0: float,
-) -> CaseRecord:
-    from ..core.atomic import write_bytes
-    from ..core.io import Segment, Segmentation, read_image, read_segmentation, write_segmentation
+@dataclass
+class SegmentedTarget:
+    """What :func:`segment_masks` computed for one target (nothing written yet)."""
+
+    names: List[str]
+    aligned: list  # (Reference, AlignedReference) per reference
+    info: list  # (name, painted on the target?, {reference name: support slices}) per name
+    inputs: list  # the SegmentInput items propagated (names with labels or support)
+    result: object  # PropagationResult, or None when no name had labels or support
+    timings: Dict[str, float]
+
+
+def segment_masks(
+    image: Volume, references: List[Reference], settings: CohortSettings, painted=None
+) -> SegmentedTarget:
+    """Align every reference onto ``image`` and propagate (the computation of one target, without
+    reading or writing files; also what the cohort evaluation times)."""
     from ..core.propagator import PropagationOptions, Propagator, SegmentInput, SupportVolume
     from .align import align_reference
-    from .montage import montage_png
 
     timings: Dict[str, float] = {}
-    tick = time.perf_counter()
-    image = read_image(target.image)
-    painted = read_segmentation(target.labels, image) if target.labels else None
-    timings["read"] = time.perf_counter() - tick
-
     names = list(settings.segments) if settings.segments else _reference_names(references)
     tick = time.perf_counter()
     aligned = []
@@ -247,6 +248,30 @@ def _segment(
         )
         result = session.propagate(inputs)
     timings["propagate"] = time.perf_counter() - tick
+
+    return SegmentedTarget(names, aligned, info, inputs, result, timings)
+
+
+def _segment(
+    target: TargetSpec,
+    references: List[Reference],
+    settings: CohortSettings,
+    out_dir: str,
+    t0: float,
+) -> CaseRecord:
+    from ..core.atomic import write_bytes
+    from ..core.io import Segment, Segmentation, read_image, read_segmentation, write_segmentation
+    from .montage import montage_png
+
+    timings: Dict[str, float] = {}
+    tick = time.perf_counter()
+    image = read_image(target.image)
+    painted = read_segmentation(target.labels, image) if target.labels else None
+    timings["read"] = time.perf_counter() - tick
+
+    seg = segment_masks(image, references, settings, painted)
+    aligned, info, inputs, result = seg.aligned, seg.info, seg.inputs, seg.result
+    timings.update(seg.timings)
 
     tick = time.perf_counter()
     segments_out, rows, masks, colors = [], [], [], []
