@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from UniverSegLogic.cli import main
-from UniverSegLogic.cohort.align import body_box, working_grid
+from UniverSegLogic.cohort.align import working_grid
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
 from UniverSegLogic.core.io import read_image, read_segmentation, volume_to_sitk
 from UniverSegLogic.errors import UsageError
@@ -39,19 +39,6 @@ def test_structure_rule_needs_both_scans_voxels_and_slices():
 def test_held_out_cases_are_refused_before_anything_is_read(tmp_path):
     with pytest.raises(UsageError, match="held out"):
         ce.load_scans(str(tmp_path), ("ts_ct_abdomen", "ts_mr_abdomen"))
-
-
-def test_body_box_leaves_out_a_table_lying_apart():
-    arr = np.full((10, 60, 60), -1000, np.int16)
-    arr[:, 10:40, 15:45] = 40  # the body
-    arr[:, 52:55, 2:58] = 300  # a table below it, not touching
-    img = volume_to_sitk(Volume(arr, make_ijk_to_ras((1.0, 1.0, 2.0))))
-    box = body_box(img)
-    idx = [img.TransformPhysicalPointToContinuousIndex(box[k].tolist()) for k in (0, 1)]
-    rows = sorted(v[1] for v in idx)  # the J (row) range of the box, in voxels
-    cols = sorted(v[0] for v in idx)
-    assert rows[1] < 41 and rows[0] > 9, rows
-    assert cols[0] > 14 and cols[1] < 45, cols
 
 
 def test_working_grid_keeps_the_extent_and_coarsens_fine_axes_only():

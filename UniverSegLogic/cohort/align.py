@@ -38,8 +38,6 @@ REGISTRATION_KINDS = ("extent", "affine", "deformable", "none")
 REGISTRATION_SEED = 20261202
 #: Range of the per-axis scale of the ``extent`` alignment.
 EXTENT_SCALE_RANGE = (0.5, 2.0)
-#: Voxels sampled (at most) to find the body box.
-BOX_SAMPLES = 400_000
 #: Sampling step of the intensity profiles matched by the ``extent`` alignment (mm).
 PROFILE_STEP_MM = 2.0
 #: Least overlap of two matched profiles, as a fraction of the shorter one.
@@ -68,38 +66,6 @@ class AlignedReference:
     seconds: float
     #: the transform (target physical LPS point -> reference point), as SimpleITK parameters
     parameters: List[float] = field(default_factory=list)
-
-
-def body_box(image) -> np.ndarray:
-    """(2, 3) lower/upper corner (LPS mm) of the body in a SimpleITK image: the largest connected
-    region of the voxels above the Otsu threshold, 1st to 99th percentile of their physical
-    coordinates per axis."""
-    import SimpleITK as sitk
-
-    array = sitk.GetArrayViewFromImage(image)
-    flat = np.asarray(array, dtype=np.float32).reshape(-1)
-    finite = flat[np.isfinite(flat)]
-    if finite.size == 0 or float(finite.max()) <= float(finite.min()):
-        fg = np.ones(array.shape, dtype=bool)
-    else:
-        mask = sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1, 128)
-        # the body is the largest connected part: the table and arms lying apart do not count
-        parts = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
-        fg = sitk.GetArrayViewFromImage(parts) == 1
-        if not fg.any():
-            fg = np.ones(array.shape, dtype=bool)
-    kji = np.argwhere(fg)
-    if len(kji) > BOX_SAMPLES:
-        step = int(np.ceil(len(kji) / BOX_SAMPLES))
-        kji = kji[::step]
-    ijk = kji[:, ::-1].astype(np.float64)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    points = (direction * np.array(image.GetSpacing())) @ ijk.T + np.array(image.GetOrigin())[
-        :, None
-    ]
-    lo = np.percentile(points, 1, axis=1)
-    hi = np.percentile(points, 99, axis=1)
-    return np.stack([lo, hi])
 
 
 def axis_profiles(image) -> List[Tuple[np.ndarray, np.ndarray]]:
