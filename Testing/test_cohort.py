@@ -24,10 +24,11 @@ import pytest
 
 from UniverSegLogic.cli import main
 from UniverSegLogic.cohort.align import align_reference, axis_profiles, register
-from UniverSegLogic.cohort.case import file_digest, qc_flag
+from UniverSegLogic.cohort.case import qc_flag
 from UniverSegLogic.cohort.montage import encode_png
 from UniverSegLogic.core.io import read_image, read_segmentation, volume_to_sitk
 from UniverSegLogic.core.metrics import dice
+from UniverSegLogic.core.weights import sha256_of
 from UniverSegLogic.research.cohort_data import sample_scan, synthetic_cohort
 
 SEGMENTS = "right lung,left lung,thoracic vertebral column"
@@ -109,9 +110,7 @@ def test_outputs_are_complete_and_on_the_target_grid(cohort):
             rec = json.load(fh)
         assert rec["status"] == "ok" and len(rec["digest"]) == 64
         assert set(rec["details"]["timings"]) >= {"read", "align", "propagate", "write", "total"}
-        assert rec["details"]["outputs"]["seg"]["sha256"] == file_digest(
-            str(out / f"{tid}.seg.nrrd")
-        )
+        assert rec["details"]["outputs"]["seg"]["sha256"] == sha256_of(str(out / f"{tid}.seg.nrrd"))
         for s in rec["segments"]:
             assert s["volume_ml"] > 0 and s["reference_ml"] > 0 and s["support_slices"]
         assert "volumes_ml" in r and "right lung=" in r["volumes_ml"]

@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..errors import UsageError
+from .propagate import add_engine_options
 
 
 def register(sub) -> None:
@@ -60,13 +61,7 @@ def register(sub) -> None:
         help="PyTorch threads per worker (default: cores / workers)",
     )
     p.add_argument("--retries", type=int, default=2, help="retries of a task whose worker died (2)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument(
-        "--weights",
-        default="starter",
-        help="official (downloaded once, research-only license), starter, or a file path",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(p)
     p.set_defaults(func=run)
 
 

@@ -90,6 +90,11 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="network only: no shape prior between labeled slices",
     )
+    add_engine_options(p)
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--weights`` and ``--quiet`` (``propagate``, ``demo``, ``cohort``)."""
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--weights",

@@ -12,7 +12,6 @@ every task it is given.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..core.geometry import Volume
+from ..core.weights import sha256_of
 from ..errors import UniverSegError, one_line
 
 #: Version of the record format and of what goes into a result (part of every target's digest).
@@ -112,15 +112,6 @@ def worker_engines(settings: CohortSettings):
     return _WORKER["engines"]
 
 
-def file_digest(path: str) -> str:
-    """sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def volume_ml(mask: np.ndarray, ijk_to_ras: np.ndarray) -> float:
     """Volume of a mask in millilitres."""
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(ijk_to_ras)[:3, :3])))
@@ -155,7 +146,7 @@ def up_to_date(out_dir: str, target: TargetSpec) -> bool:
             return False
         files = record.get("details", {}).get("outputs", {})
         return all(
-            file_digest(paths[k]) == files.get(k, {}).get("sha256") for k in ("seg", "montage")
+            sha256_of(paths[k]) == files.get(k, {}).get("sha256") for k in ("seg", "montage")
         )
     except (OSError, ValueError, AttributeError, TypeError):
         return False
@@ -324,7 +315,7 @@ def _segment(
         "weights": result.weights if result is not None else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "outputs": {
-            k: {"file": os.path.basename(paths[k]), "sha256": file_digest(paths[k])}
+            k: {"file": os.path.basename(paths[k]), "sha256": sha256_of(paths[k])}
             for k in ("seg", "montage")
         },
     }

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..core.weights import sha256_of
 from ..errors import InputError, UsageError, one_line
 from .case import (
     RECORD_VERSION,
@@ -40,7 +41,6 @@ from .case import (
     CohortSettings,
     Reference,
     TargetSpec,
-    file_digest,
     output_paths,
     segment_target,
     up_to_date,
@@ -136,7 +136,7 @@ def read_reference(image_path: str, seg_path: str, segments: Optional[Sequence[s
         want = f" named {', '.join(segments)}" if segments else ""
         raise InputError(f"{seg_path}: the reference holds no segment{want}")
     name = re.sub(r"(\.seg)?\.nrrd$|\.nii(\.gz)?$", "", os.path.basename(image_path))
-    digest = hashlib.sha256((file_digest(image_path) + file_digest(seg_path)).encode()).hexdigest()
+    digest = hashlib.sha256((sha256_of(image_path) + sha256_of(seg_path)).encode()).hexdigest()
     return Reference(name, image, masks, colors, ml, digest)
 
 
@@ -146,7 +146,7 @@ def target_digest(
     """sha256 of everything a target's result depends on; '' when a file cannot be read (the
     task then fails with the reason)."""
     try:
-        parts = [file_digest(target.image), file_digest(target.labels) if target.labels else ""]
+        parts = [sha256_of(target.image), sha256_of(target.labels) if target.labels else ""]
     except OSError:
         return ""
     payload = {
@@ -168,7 +168,7 @@ def weights_identity(weights: str) -> str:
         return "official"
     path = str(starter_path()) if weights == "starter" else weights
     try:
-        return file_digest(path)
+        return sha256_of(path)
     except OSError:
         raise InputError(f"weights file not found: {path}") from None
 
