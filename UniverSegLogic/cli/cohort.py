@@ -52,7 +52,10 @@ def register(sub) -> None:
         "tcp://HOST:8786, or inprocess (no Dask)",
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="local workers (default: cores / 2, at least 1)"
+        "--workers",
+        type=int,
+        default=None,
+        help="local workers (default: one per core on the CPU, as memory allows; 1 on a GPU)",
     )
     p.add_argument(
         "--threads",
@@ -67,7 +70,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..cohort.case import CohortSettings
-    from ..cohort.runner import default_threads, run_cohort
+    from ..cohort.runner import default_threads, default_workers, run_cohort
     from ..core.engine import cpu_bf16_choice, resolve_device
     from .propagate import ProgressBar, segment_names
 
@@ -76,16 +79,13 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     local = args.scheduler in ("local", "inprocess")
-    cores = default_threads(1)
-    workers = (
-        args.workers
-        if args.workers is not None
-        else (max(1, cores // 2) if args.scheduler == "local" else 1)
-    )
+    device = resolve_device(args.device)  # --device cuda without CUDA: say so first
+    workers = args.workers
+    if workers is None:
+        workers = default_workers(device) if args.scheduler == "local" else 1
     if args.scheduler == "inprocess" and workers != 1:
         raise UsageError("--scheduler inprocess runs one target at a time: leave out --workers")
     threads = args.threads or (default_threads(workers) if local else 1)
-    device = resolve_device(args.device)  # --device cuda without CUDA: say so first
     if args.weights == "official":
         from ..core.weights import official_path
 

@@ -179,6 +179,17 @@ def default_threads(workers: int) -> int:
     return max(1, int(cores or 1) // max(1, workers))
 
 
+def default_workers(device: str) -> int:
+    """Local workers by default: one per core on the CPU (two single-thread workers measured
+    1.26x one two-thread worker: docs/results/cohort/README.md), fewer where memory is short
+    (:data:`WORKER_BASE_BYTES` each); one on a GPU, which the workers would share."""
+    if device != "cpu":
+        return 1
+    from ..core.engine import available_ram_bytes
+
+    return max(1, min(default_threads(1), int(available_ram_bytes() // WORKER_BASE_BYTES)))
+
+
 def worker_memory_bytes(workers: int) -> int:
     """Memory limit of one local worker: the engine's CPU working budget shared out, plus the
     model, volumes and interpreter."""
