@@ -250,11 +250,15 @@ def register(reference, target, kind: str = "extent", seed: int = REGISTRATION_S
     raise UsageError(f"alignment must be one of {', '.join(REGISTRATION_KINDS)}, got {kind!r}")
 
 
-def resample_onto(target: Volume, reference: Volume, masks: Dict[str, np.ndarray], transform):
-    """(reference image on the target grid, masks on the target grid) through ``transform``."""
+def resample_onto(target: Volume, reference: Volume, masks: Dict[str, np.ndarray], transform=None):
+    """(reference image on the target grid, masks on the target grid) through ``transform``
+    (target -> reference points; None: the stored physical coordinates)."""
     import SimpleITK as sitk
 
     from ..core.io import volume_to_sitk
+
+    if transform is None:
+        transform = sitk.Transform(3, sitk.sitkIdentity)
 
     grid = volume_to_sitk(Volume(np.zeros(target.array.shape, np.uint8), target.ijk_to_ras))
     ref = volume_to_sitk(reference)

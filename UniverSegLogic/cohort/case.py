@@ -135,21 +135,32 @@ def output_paths(out_dir: str, target_id: str) -> Dict[str, str]:
     return {"seg": base + ".seg.nrrd", "montage": base + ".png", "record": base + ".json"}
 
 
-def up_to_date(out_dir: str, target: TargetSpec) -> bool:
-    """Whether ``out_dir`` holds a complete result of ``target`` for the same inputs and options
-    (the record's digest matches and its files are the ones it recorded)."""
+def up_to_date_record(out_dir: str, target: TargetSpec) -> Optional[CaseRecord]:
+    """The earlier result of ``target`` in ``out_dir`` as a ``skipped (up to date)`` record, when
+    it is complete and for the same inputs and options (the record's digest matches and its files
+    are the ones it recorded); else None."""
     paths = output_paths(out_dir, target.id)
     try:
         with open(paths["record"], encoding="utf-8") as fh:
             record = json.load(fh)
         if record.get("status") != "ok" or record.get("digest") != target.digest:
-            return False
+            return None
         files = record.get("details", {}).get("outputs", {})
-        return all(
+        if not all(
             sha256_of(paths[k]) == files.get(k, {}).get("sha256") for k in ("seg", "montage")
+        ):
+            return None
+        return CaseRecord(
+            target.id,
+            "skipped (up to date)",
+            "",
+            target.digest,
+            float(record.get("seconds", 0.0)),
+            record.get("segments", []),
+            record.get("details", {}),
         )
     except (OSError, ValueError, AttributeError, TypeError):
-        return False
+        return None
 
 
 def segment_target(
@@ -197,7 +208,9 @@ def segment_masks(
 ) -> SegmentedTarget:
     """Align every reference onto ``image`` and propagate (the computation of one target, without
     reading or writing files; also what the cohort evaluation times)."""
+    from ..core.geometry import resolve_axis
     from ..core.propagator import PropagationOptions, Propagator, SegmentInput, SupportVolume
+    from ..core.slices import nonempty_slices
     from .align import align_reference
 
     timings: Dict[str, float] = {}
@@ -216,15 +229,14 @@ def segment_masks(
         weights=settings.weights,
     )
     support = [SupportVolume(a.image, a.masks) for _, a in aligned]
+    axis = resolve_axis(image, settings.axis)  # support slices are counted along it
     inputs, info = [], []
     for i, name in enumerate(names):
         mask = np.zeros(image.array.shape, dtype=bool)
         if painted is not None and name in painted.names():
             mask = np.asarray(painted.get(name).mask, dtype=bool)
         ref_slices = {
-            ref.name: int(
-                np.count_nonzero(a.masks[name].reshape(a.masks[name].shape[0], -1).any(1))
-            )
+            ref.name: len(nonempty_slices(a.masks[name], axis))
             for ref, a in aligned
             if name in a.masks and a.masks[name].any()
         }

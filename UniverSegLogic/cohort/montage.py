@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core.canvas import intensity_window, scale_intensity
 from ..core.geometry import SliceFrame, Volume
+from ..core.slices import nonempty_slices
 
 #: Slices shown, spread over the slices where any segment was predicted.
 MONTAGE_SLICES = 8
@@ -55,10 +56,7 @@ def _resize_nearest(plane: np.ndarray, height: int, width: int) -> np.ndarray:
 def montage_slices(masks: Sequence[np.ndarray], n_slices: int, count: int) -> List[int]:
     """Up to ``count`` slice numbers spread evenly over the slices holding any mask voxel (the
     whole volume when every mask is empty)."""
-    present = np.zeros(n_slices, dtype=bool)
-    for m in masks:
-        present |= m.reshape(n_slices, -1).any(axis=1)
-    idx = np.flatnonzero(present)
+    idx = np.array(sorted({i for m in masks for i in nonempty_slices(m, 0)}), dtype=int)
     if idx.size == 0:
         idx = np.arange(n_slices)
     picks = np.unique(np.round(np.linspace(idx[0], idx[-1], min(count, idx.size))).astype(int))

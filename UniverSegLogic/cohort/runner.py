@@ -43,7 +43,7 @@ from .case import (
     TargetSpec,
     output_paths,
     segment_target,
-    up_to_date,
+    up_to_date_record,
     volume_ml,
 )
 
@@ -229,20 +229,6 @@ def write_summary(path: str, records: List[CaseRecord], targets: List[TargetSpec
     write_text(path, buf.getvalue())
 
 
-def _skipped_record(out_dir: str, target: TargetSpec) -> CaseRecord:
-    with open(output_paths(out_dir, target.id)["record"], encoding="utf-8") as fh:
-        rec = json.load(fh)
-    return CaseRecord(
-        target.id,
-        "skipped (up to date)",
-        "",
-        target.digest,
-        float(rec.get("seconds", 0.0)),
-        rec.get("segments", []),
-        rec.get("details", {}),
-    )
-
-
 def run_cohort(
     manifest: str,
     references: Sequence[Tuple[str, str]],
@@ -296,8 +282,9 @@ def run_cohort(
     records: Dict[str, CaseRecord] = {}
     todo = []
     for t in targets:
-        if t.digest and up_to_date(out_dir, t):
-            records[t.id] = _skipped_record(out_dir, t)
+        earlier = up_to_date_record(out_dir, t) if t.digest else None
+        if earlier is not None:
+            records[t.id] = earlier
         else:
             todo.append(t)
     done = len(records)

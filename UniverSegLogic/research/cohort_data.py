@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..cohort.align import resample_onto
 from ..core.atomic import write_text
 from ..core.geometry import Volume
 from ..core.io import (
@@ -56,24 +57,6 @@ def copy_grid(volume: Volume, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def resampled(
-    volume: Volume, ijk_to_ras: np.ndarray, shape_ijk, nearest: bool = False
-) -> np.ndarray:
-    """``volume`` resampled onto the grid (``ijk_to_ras``, ``shape_ijk``) in physical space."""
-    import SimpleITK as sitk
-
-    grid = volume_to_sitk(
-        Volume(np.zeros(tuple(int(v) for v in shape_ijk[::-1]), np.uint8), ijk_to_ras)
-    )
-    src = volume_to_sitk(volume)
-    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    fill = 0.0 if nearest else float(np.min(volume.array))
-    out = sitk.Resample(
-        src if nearest else sitk.Cast(src, sitk.sitkFloat32), grid, sitk.Transform(), interp, fill
-    )
-    return sitk.GetArrayFromImage(out)
-
-
 def synthetic_cohort(
     out_dir: str,
     count: int,
@@ -88,6 +71,7 @@ def synthetic_cohort(
     src = sample_scan() if image is None else {"image": image, "segmentation": segmentation}
     vol = read_image(src["image"])
     seg = read_segmentation(src["segmentation"], vol)
+    masks = {str(k): s.mask for k, s in enumerate(seg.segments)}  # names may repeat
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "truth"), exist_ok=True)
     rows = []
@@ -95,7 +79,9 @@ def synthetic_cohort(
         grid = copy_grid(vol, rng)
         m, shape = grid[:4], grid[4, :3].astype(int)
         gain, offset = rng.uniform(0.8, 1.25), rng.uniform(-60, 60)
-        arr = resampled(vol, m, shape) * gain + offset
+        grid_volume = Volume(np.zeros(tuple(int(v) for v in shape[::-1]), np.uint8), m)
+        moved, moved_masks = resample_onto(grid_volume, vol, masks)
+        arr = moved.array * gain + offset
         tid = f"copy{i:03d}"
         path = os.path.join(out_dir, f"{tid}.nrrd")
         copy = Volume(np.round(arr).astype(np.int16), m)
@@ -103,16 +89,7 @@ def synthetic_cohort(
         if corrupt and i in corrupt:
             with open(path, "r+b") as fh:
                 fh.truncate(os.path.getsize(path) // 2)
-        truth = [
-            Segment(
-                s.name,
-                resampled(Volume(s.mask.astype(np.uint8), vol.ijk_to_ras), m, shape, True).astype(
-                    bool
-                ),
-                s.color,
-            )
-            for s in seg.segments
-        ]
+        truth = [Segment(s.name, moved_masks[str(k)], s.color) for k, s in enumerate(seg.segments)]
         write_segmentation(
             os.path.join(out_dir, "truth", f"{tid}.seg.nrrd"), Segmentation(copy, truth)
         )
