@@ -468,3 +468,40 @@ def test_a_targets_painted_slices_are_used_and_kept(cohort, tmp_path):
         rec = json.load(fh)
     assert rec["segments"][0]["painted_slices"] == keep
     assert dice(result, lung) > 0.8
+
+
+def test_an_output_that_is_an_input_is_refused_and_nothing_is_written(cohort, tmp_path, capsys):
+    """Labels kept as <id>.seg.nrrd in the output folder would be replaced by the result."""
+    import filecmp
+
+    root = cohort["root"]
+    image = read_image(str(root / "in" / "copy000.nrrd"))
+    truth = str(root / "in" / "truth" / "copy000.seg.nrrd")
+    out = tmp_path / "out"
+    out.mkdir()
+    labels = out / "copy000.seg.nrrd"
+    shutil.copyfile(truth, labels)
+    (tmp_path / "m.csv").write_text(
+        f"id,image,labels\ncopy000,{root / 'in' / 'copy000.nrrd'},out/copy000.seg.nrrd\n",
+        encoding="utf-8",
+    )
+    rc = main(
+        [
+            "cohort",
+            "--targets",
+            str(tmp_path / "m.csv"),
+            *reference_args(),
+            "--out",
+            str(out),
+            "--segments",
+            "right lung",
+            "--scheduler",
+            "inprocess",
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "would be overwritten" in err[0]
+    assert filecmp.cmp(truth, labels, shallow=False)
+    assert sorted(os.listdir(out)) == ["copy000.seg.nrrd"]
+    assert read_segmentation(str(labels), image).names() == read_segmentation(truth, image).names()

@@ -199,6 +199,24 @@ def worker_memory_bytes(workers: int) -> int:
     return int(WORKER_BASE_BYTES + budget / max(1, workers))
 
 
+def _refuse_outputs_that_are_inputs(out_dir: str, targets: List[TargetSpec], inputs) -> None:
+    """UsageError when a target's output file would replace one of the inputs (e.g. labels kept
+    as ``<id>.seg.nrrd`` in the output folder), before anything is written."""
+
+    def identity(path: str):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    given = {identity(p): p for p in inputs if os.path.exists(p)}
+    for t in targets:
+        for path in output_paths(out_dir, t.id).values():
+            if os.path.exists(path) and identity(path) in given:
+                raise UsageError(
+                    f"--out: {path} is the input {given[identity(path)]}: choose another output "
+                    "folder (the input would be overwritten)"
+                )
+
+
 def clean_partials(out_dir: str) -> int:
     """Remove temporary files left by an interrupted or killed writer (see :mod:`core.atomic`)."""
     removed = 0
@@ -263,11 +281,10 @@ def run_cohort(
             raise UsageError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
     from ..core.io import check_output_path
 
-    check_output_path(
-        os.path.join(out_dir, "summary.csv"),
-        [p for t in targets for p in (t.image, t.labels) if p]
-        + [p for pair in references for p in pair],
-    )
+    inputs = [p for t in targets for p in (t.image, t.labels) if p]
+    inputs += [p for pair in references for p in pair]
+    check_output_path(os.path.join(out_dir, "summary.csv"), inputs)
+    _refuse_outputs_that_are_inputs(out_dir, targets, inputs)
     refs = [read_reference(img, seg, settings.segments) for img, seg in references]
     if settings.segments:
         known = {n for r in refs for n in r.masks}
