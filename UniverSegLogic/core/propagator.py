@@ -86,6 +86,9 @@ class PropagationOptions:
     #: fuse the network with the painted-slice shape prior between labeled slices
     use_prior: bool = True
     seed: int = 0
+    #: the fusion: ``auto`` (the learned fusion where the weights have one, else the logistic
+    #: rule), ``learned``, ``logistic``, or a learned-fusion file (.pt) (:mod:`fusion_net`)
+    fusion_model: str = "auto"
 
     def __post_init__(self) -> None:
         def integer(name: str, low: Optional[int], allow_none: bool = False) -> None:
@@ -110,6 +113,13 @@ class PropagationOptions:
         for name in ("device", "weights"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UsageError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        fm = self.fusion_model
+        if not isinstance(fm, str) or not (
+            fm in ("auto", "learned", "logistic") or fm.endswith(".pt")
+        ):
+            raise UsageError(
+                f"fusion_model must be auto, learned, logistic or a .pt file, got {fm!r}"
+            )
         if isinstance(self.axis, bool) or not isinstance(self.axis, (str, int, np.integer)):
             raise UsageError(f"axis must be a name or an array axis 0/1/2, got {self.axis!r}")
 
@@ -340,6 +350,7 @@ class Propagator:
             self.weights_description = "caller-provided engine"
         self.engine = engine
         self.batch_size = int(self.options.batch_size or engine.batch_size)
+        custom_fusion = fusion is not None
         if fusion is None:
             from .prior import fusion_for
 
@@ -348,6 +359,7 @@ class Propagator:
                 self.notes.append(note)
         self.fusion = fusion
         self.stack = _ImageStack(image, self.axis)
+        self.refine = self._learned_fusion(custom_fusion)
         self.frame = self.stack.frame
         self.n_slices = self.stack.n
         self._support_volumes = list(support_volumes)
@@ -437,6 +449,26 @@ class Propagator:
         self._logits.clear()
         self._gaps.clear()
         self._sdf.clear()
+
+    def _learned_fusion(self, custom_fusion: bool):
+        """The learned fusion's ``refine`` step (:mod:`fusion_net`), or None for the logistic
+        rule alone: asked for, no prior, no learned fusion for these weights (a note), or
+        ``auto`` with caller-given fusion parameters (the net corrects the shipped rule only)."""
+        mode = self.options.fusion_model
+        if not self.options.use_prior or (mode == "auto" and custom_fusion):
+            return None
+        from dataclasses import replace
+
+        from .fusion_net import LearnedFusion, fusion_net_for
+
+        net, note = fusion_net_for(self.options.weights, mode)
+        if note:
+            self.notes.append(note)
+        if net is None:
+            return None
+        if net.extrapolation_gaps is not None:
+            self.fusion = replace(self.fusion, extrapolation_gaps=net.extrapolation_gaps)
+        return LearnedFusion(net, self.stack.canvas, self.stack.canvas_images)
 
     # -------------------------------------------------------------------------- planning
     def _plans(
@@ -662,10 +694,11 @@ class Propagator:
                 slice_fingerprint(fbs[lo + 1 : hi]) if fbs is not None else None,
                 self._logit_keys(plan, ts),
                 id(rule),
+                id(self.refine),
             )
             cached = self._gaps.get(key)
             if cached is None:
-                cached = fuse_gap(prior, self.fusion, network(ts))
+                cached = fuse_gap(prior, self.fusion, network(ts), self.refine)
                 self._gaps.put(key, cached)
             else:  # the gap's logits are not even looked at
                 state["reused"] += len(ts) * self.options.ensemble
@@ -684,4 +717,5 @@ class Propagator:
             network,
             self.batch_size,
             lambda k: tick("", k * self.options.ensemble),
+            self.refine,
         )
