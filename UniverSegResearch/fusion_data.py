@@ -39,9 +39,8 @@ MIN_SLICES = 5
 #: Centre targets per episode: inside the painted range / beyond it.
 CENTRES_INSIDE = 5
 CENTRES_BEYOND = 3
-#: Episodes per structure, where not ``per_structure``: the 41 Brodmann areas on a 181^3 volume
-#: would otherwise cost a third of the time for one image.
-EPISODES_PER_STRUCTURE = {"colin27_brodmann": 1}
+#: Episodes per structure, where not ``per_structure`` (none at present).
+EPISODES_PER_STRUCTURE: Dict[str, int] = {}
 #: Channels stored signed ([-1, 1] -> 0..254); the others unsigned ([0, 1] -> 0..255).
 SIGNED = ("model", "model_nb", "base", "dist", "fbs_dist")
 
@@ -357,12 +356,23 @@ def build_samples(
 
 
 def load_samples(paths: Sequence[str]) -> Dict[str, np.ndarray]:
-    """Concatenate sample files (in the given order)."""
-    parts: Dict[str, List[np.ndarray]] = {"x": [], "s": [], "y": []}
+    """Concatenate sample files (in the given order); ``case`` names each sample's case."""
+    parts: Dict[str, List[np.ndarray]] = {"x": [], "s": [], "y": [], "case": []}
     for p in paths:
         if not os.path.exists(p):
             continue
         z = np.load(p)
-        for k in parts:
+        for k in ("x", "s", "y"):
             parts[k].append(z[k])
+        case = json.loads(str(z["meta"]))["case"]
+        parts["case"].append(np.array([case] * len(z["y"])))
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def case_balanced_weights(cases: np.ndarray) -> np.ndarray:
+    """Sampling weight of each sample: every case gets a share proportional to the square root
+    of its sample count (a large case does not drown the small ones, a small one is not
+    repeated until it is learned by heart)."""
+    names, inverse, counts = np.unique(cases, return_inverse=True, return_counts=True)
+    share = np.sqrt(counts) / np.sqrt(counts).sum()
+    return (share / counts)[inverse]

@@ -114,6 +114,7 @@ def train(
     log: Optional[Log] = None,
     sample_paths: Optional[Sequence[str]] = None,
     stop_at: Optional[int] = None,
+    dice_weight: float = 1.0,
 ) -> str:
     """Train (or resume) the fusion net; returns the path of the last checkpoint. ``stop_at``:
     leave after that many steps (a later call resumes from the checkpoint written there)."""
@@ -130,7 +131,7 @@ def train(
         parameter_count,
     )
 
-    from .fusion_data import dequantize, load_samples
+    from .fusion_data import case_balanced_weights, dequantize, load_samples
 
     torch.use_deterministic_algorithms(True)
     paths = sorted(sample_paths or glob.glob(os.path.join(sample_dir, "*.npz")))
@@ -138,10 +139,13 @@ def train(
         raise FileNotFoundError(f"no sample files in {sample_dir} (run 'fusion data' first)")
     data = load_samples(paths)
     X, S, Y = (torch.from_numpy(data[k]) for k in ("x", "s", "y"))
+    weights = torch.from_numpy(case_balanced_weights(data["case"]))
     n = X.shape[0]
     config = {
         "samples": int(n),
-        "files": [os.path.basename(p) for p in paths],
+        "sampling": "case-balanced (share ~ sqrt(samples of the case))",
+        "loss": f"BCE + {float(dice_weight)} x (1 - soft Dice per sample)",
+        "files": [os.path.relpath(p, os.path.dirname(os.path.dirname(p))) for p in paths],
         "steps": int(steps),
         "batch": int(batch),
         "lr": float(lr),
@@ -177,20 +181,30 @@ def train(
     end = steps if stop_at is None else min(steps, int(stop_at))
     for step in range(start, end):
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
-        idx = torch.randint(0, n, (batch,), generator=g)
+        idx = torch.multinomial(weights, batch, replacement=True, generator=g)
         x, s, y = augment(dequantize(X[idx]), S[idx], Y[idx].float() / 255.0, g)
         base = x[:, ib] * LOGIT_SCALE
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, lr)
         z = base + model(_inputs(x, s))[:, 0]
         loss = F.binary_cross_entropy_with_logits(z, y)
+        if dice_weight:
+            p = torch.sigmoid(z)
+            inter = (p * y).sum((1, 2))
+            soft = (2 * inter + 1.0) / (p.sum((1, 2)) + y.sum((1, 2)) + 1.0)
+            loss = loss + dice_weight * (1.0 - soft.mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
             acc += float(loss)
-            acc_base += float(F.binary_cross_entropy_with_logits(base, y))
+            pb = torch.sigmoid(base)
+            base_loss = F.binary_cross_entropy_with_logits(base, y)
+            if dice_weight:
+                soft_b = (2 * (pb * y).sum((1, 2)) + 1.0) / (pb.sum((1, 2)) + y.sum((1, 2)) + 1.0)
+                base_loss = base_loss + dice_weight * (1.0 - soft_b.mean())
+            acc_base += float(base_loss)
             cnt += 1
         done = step + 1
         if done % every == 0 or done == end:

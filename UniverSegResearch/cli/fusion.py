@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 
@@ -52,6 +53,11 @@ def register(sub) -> None:
         metavar="MANIFEST",
         help="evaluation manifest: its validation cases give the validation episodes",
     )
+    p.add_argument(
+        "--samples",
+        default=None,
+        help="train: comma-separated sample folders (default: ROOT/samples)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-structure", type=int, default=3, help="data: episodes per structure")
     p.add_argument("--steps", type=int, default=6000, help="train: optimizer steps")
@@ -59,6 +65,12 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="train: peak learning rate")
     p.add_argument("--widths", default="12,24,48,96", help="train: U-Net widths per level")
     p.add_argument("--every", type=int, default=500, help="train: checkpoint every N steps")
+    p.add_argument(
+        "--dice-weight",
+        type=float,
+        default=1.0,
+        help="train: weight of the soft-Dice term added to the cross-entropy (default 1)",
+    )
     p.add_argument("--run", default="run", help="train/select: run name (folder under --root)")
     p.add_argument(
         "--out", default=None, help="select: learned-fusion file to write (default: none)"
@@ -107,8 +119,11 @@ def run(args) -> int:
         from .. import fusion_train
 
         widths = [int(w) for w in args.widths.split(",") if w]
+        folders = args.samples.split(",") if args.samples else [os.path.join(args.root, "samples")]
+        paths = sorted(p for f in folders if f for p in glob.glob(os.path.join(f, "*.npz")))
         fusion_train.train(
-            sample_dir=os.path.join(args.root, "samples"),
+            sample_dir=",".join(folders),
+            sample_paths=paths,
             run_dir=os.path.join(args.root, args.run),
             steps=args.steps,
             batch=args.batch,
@@ -117,6 +132,7 @@ def run(args) -> int:
             seed=args.seed,
             every=args.every,
             log=log,
+            dice_weight=args.dice_weight,
         )
         return 0
     if not args.cases:
