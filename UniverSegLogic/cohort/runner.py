@@ -1,40 +1,52 @@
 """Run a cohort: every target of a manifest, on this machine or a Dask cluster.
 
-:func:`run_cohort` reads the manifest and the reference volumes (once, in this process), skips
-the targets whose outputs are up to date (their record's digest covers the content of the target's
-files, the references, the weights and the options), and runs :func:`case.segment_target` for
-the others:
+:func:`run_cohort` first checks everything a run needs (options, manifest, references, weights,
+the output folder, the scheduler) and writes nothing when one of them is wrong: no output folder
+is created, no earlier result is touched. It then skips the targets whose outputs are up to date
+(their record's digest covers the content of the target's files, the references, the weights and
+the options) and runs :func:`case.segment_target` for the others:
 
+* ``scheduler="auto"`` (default): in this process when a local cluster would not pay off (a few
+  targets, one core, a GPU), else a local cluster (:func:`choose_scheduler`; which one and why is
+  in the summary);
 * ``scheduler="local"``: a ``dask.distributed.LocalCluster`` of ``workers`` processes on this
   machine, one task at a time each, ``threads`` PyTorch threads each (default: the cores shared
   out), memory per worker from the engine's working-memory budget;
 * ``scheduler="tcp://HOST:PORT"`` (any address Dask takes): a running scheduler, e.g. one started
-  by ``dask-jobqueue`` on SLURM/PBS; workers must see the target files and ``out_dir``;
+  by ``dask-jobqueue`` on SLURM/PBS; workers must see the target files and ``out_dir``. A TCP
+  address is probed first (:func:`probe_scheduler`: connect and read the Dask handshake, a few
+  seconds at most), so a wrong address is one line, not a hang;
 * ``scheduler="inprocess"``: one target after the other in this process (no Dask needed).
 
+Which scheduler runs never changes a result: the computation and its precision are the same.
 The reference volumes are scattered to the workers once (not sent with each task). A task whose
-worker dies is retried on another worker (``retries``); outputs are only ever renamed into place,
-and the temporary files a killed worker leaves behind are removed at the end. Each target's record
-goes to ``summary.csv`` (written atomically when the run ends), failed targets with their one-line
-reason.
+worker dies is retried on another worker (``retries``). Outputs are only ever renamed into place;
+a run never replaces a file that is not its own (an input, the manifest, a file without this
+tool's record, see :func:`check_output_folder`), and it removes only the temporary files that
+carry its own tag (:func:`core.atomic.remove_temporaries`), such as a killed worker's. Each
+target's record goes to ``summary.csv`` (written atomically when the run ends), failed targets
+with their one-line reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import glob
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
+import socket
+import struct
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..core.weights import sha256_of
-from ..errors import InputError, UsageError, one_line
+from ..errors import InputError, UniverSegError, UsageError, one_line
 from .case import (
     RECORD_VERSION,
     CaseRecord,
@@ -42,6 +54,7 @@ from .case import (
     Reference,
     TargetSpec,
     output_paths,
+    own_record,
     segment_target,
     up_to_date_record,
     volume_ml,
@@ -53,8 +66,27 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 DEFAULT_RETRIES = 2
 #: Memory a worker needs besides the engine's working budget (model, volumes, Python).
 WORKER_BASE_BYTES = 2 * 1024**3
-#: How long to wait for a scheduler given by address (seconds).
-CONNECT_TIMEOUT_S = 30
+#: How long the probe of a scheduler address may take: TCP connect, then its Dask handshake (s).
+CONNECT_TIMEOUT_S = 5.0
+#: How long Dask's own client may take to connect once the probe has passed (s).
+CLIENT_TIMEOUT_S = 10.0
+#: Largest Dask handshake message the probe reads (a real one is about 60 bytes).
+MAX_HANDSHAKE_BYTES = 64 * 1024
+#: How long a run waits for a scheduler that has no worker yet to get one (s).
+WORKER_WAIT_S = 120.0
+#: The header of ``summary.csv`` (an existing file without it is not this tool's summary).
+SUMMARY_COLUMNS = ["id", "status", "reason", "seconds", "qc", "volumes_ml", "segmentation"]
+
+# What the default scheduler choice (:func:`choose_scheduler`) is based on, in units of one
+# target's time on one thread alone, measured on the 2-core machine (docs/results/cohort/README.md):
+#: a local cluster's start: 2 worker processes up, PyTorch imported and the weights loaded in
+#: 7.9 s (median of 3) while one target took 20.8 s on one thread (median of 8), same conditions
+CLUSTER_START_CASES = 0.38
+#: one target on a single-thread worker while every core works (15.13 s vs 14.07 s alone)
+BUSY_CASE = 1.075
+#: the share of a target's time that more PyTorch threads do not shorten: in-process on 2 cores
+#: a target takes 9.66 s, 0.687 of its one-thread time (Amdahl: s + (1 - s) / 2 = 0.687)
+SERIAL_SHARE = 0.374
 
 ProgressFn = Callable[[float, str], None]
 
@@ -68,6 +100,9 @@ class CohortSummary:
     seconds: float
     scheduler: str
     workers: int
+    threads: int = 1
+    #: why this scheduler ran (e.g. the default's choice), for the summary line
+    reason: str = ""
 
     @property
     def failed(self) -> List[CaseRecord]:
@@ -173,10 +208,48 @@ def weights_identity(weights: str) -> str:
         raise InputError(f"weights file not found: {path}") from None
 
 
+def check_weights(weights: str) -> str:
+    """Load and verify the weights once, here, before anything is written (a missing, corrupt
+    or oversized file is one line, not a failure of every target); returns their identity
+    (:func:`weights_identity`). ``official`` must already be in the cache."""
+    from ..core.weights import load_weights
+
+    load_weights(weights, echo=lambda message: None, allow_download=False)
+    return weights_identity(weights)
+
+
+def check_settings(settings: CohortSettings) -> None:
+    """UsageError for an option no target could be segmented with (before anything is read)."""
+    import numpy as np
+
+    from ..core.geometry import Volume, resolve_axis
+    from .align import ALIGN_METHODS
+
+    if settings.align not in ALIGN_METHODS:
+        raise UsageError(
+            f"--align must be one of {', '.join(ALIGN_METHODS)}, got {settings.align!r}"
+        )
+    try:
+        resolve_axis(Volume(np.zeros((1, 1, 1), np.uint8), np.eye(4)), settings.axis)
+    except UniverSegError as exc:
+        raise UsageError(f"--axis: {one_line(exc)}") from None
+    if int(settings.support_size) < 1:
+        raise UsageError(f"--support-size must be at least 1, got {settings.support_size}")
+    if settings.threads < 0:
+        raise UsageError(f"--threads must be at least 1, got {settings.threads}")
+    if settings.segments is not None and not all(str(n).strip() for n in settings.segments):
+        raise UsageError("--segments: a segment name is empty")
+
+
 def default_threads(workers: int) -> int:
     """PyTorch threads per worker: this machine's cores shared out (at least 1)."""
+    return max(1, machine_cores() // max(1, workers))
+
+
+def machine_cores() -> int:
+    """The cores this process may run on."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, int(cores or 1) // max(1, workers))
+    return max(1, int(cores or 1))
 
 
 def default_workers(device: str) -> int:
@@ -199,34 +272,121 @@ def worker_memory_bytes(workers: int) -> int:
     return int(WORKER_BASE_BYTES + budget / max(1, workers))
 
 
-def _refuse_outputs_that_are_inputs(out_dir: str, targets: List[TargetSpec], inputs) -> None:
-    """UsageError when a target's output file would replace one of the inputs (e.g. labels kept
-    as ``<id>.seg.nrrd`` in the output folder), before anything is written."""
+def choose_scheduler(targets: int, cores: int, workers: int, device: str) -> Tuple[str, str]:
+    """(``"inprocess"`` or ``"local"``, why) for ``targets`` targets to segment: a local cluster
+    of ``workers`` single-thread workers only where its estimated time is lower than this process
+    using all ``cores``. Both estimates are in units of one target's one-thread time, from
+    measured ratios (:data:`CLUSTER_START_CASES`, :data:`BUSY_CASE`, :data:`SERIAL_SHARE`);
+    nothing is timed at run time, and the choice never changes a result."""
+    if targets == 0:
+        return "inprocess", "nothing to segment"
+    if device != "cpu":
+        return "inprocess", f"on {device}, which local workers would share"
+    if cores < 2 or workers < 2:
+        return "inprocess", "one core" if cores < 2 else "memory for one worker only"
+    inprocess = targets * (SERIAL_SHARE + (1.0 - SERIAL_SHARE) / cores)
+    cluster = CLUSTER_START_CASES + math.ceil(targets / workers) * BUSY_CASE
+    ratio = cluster / inprocess
+    if ratio < 1.0:
+        return "local", (
+            f"{targets} targets on {cores} cores: a local cluster is estimated at "
+            f"{ratio:.2f}x the in-process time"
+        )
+    return "inprocess", (
+        f"{targets} target{'s' if targets != 1 else ''} on {cores} cores: a local cluster would "
+        f"take an estimated {ratio:.2f}x as long"
+    )
+
+
+@dataclass
+class RunPlan:
+    """Where the targets of a run are segmented."""
+
+    scheduler: str  # "inprocess", "local" or a scheduler address
+    workers: int
+    threads: int  # PyTorch threads per worker (or in this process)
+    reason: str
+
+
+def plan_run(
+    scheduler: str, workers: Optional[int], threads: int, targets: int, device: str
+) -> RunPlan:
+    """The :class:`RunPlan` for ``targets`` targets to segment: ``scheduler`` as asked, or for
+    ``"auto"`` the one :func:`choose_scheduler` picks (a local cluster when ``workers`` is given);
+    ``threads`` 0 means the cores shared out among the workers."""
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    cores = machine_cores()
+    reason = "asked for"
+    if scheduler == "auto":
+        if workers is not None:
+            scheduler, reason = "local", f"{workers} workers asked for"
+        else:
+            n = default_workers(device)
+            scheduler, reason = choose_scheduler(targets, cores, n, device)
+            workers = n if scheduler == "local" else None
+    if scheduler == "inprocess":
+        if workers not in (None, 1):
+            raise UsageError("--scheduler inprocess runs one target at a time: leave out --workers")
+        return RunPlan("inprocess", 1, threads or cores, reason)
+    if scheduler == "local":
+        workers = workers or default_workers(device)
+        return RunPlan("local", workers, threads or max(1, cores // workers), reason)
+    return RunPlan(scheduler, 0, threads or 1, "a running Dask scheduler")
+
+
+def check_output_folder(out_dir: str, targets: List[TargetSpec], inputs: Sequence[str]) -> None:
+    """Refuse (one line, nothing written) an output folder where the run would replace a file
+    that is not its own: an input (the manifest, a target's image or labels, a reference, links
+    included), or, at a target's output names, a file that no record of this tool claims
+    (:func:`case.own_record`), or a ``summary.csv`` that is not this tool's summary. Also refuse
+    a folder that cannot be created or written."""
+    from ..core.io import check_output_path
+
+    check_output_path(out_dir, inputs, option="--out", folder=True)
+    if not os.path.isdir(out_dir):
+        return  # nothing there yet to replace
 
     def identity(path: str):
         st = os.stat(path)
         return st.st_dev, st.st_ino
 
     given = {identity(p): p for p in inputs if os.path.exists(p)}
-    for t in targets:
-        for path in output_paths(out_dir, t.id).values():
-            if os.path.exists(path) and identity(path) in given:
-                raise UsageError(
-                    f"--out: {path} is the input {given[identity(path)]}: choose another output "
-                    "folder (the input would be overwritten)"
-                )
 
+    def refuse_input(path: str) -> None:
+        if os.path.exists(path) and identity(path) in given:
+            raise UsageError(
+                f"--out: {path} is the input {given[identity(path)]}: choose another output "
+                "folder (the input would be overwritten)"
+            )
 
-def clean_partials(out_dir: str) -> int:
-    """Remove temporary files left by an interrupted or killed writer (see :mod:`core.atomic`)."""
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(out_dir), ".partial-*")):
+    summary = os.path.join(out_dir, "summary.csv")
+    refuse_input(summary)
+    if os.path.lexists(summary):
         try:
-            os.remove(path)
-            removed += 1
-        except OSError:
-            pass
-    return removed
+            with open(summary, encoding="utf-8", newline="") as fh:
+                header = next(csv.reader(fh), None)
+        except (OSError, UnicodeDecodeError, csv.Error):
+            header = None
+        if header != SUMMARY_COLUMNS:
+            raise UsageError(
+                f"--out: {summary} is not the summary of a cohort run: move it or choose "
+                "another output folder (it would be overwritten)"
+            )
+    check_output_path(summary, inputs, option="--out")
+    for t in targets:
+        paths = output_paths(out_dir, t.id)
+        for path in paths.values():
+            refuse_input(path)
+        if own_record(out_dir, t.id) is not None:
+            continue  # this tool's record: the target's files beside it are its outputs
+        for path in paths.values():
+            if os.path.lexists(path):
+                raise UsageError(
+                    f"--out: {path} was not written by a cohort run (no record of this tool "
+                    f"claims it for target {t.id!r}): move it or choose another output folder "
+                    "(it would be overwritten)"
+                )
 
 
 def write_summary(path: str, records: List[CaseRecord], targets: List[TargetSpec]) -> None:
@@ -236,7 +396,7 @@ def write_summary(path: str, records: List[CaseRecord], targets: List[TargetSpec
     by_id = {r.id: r for r in records}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "status", "reason", "seconds", "qc", "volumes_ml", "segmentation"])
+    w.writerow(SUMMARY_COLUMNS)
     for t in targets:
         r = by_id[t.id]
         vols = ";".join(f"{s['name']}={s['volume_ml']}" for s in r.segments)
@@ -252,49 +412,40 @@ def run_cohort(
     references: Sequence[Tuple[str, str]],
     out_dir: str,
     settings: CohortSettings,
-    scheduler: str = "local",
-    workers: int = 1,
+    scheduler: str = "auto",
+    workers: Optional[int] = None,
     retries: int = DEFAULT_RETRIES,
     progress: Optional[ProgressFn] = None,
 ) -> CohortSummary:
     """Segment every target of ``manifest`` from ``references`` ((image, segmentation) paths)
     into ``out_dir``; see the module docstring. Raises a :class:`UniverSegError` only for a
-    problem of the whole run (manifest, references, options, scheduler)."""
-    from .align import ALIGN_METHODS
+    problem of the whole run (manifest, references, options, weights, output folder, scheduler),
+    and then before anything is written. ``settings.threads`` 0: the plan's default."""
+    from ..core.atomic import new_owner_tag, remove_temporaries
+    from ..core.engine import resolve_device
 
     t0 = time.perf_counter()
     if not references:
         raise UsageError("give at least one --reference IMG SEG")
-    if settings.align not in ALIGN_METHODS:
-        raise UsageError(
-            f"--align must be one of {', '.join(ALIGN_METHODS)}, got {settings.align!r}"
-        )
-    if workers < 1:
+    check_settings(settings)
+    if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     if retries < 0:
         raise UsageError(f"--retries must be 0 or more, got {retries}")
+    device = resolve_device(settings.device)
     targets = read_manifest(manifest)
-    if not os.path.isdir(out_dir):
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
-    from ..core.io import check_output_path
-
-    inputs = [p for t in targets for p in (t.image, t.labels) if p]
+    inputs = [manifest] + [p for t in targets for p in (t.image, t.labels) if p]
     inputs += [p for pair in references for p in pair]
-    check_output_path(os.path.join(out_dir, "summary.csv"), inputs)
-    _refuse_outputs_that_are_inputs(out_dir, targets, inputs)
+    check_output_folder(out_dir, targets, inputs)
     refs = [read_reference(img, seg, settings.segments) for img, seg in references]
     if settings.segments:
         known = {n for r in refs for n in r.masks}
         unknown = [n for n in settings.segments if n not in known]
         if unknown:
             raise UsageError(f"--segments: no reference has a segment named {unknown[0]!r}")
-    weights_id = weights_identity(settings.weights)
+    weights_id = check_weights(settings.weights)
     for t in targets:
         t.digest = target_digest(t, refs, settings, weights_id)
-    clean_partials(out_dir)
 
     records: Dict[str, CaseRecord] = {}
     todo = []
@@ -304,6 +455,8 @@ def run_cohort(
             records[t.id] = earlier
         else:
             todo.append(t)
+    plan = plan_run(scheduler, workers, settings.threads, len(todo), device)
+    settings = replace(settings, threads=plan.threads)
     done = len(records)
 
     def report(record: CaseRecord) -> None:
@@ -313,28 +466,140 @@ def run_cohort(
         if progress is not None:
             progress(done / len(targets), f"{record.id}: {record.status}")
 
-    if progress is not None:
-        progress(done / len(targets), f"{done} of {len(targets)} up to date")
     used_workers = 0
     if todo:
-        if scheduler == "inprocess":
-            used_workers = 1
-            for t in todo:
-                report(segment_target(t, refs, settings, out_dir))
-        else:
-            used_workers = _run_on_dask(
-                todo, refs, settings, out_dir, scheduler, workers, retries, report
-            )
-    clean_partials(out_dir)
+        with open_client(plan) as client:  # the scheduler is reachable before a file is written
+            if not os.path.isdir(out_dir):
+                try:
+                    os.makedirs(out_dir, exist_ok=True)
+                except OSError as exc:
+                    raise UsageError(
+                        f"cannot create the output folder {out_dir}: {exc.strerror}"
+                    ) from None
+            if progress is not None:
+                progress(done / len(targets), f"{done} of {len(targets)} up to date")
+            owner = new_owner_tag()
+            try:
+                if client is None:
+                    used_workers = 1
+                    for t in todo:
+                        report(segment_target(t, refs, settings, out_dir, owner))
+                else:
+                    used_workers = _run_on_dask(
+                        client, todo, refs, settings, out_dir, owner, retries, report
+                    )
+            finally:
+                remove_temporaries(out_dir, owner)  # a killed worker's; never another program's
+    elif progress is not None:
+        progress(1.0, f"{done} of {len(targets)} up to date")
     ordered = [records[t.id] for t in targets]
     summary = os.path.join(out_dir, "summary.csv")
     write_summary(summary, ordered, targets)
-    return CohortSummary(ordered, summary, time.perf_counter() - t0, scheduler, used_workers)
+    return CohortSummary(
+        ordered,
+        summary,
+        time.perf_counter() - t0,
+        plan.scheduler,
+        used_workers,
+        plan.threads,
+        plan.reason,
+    )
 
 
-def _run_on_dask(todo, refs, settings, out_dir, scheduler, workers, retries, report) -> int:
+def _recv_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < n:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(min(65536, n - len(data)))
+        if not chunk:
+            raise ConnectionError("it closed the connection")
+        data += chunk
+    return data
+
+
+def _handshake_of(body: bytes) -> dict:
+    """The message of one Dask frame set (its frame count, frame lengths, then the frames; the
+    handshake is a msgpack map), or ValueError."""
+    import msgpack
+
+    if len(body) < 16:
+        raise ValueError("too short")
+    (count,) = struct.unpack_from("<Q", body, 0)
+    if not 1 <= count <= 8 or len(body) < 8 * (1 + count):
+        raise ValueError("not a Dask frame set")
+    lengths = struct.unpack_from(f"<{count}Q", body, 8)
+    start = 8 * (1 + count)
+    if sum(lengths) > len(body) - start:
+        raise ValueError("not a Dask frame set")
+    message = msgpack.unpackb(body[start : start + lengths[0]], raw=False)
+    if not isinstance(message, dict) or "pickle-protocol" not in message:
+        raise ValueError("not a Dask handshake")
+    return message
+
+
+def probe_scheduler(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """For a ``tcp://`` address (or ``HOST:PORT``): connect and read the handshake a Dask
+    scheduler sends first, within ``timeout`` seconds in all; UsageError (one line) when nothing
+    listens, nothing answers, or the answer is not Dask's. Other schemes are left to Dask."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
     try:
-        from distributed import Client, LocalCluster, as_completed
+        scheme, location = parse_address(address)
+        if scheme != "tcp":
+            return
+        host, port = parse_host_port(location)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(
+            f"--scheduler {address}: not a scheduler address ({one_line(exc)})"
+        ) from None
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            header = _recv_exactly(sock, 8, deadline)
+            (size,) = struct.unpack("<Q", header)
+            if not 16 <= size <= MAX_HANDSHAKE_BYTES:
+                raise ValueError(f"its first message would be {size} bytes")
+            _handshake_of(_recv_exactly(sock, size, deadline))
+    except (socket.timeout, TimeoutError):
+        raise UsageError(
+            f"the Dask scheduler {address} did not answer within {timeout:g} s: is it a Dask "
+            "scheduler (the address dask scheduler prints)?"
+        ) from None
+    except ConnectionError as exc:
+        if isinstance(exc, ConnectionRefusedError):
+            raise UsageError(
+                f"cannot reach the Dask scheduler {address}: connection refused (nothing listens "
+                "there; is the scheduler running?)"
+            ) from None
+        raise UsageError(
+            f"{address} is not a Dask scheduler ({one_line(exc)} during the handshake)"
+        ) from None
+    except OSError as exc:
+        raise UsageError(
+            f"cannot reach the Dask scheduler {address}: {exc.strerror or one_line(exc)}"
+        ) from None
+    except (ValueError, struct.error, MemoryError) as exc:
+        raise UsageError(
+            f"{address} is not a Dask scheduler (its answer is not a Dask handshake: "
+            f"{one_line(exc)})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - msgpack's own errors: the answer is not Dask's
+        raise UsageError(
+            f"{address} is not a Dask scheduler (its answer is not a Dask handshake: "
+            f"{type(exc).__name__})"
+        ) from None
+
+
+@contextlib.contextmanager
+def open_client(plan: RunPlan) -> Iterator[object]:
+    """A connected ``distributed.Client`` for ``plan`` (None for in-process), with at least
+    one worker; closed (and a local cluster stopped) when the block ends. Any failure to get
+    there is a one-line UsageError."""
+    if plan.scheduler == "inprocess":
+        yield None
+        return
+    try:
+        from distributed import Client, LocalCluster
     except ImportError:
         raise UsageError(
             "running a cohort on Dask needs dask.distributed: pip install 'universeg-slicer[cohort]' "
@@ -344,51 +609,70 @@ def _run_on_dask(todo, refs, settings, out_dir, scheduler, workers, retries, rep
         logging.getLogger(name).setLevel(logging.CRITICAL)
     cluster = None
     try:
-        if scheduler == "local":
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                memory_limit=worker_memory_bytes(workers),
-                dashboard_address=None,
-                host="127.0.0.1",
-                silence_logs=logging.CRITICAL,
-            )
-            client = Client(cluster)
-        else:
+        if plan.scheduler == "local":
             try:
-                client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
-            except (OSError, TimeoutError, ValueError) as exc:
+                cluster = LocalCluster(
+                    n_workers=plan.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    memory_limit=worker_memory_bytes(plan.workers),
+                    dashboard_address=None,
+                    host="127.0.0.1",
+                    silence_logs=logging.CRITICAL,
+                )
+                client = Client(cluster)
+            except Exception as exc:  # noqa: BLE001 - Dask's startup errors, one line
+                raise UsageError(f"cannot start a local Dask cluster: {one_line(exc)}") from None
+        else:
+            probe_scheduler(plan.scheduler)
+            try:
+                client = Client(plan.scheduler, timeout=CLIENT_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - incl. MemoryError from a bogus frame size
                 raise UsageError(
-                    f"cannot reach the Dask scheduler {scheduler}: {one_line(exc)}"
+                    f"cannot use the Dask scheduler {plan.scheduler}: {one_line(exc)}"
                 ) from None
         with client:
-            n_workers = len(client.scheduler_info().get("workers", {}))
-            shared = client.scatter(refs, broadcast=True, hash=False)
-            futures = {
-                client.submit(
-                    segment_target,
-                    t,
-                    shared,
-                    settings,
-                    os.path.abspath(out_dir),
-                    key=f"universeg-cohort-{t.id}-{(t.digest or 'x')[:12]}-{os.getpid()}-{time.time_ns()}",
-                    retries=retries,
-                    pure=False,
-                ): t
-                for t in todo
-            }
-            for future in as_completed(futures):
-                t = futures[future]
+            if not client.scheduler_info().get("workers"):
                 try:
-                    record = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker died too often, or our bug
-                    reason = one_line(exc)
-                    if type(exc).__name__ == "KilledWorker":
-                        reason = "its worker died on every attempt (out of memory or killed?)"
-                    record = CaseRecord(t.id, "failed", reason, t.digest)
-                report(record)
-            return n_workers
+                    client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+                except (TimeoutError, OSError):
+                    raise UsageError(
+                        f"the Dask scheduler {plan.scheduler} has no worker (none joined within "
+                        f"{WORKER_WAIT_S:g} s): start workers, then run again"
+                    ) from None
+            yield client
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _run_on_dask(client, todo, refs, settings, out_dir, owner, retries, report) -> int:
+    from distributed import as_completed
+
+    n_workers = len(client.scheduler_info().get("workers", {}))
+    shared = client.scatter(refs, broadcast=True, hash=False)
+    futures = {
+        client.submit(
+            segment_target,
+            t,
+            shared,
+            settings,
+            os.path.abspath(out_dir),
+            owner,
+            key=f"universeg-cohort-{t.id}-{(t.digest or 'x')[:12]}-{owner}",
+            retries=retries,
+            pure=False,
+        ): t
+        for t in todo
+    }
+    for future in as_completed(futures):
+        t = futures[future]
+        try:
+            record = future.result()
+        except Exception as exc:  # noqa: BLE001 - a worker died too often, or our bug
+            reason = one_line(exc)
+            if type(exc).__name__ == "KilledWorker":
+                reason = "its worker died on every attempt (out of memory or killed?)"
+            record = CaseRecord(t.id, "failed", reason, t.digest)
+        report(record)
+    return n_workers
