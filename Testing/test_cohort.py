@@ -267,7 +267,7 @@ def test_on_a_dask_cluster_a_killed_worker_loses_nothing(cohort, tmp_path, capsy
     the cohort runs: every target still completes, identical to the in-process run. Before the
     workers start, a run against the bare scheduler says it has no worker (after a bounded wait)
     and writes nothing."""
-    from UniverSegLogic.cohort import runner
+    from UniverSegLogic.cohort import scheduler
 
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -295,7 +295,7 @@ def test_on_a_dask_cluster_a_killed_worker_loses_nothing(cohort, tmp_path, capsy
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.1)
-        monkeypatch.setattr(runner, "WORKER_WAIT_S", 1.0)
+        monkeypatch.setattr(scheduler, "WORKER_WAIT_S", 1.0)
         lonely = tmp_path / "lonely"
         assert main(cohort_args(cohort["manifest"], lonely, "--scheduler", address, *COMMON)) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -482,7 +482,7 @@ def test_a_wrong_scheduler_address_is_one_line_within_seconds(cohort, tmp_path, 
 def test_the_default_scheduler_is_the_one_that_pays_off(cohort, tmp_path, capsys):
     """By default a run picks in-process or a local cluster from estimated costs (measured
     ratios, nothing timed), and says which and why; a few targets run in this process."""
-    from UniverSegLogic.cohort.runner import choose_scheduler
+    from UniverSegLogic.cohort.scheduler import choose_scheduler
 
     assert choose_scheduler(1, 2, 2, "cpu")[0] == "inprocess"
     assert choose_scheduler(3, 2, 2, "cpu")[0] == "inprocess"  # a cluster: 2 rounds on 2 workers

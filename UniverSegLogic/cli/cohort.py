@@ -73,17 +73,21 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..cohort.case import CohortSettings
-    from ..cohort.runner import run_cohort
-    from ..core.engine import cpu_bf16_choice, resolve_device
-    from .propagate import ProgressBar, segment_names
-
     if args.support_size < 1:
         raise UsageError(f"--support-size must be at least 1, got {args.support_size}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.scheduler not in ("auto", "local", "inprocess"):
+        from ..cohort.scheduler import probe_scheduler
+
+        probe_scheduler(args.scheduler)  # before PyTorch is imported: a wrong address is quick
+    from ..cohort.case import CohortSettings
+    from ..cohort.runner import run_cohort
+    from ..core.engine import cpu_bf16_choice, resolve_device
+    from .propagate import ProgressBar, segment_names
+
     device = resolve_device(args.device)  # --device cuda without CUDA: say so first
     if args.weights == "official":
         from ..core.weights import official_path
