@@ -84,23 +84,27 @@ class AlignedReference:
 
 def data_box(array: np.ndarray) -> Tuple[slice, ...]:
     """The box of ``array`` left once every border plane (along any axis) that holds one single
-    value is stripped, repeatedly (a shift along two axes leaves padding slabs on both)."""
+    value is stripped, repeatedly (a shift along two axes leaves padding slabs on both). Only
+    the planes at the box's faces are read, so a volume without padding costs six planes."""
     lo, hi = [0] * array.ndim, list(array.shape)
+
+    def constant(ax: int, index: int) -> bool:
+        box = tuple(index if a == ax else slice(lo[a], hi[a]) for a in range(array.ndim))
+        plane = array[box]
+        return bool(plane.min() == plane.max())
+
     changed = True
     while changed:
         changed = False
         for ax in range(array.ndim):
-            box = array[tuple(slice(a, b) for a, b in zip(lo, hi))]
-            if box.size == 0:
-                return tuple(slice(0, 0) for _ in range(array.ndim))
-            others = tuple(a for a in range(array.ndim) if a != ax)
-            constant = np.asarray(box.min(axis=others) == box.max(axis=others))
-            n = constant.size
-            first = int(np.argmin(constant)) if not constant.all() else n
-            last = n - int(np.argmin(constant[::-1])) if not constant.all() else n
-            if first > 0 or last < n:
-                lo[ax], hi[ax] = lo[ax] + first, lo[ax] + max(first, last)
+            while lo[ax] < hi[ax] and constant(ax, lo[ax]):
+                lo[ax] += 1
                 changed = True
+            while hi[ax] > lo[ax] and constant(ax, hi[ax] - 1):
+                hi[ax] -= 1
+                changed = True
+            if lo[ax] >= hi[ax]:
+                return tuple(slice(0, 0) for _ in range(array.ndim))
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 

@@ -297,7 +297,7 @@ def segment_masks(
         covered |= a.valid if a.valid is not None else True
         for name, share in a.outside.items():
             outside[name] = max(outside.get(name, 0.0), share)
-    field_of_view = region & covered
+    field_of_view = np.logical_and(region, covered, out=region)
     timings["align"] = time.perf_counter() - tick
 
     options = PropagationOptions(
