@@ -330,6 +330,9 @@ def test_a_double_click_on_propagate_keeps_one_run_and_cancel_until_it_ends(serv
     assert page.locator("#undo").is_disabled() and page.locator("#save").is_disabled()
     assert not re.search("running", text(page, "#message"))  # the second click said nothing
     page.locator("#cancel").click()
-    wait_text(page, "#message", r"^Cancelled: nothing changed\.$", 120)
-    assert text(page, "#status") == "right lung: 3 labeled"
+    # (a very fast machine may finish the run before the click arrives: then it says so)
+    message = wait_text(page, "#message", r"^(Cancelled: nothing changed\.|right lung: predicted)")
+    if message.startswith("Cancelled"):
+        assert text(page, "#status") == "right lung: 3 labeled"
     assert page.locator("#cancel").is_disabled() and page.locator("#propagate").is_enabled()
+    assert page.evaluate("window.trame.state.get('running')") is False
