@@ -176,7 +176,8 @@ def test_raw_clients_need_the_served_origin_and_the_token(shared_server):
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers
 
-    assert get("/index.html")[0] == 403
+    for bare in ("/index.html", "/", "/./index.html", "/index.html/", "/%69ndex.html"):
+        assert get(bare)[0] == 403, bare
     assert get("/index.html?token=wrong")[0] == 403
     status, headers = get(f"/index.html?token={server.token}")
     assert status == 302 and "Set-Cookie" not in headers

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import posixpath
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,8 @@ def access_middleware(app: WebApp):
     @web.middleware
     async def check(request, handler):
         problem = rules.request_refusal(request.headers, app.hosts)
-        page = request.path in PAGE_PATHS
+        # the page under any spelling the static files answer to (/./index.html, /index.html/)
+        page = posixpath.normpath("/" + request.path.lstrip("/")) in PAGE_PATHS
         if (
             problem is None
             and page
