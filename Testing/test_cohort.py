@@ -1,7 +1,7 @@
 """``universeg-slicer cohort``: real files, the real model, a real Dask scheduler and workers.
 
 The cohort is made of resampled, shifted, intensity-scaled copies of slicerio's chest CT
-(:func:`research.cohort_data.synthetic_cohort`); the reference is the scan itself. The Dask test
+(:func:`UniverSegLogic.benchmark.synthetic.synthetic_cohort`); the reference is the scan itself. The Dask test
 starts a scheduler and two workers as separate processes on 127.0.0.1, kills one worker while
 the cohort runs, and compares every output with an in-process run. Wrong scheduler addresses are
 a closed port and :class:`FakeListener`, a test double of a server on 127.0.0.1 (it accepts and
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from UniverSegLogic.benchmark.synthetic import sample_scan, synthetic_cohort
 from UniverSegLogic.cli import main
 from UniverSegLogic.cohort.align import align_reference, axis_profiles, register
 from UniverSegLogic.cohort.case import qc_flag
@@ -43,7 +44,6 @@ from UniverSegLogic.core.io import (
 )
 from UniverSegLogic.core.metrics import dice
 from UniverSegLogic.core.weights import sha256_of
-from UniverSegLogic.research.cohort_data import sample_scan, synthetic_cohort
 
 SEGMENTS = "right lung,left lung,thoracic vertebral column"
 COMMON = ["--segments", SEGMENTS, "--threads", "1", "--quiet"]

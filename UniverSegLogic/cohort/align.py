@@ -24,7 +24,7 @@ reference had data once aligned (:attr:`AlignedReference.valid`), and
 outside the target's data.
 
 :func:`register` also offers ``deformable`` (affine, then a B-spline), used only by the atlas
-baseline of the evaluation (:mod:`UniverSegLogic.research.cohort_eval`). Every random choice of
+baseline of the evaluation (:mod:`UniverSegResearch.cohort_eval`). Every random choice of
 the registrations (the metric's voxel sampling) uses :data:`REGISTRATION_SEED`: SimpleITK's seed 0
 would mean "from the wall clock", so a fixed nonzero seed makes them reproducible.
 """
