@@ -233,6 +233,14 @@ def test_without_dask_the_command_says_how_to_get_it(cohort, tmp_path):
     assert p.returncode == 2, p.stderr
     assert "pip install 'universeg-slicer[cohort]'" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+    # by default (no --workers), a cohort that a cluster would speed up runs in this process
+    code = (
+        "import sys; sys.modules['distributed'] = None\n"
+        "from UniverSegLogic.cohort.scheduler import plan_run\n"
+        "print(plan_run('auto', None, 0, 100, 'cpu'))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "scheduler='inprocess'" in p.stdout, p.stdout + p.stderr
 
 
 # ------------------------------------------------------------------------------ Dask

@@ -132,6 +132,9 @@ def plan_run(
             n = default_workers(device)
             scheduler, reason = choose_scheduler(targets, cores, n, device)
             workers = n if scheduler == "local" else None
+            if scheduler == "local" and not _have_dask():
+                scheduler, workers = "inprocess", None
+                reason += ", but dask.distributed is not installed (pip install 'universeg-slicer[cohort]')"
     if scheduler == "inprocess":
         if workers not in (None, 1):
             raise UsageError("--scheduler inprocess runs one target at a time: leave out --workers")
@@ -140,6 +143,14 @@ def plan_run(
         workers = workers or default_workers(device)
         return RunPlan("local", workers, threads or max(1, cores // workers), reason)
     return RunPlan(scheduler, 0, threads or 1, "a running Dask scheduler")
+
+
+def _have_dask() -> bool:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _recv_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
