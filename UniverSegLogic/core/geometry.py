@@ -106,6 +106,13 @@ def resolve_axis(volume: Volume, axis: AxisSpec) -> int:
     return int(np.argmax(np.abs(d[ras, :])))
 
 
+def axis_name(volume: Volume, axis: int) -> str:
+    """Anatomical name (axial/coronal/sagittal) of array axis ``axis`` in world space."""
+    d = volume.direction[:, ::-1]  # columns in array-axis order
+    ras = int(np.argmax(np.abs(d[:, int(axis)])))
+    return {v: k for k, v in AXIS_NAMES.items()}[ras]
+
+
 @dataclass(frozen=True)
 class SliceFrame:
     """Maps a KJI array to (slices, rows, cols) in the canonical slice frame and back."""

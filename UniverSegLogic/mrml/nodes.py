@@ -7,7 +7,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from ..core.geometry import AXIS_NAMES, GeometryError, Volume, resolve_axis
+from ..core.geometry import GeometryError, Volume, axis_name, resolve_axis
 from ..errors import MRMLError
 from .gridmap import GridMap, cell_index, read_onto_volume
 from .vtkglue import _extent_empty, _np_from_vtk_matrix, _scalars, _slicer, _vtk, _vtk_matrix
@@ -104,13 +104,6 @@ def _resolve_axis(volume: Volume, axis) -> int:
 def array_axis(volumeNode, axis) -> int:
     """Array axis (0 K, 1 J, 2 I) of ``axis`` (a name resolved in world space, or 0/1/2)."""
     return _resolve_axis(_geometry_of(volumeNode), axis)
-
-
-def axis_name(volume: Volume, axis: int) -> str:
-    """Anatomical name (axial/coronal/sagittal) of array axis ``axis`` in world space."""
-    d = volume.direction[:, ::-1]  # columns in array-axis order
-    ras = int(np.argmax(np.abs(d[:, axis])))
-    return {v: k for k, v in AXIS_NAMES.items()}[ras]
 
 
 def axis_for_slice_normal(volumeNode, normal_ras: Sequence[float]) -> int:
