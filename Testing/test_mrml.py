@@ -45,7 +45,7 @@ def _ras_of_voxels(ijk_to_ras, shape):
 def _paint(seg_node, segment_id, mask, ijk_to_ras):
     """Store ``mask`` (on the grid ``ijk_to_ras``) as the segment's content, as an editor would."""
     extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
-    image = mrml.vtkglue._oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
+    image = mrml.vtkglue.oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg_node, segment_id, LOGIC.MODE_REPLACE)
 
 
@@ -56,15 +56,15 @@ def _slices(mask, axis, indices):
 def stored(seg_node, segment_id):
     """A segment exactly as stored: grid matrix and sorted foreground voxel indices (I, J, K)."""
     lm = seg_node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    values = mrml.vtkglue._scalars(lm)
-    if values is None or mrml.vtkglue._extent_empty(lm.GetExtent()):
+    values = mrml.vtkglue.image_scalars(lm)
+    if values is None or mrml.vtkglue.extent_empty(lm.GetExtent()):
         return None, np.zeros((0, 3), int)
     m = vtk.vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
     label = seg_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     e = lm.GetExtent()
     kji = np.argwhere(values == label) + np.array([e[4], e[2], e[0]])
-    return np.round(mrml.vtkglue._np_from_vtk_matrix(m), 9), kji[:, ::-1]
+    return np.round(mrml.vtkglue.np_from_vtk_matrix(m), 9), kji[:, ::-1]
 
 
 def state(seg_node):
@@ -75,9 +75,7 @@ def state(seg_node):
         sid = segmentation.GetNthSegmentID(n)
         segment = segmentation.GetSegment(sid)
         matrix, voxels = stored(seg_node, sid)
-        tags = mrml.record._tags_of(
-            segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED, mrml.TAG_SOURCE)
-        )
+        tags = mrml.record.tags_of(segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED, mrml.TAG_SOURCE))
         out.append(
             (
                 sid,
@@ -130,7 +128,7 @@ def case(tmp_path):
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
 
-    ijk_to_ras = mrml.nodes._local_ijk_to_ras(volume)
+    ijk_to_ras = mrml.nodes.local_ijk_to_ras(volume)
     ras = _ras_of_voxels(ijk_to_ras, SHAPE)
     center = ijk_to_ras @ np.array([11.5, 9.5, 7.5, 1.0])
     axis = mrml.array_axis(volume, "axial")
@@ -388,7 +386,7 @@ def test_failure_while_writing_restores_what_was_written(case, monkeypatch):
         use_prior=False,
     )
     job.run()
-    real = mrml.writing._write_segment
+    real = mrml.writing.write_segment
     written = []
 
     def fail_on_second(seg_node, volume_node, w, segment_id, *args):
@@ -397,7 +395,7 @@ def test_failure_while_writing_restores_what_was_written(case, monkeypatch):
         written.append(segment_id)
         return real(seg_node, volume_node, w, segment_id, *args)
 
-    monkeypatch.setattr(mrml.writing, "_write_segment", fail_on_second)
+    monkeypatch.setattr(mrml.writing, "write_segment", fail_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
         job.apply()
     assert written == [case.target]
@@ -455,7 +453,7 @@ def test_closed_surface_segmentation_is_refused(case):
 
 def _linear_transform(scene, matrix):
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "T")
-    node.SetMatrixTransformToParent(mrml.vtkglue._vtk_matrix(matrix))
+    node.SetMatrixTransformToParent(mrml.vtkglue.vtk_matrix(matrix))
     return node
 
 
@@ -547,7 +545,7 @@ def test_non_linear_transform_is_refused_with_a_clear_message(case):
     image.SetOrigin(-100, -100, -100)
     image.SetSpacing(100, 100, 100)
     image.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    mrml.vtkglue._scalars(image)[...] = 1.0
+    mrml.vtkglue.image_scalars(image)[...] = 1.0
     displacement.SetDisplacementGridData(image)
     grid.SetAndObserveTransformFromParent(displacement)
     case.seg.SetAndObserveTransformNodeID(grid.GetID())
@@ -567,7 +565,7 @@ def test_oversampled_segmentation_keeps_its_stored_labels_bit_for_bit(case):
     fine[:3, :3] /= 2.0
     fine[:3, 3] -= case.ijk_to_ras[:3, :3] @ np.array([0.25, 0.25, 0.25])
     fine_shape = tuple(2 * s for s in SHAPE)
-    geometry = mrml.vtkglue._geometry_image(
+    geometry = mrml.vtkglue.geometry_image(
         (0, fine_shape[2] - 1, 0, fine_shape[1] - 1, 0, fine_shape[0] - 1), fine
     )
     seg.GetSegmentation().SetConversionParameter(

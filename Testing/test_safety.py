@@ -309,30 +309,30 @@ def _volume_node(scene, array, ijk_to_ras):
     image = vtk.vtkImageData()
     image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
     image.AllocateScalars(vtk.VTK_SHORT, 1)
-    mrml.vtkglue._scalars(image)[...] = array
+    mrml.vtkglue.image_scalars(image)[...] = array
     node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(mrml.vtkglue._vtk_matrix(ijk_to_ras))
+    node.SetIJKToRASMatrix(mrml.vtkglue.vtk_matrix(ijk_to_ras))
     return node
 
 
 def _paint(seg_node, segment_id, mask, grid, extent=None):
     extent = extent or (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
-    image = mrml.vtkglue._oriented_image(mask.astype(np.uint8), extent, grid)
+    image = mrml.vtkglue.oriented_image(mask.astype(np.uint8), extent, grid)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg_node, segment_id, LOGIC.MODE_REPLACE)
 
 
 def _stored(seg_node, segment_id, grid0):
     """Painted voxels as a set of (I, J, K) indices of the segmentation grid ``grid0``."""
     lm = seg_node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    values = mrml.vtkglue._scalars(lm)
-    if values is None or mrml.vtkglue._extent_empty(lm.GetExtent()):
+    values = mrml.vtkglue.image_scalars(lm)
+    if values is None or mrml.vtkglue.extent_empty(lm.GetExtent()):
         return set()
     m = vtk.vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
     e = lm.GetExtent()
     label = seg_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     ijk = (np.argwhere(values == label) + np.array([e[4], e[2], e[0]]))[:, ::-1]
-    to0 = np.linalg.solve(grid0, mrml.vtkglue._np_from_vtk_matrix(m))
+    to0 = np.linalg.solve(grid0, mrml.vtkglue.np_from_vtk_matrix(m))
     idx = (to0[:3, :3] @ ijk.T + to0[:3, 3:4]).T
     assert np.allclose(idx, np.round(idx), atol=1e-4)
     return set(map(tuple, np.round(idx).astype(int)))

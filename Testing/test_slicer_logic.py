@@ -26,7 +26,7 @@ from UniverSegLogic.core.engines import EngineStore, LoadedEngine
 from UniverSegLogic.core.slices import painted_axis
 from UniverSegLogic.errors import Cancelled, DeviceError, UsageError
 from UniverSegLogic.mrml import panel
-from UniverSegLogic.mrml.vtkglue import _oriented_image, _scalars, _vtk_matrix
+from UniverSegLogic.mrml.vtkglue import image_scalars, oriented_image, vtk_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "UniverSegSlicer"))
 from UniverSegSlicerLib import torch_install  # noqa: E402  (the module's Qt-free helpers)
@@ -327,7 +327,7 @@ SHAPE = (12, 14, 16)  # K, J, I
 
 def _paint(seg, sid, mask, ijk_to_ras):
     extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
-    image = _oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
+    image = oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg, sid, LOGIC.MODE_REPLACE)
 
 
@@ -335,7 +335,7 @@ def _image(components=1, scalar=vtk.VTK_SHORT):
     image = vtk.vtkImageData()
     image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
     image.AllocateScalars(scalar, components)
-    _scalars(image)[...] = 0
+    image_scalars(image)[...] = 0
     return image
 
 
@@ -351,7 +351,7 @@ def scene():
     ijk_to_ras = np.array(
         [[-0.8, 0, 0, 10.0], [0, -0.9, 0, 20.0], [0, 0, 2.0, -5.0], [0, 0, 0, 1.0]]
     )  # RAS-flipped in-plane, thick slices: K is axial, J coronal, I sagittal
-    volume.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras))
+    volume.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
@@ -440,14 +440,14 @@ def test_auto_axis_follows_the_painting_then_the_record_then_the_view(scene):
     assert panel.resolve_axis(v, s, "auto", [sid]) == sagittal
     assert panel.resolve_axis(v, s, "coronal") == mrml.array_axis(v, "coronal")
     # after a run along axial the record decides, though every slice now holds voxels
-    from UniverSegLogic.mrml.record import _Record, _record_tags, _set_tags
+    from UniverSegLogic.mrml.record import Record, record_tags, set_tags
 
     full = _painted(range(SHAPE[0]), 0)
     _paint(s, sid, full, scene.ijk_to_ras)
-    grid = mrml.nodes._grid_key(v, s)
-    _set_tags(segmentation.GetSegment(sid), _record_tags(_Record(0, grid, [2, 6], [], {3: "x"})))
+    grid = mrml.nodes.grid_key(v, s)
+    set_tags(segmentation.GetSegment(sid), record_tags(Record(0, grid, [2, 6], [], {3: "x"})))
     assert mrml.record.infer_axis(v, s) == 0
-    _set_tags(segmentation.GetSegment(sid), _record_tags(_Record(1, "othergrid", [2], [], {})))
+    set_tags(segmentation.GetSegment(sid), record_tags(Record(1, "othergrid", [2], [], {})))
     assert mrml.record.infer_axis(v, s) == painted_axis(full)  # foreign record ignored
     # nothing painted: the slice view, else axial
     empty = slicer.vtkMRMLSegmentationNode()
@@ -494,7 +494,7 @@ def _slice_node(scene, name, normal, center, tilt_deg=0.0):
     y = np.cross(n, x)
     m = np.eye(4)
     m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, y, n, center
-    node.GetSliceToRAS().DeepCopy(_vtk_matrix(m))
+    node.GetSliceToRAS().DeepCopy(vtk_matrix(m))
     node.UpdateMatrices()
     return node
 
@@ -610,7 +610,7 @@ def test_go_to_slice_moves_a_real_slice_node_onto_that_slice(axis):
     ijk = np.eye(4)  # oblique, anisotropic, off-origin: slices are still planes of the view
     ijk[:3, :3] = rotation(0, 12) @ rotation(2, 30) @ np.diag([1.1, 0.9, 2.5])
     ijk[:3, 3] = (-20, 5, 30)
-    volume.SetIJKToRASMatrix(_vtk_matrix(ijk))
+    volume.SetIJKToRASMatrix(vtk_matrix(ijk))
     image = vtk.vtkImageData()
     image.SetDimensions(14, 11, 9)
     image.AllocateScalars(vtk.VTK_SHORT, 1)
@@ -622,7 +622,7 @@ def test_go_to_slice_moves_a_real_slice_node_onto_that_slice(axis):
     x = np.cross(helper, normal)
     x /= np.linalg.norm(x)
     m[:3, 0], m[:3, 1], m[:3, 2] = x, np.cross(normal, x), normal
-    view.GetSliceToRAS().DeepCopy(_vtk_matrix(m))
+    view.GetSliceToRAS().DeepCopy(vtk_matrix(m))
     view.UpdateMatrices()
     assert panel.pick_slice_view(volume, axis, [view]) is view
     n = image.GetDimensions()[2 - axis]

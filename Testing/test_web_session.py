@@ -41,7 +41,7 @@ def _stored(s):
     """(mask on the volume grid, tags) of the active segment: what a run must not change."""
     sid = s.active_segment_id
     segment = s.segmentation.GetSegment(sid)
-    tags = {t: mrml.record._get_tag(segment, t) for t in (mrml.TAG_LABELED, mrml.TAG_PREDICTED)}
+    tags = {t: mrml.record.get_tag(segment, t) for t in (mrml.TAG_LABELED, mrml.TAG_PREDICTED)}
     return mrml.segment_mask(s.volume_node, s.segmentation_node, sid), tags
 
 

@@ -35,38 +35,38 @@ from ..core.slices import nonempty_slices
 from ..errors import MRMLError
 from .gridmap import GridMap, code_on_segment
 from .job import PropagationJob, prepare_propagation
-from .nodes import _local_ijk_to_ras, _node_name, _segment, _vol_to_seg, segment_mask
+from .nodes import local_ijk_to_ras, node_name, segment_mask, segment_of, volume_to_segmentation
 from .record import (
     TAG_SOURCE,
+    Record,
     SliceStatus,
-    _get_tag,
-    _Record,
-    _record_tags,
-    _set_tags,
-    _slice_hash,
+    get_tag,
+    record_tags,
+    set_tags,
+    slice_hash,
     slice_status,
 )
 from .vtkglue import (
-    _extent_empty,
-    _geometry_image,
-    _np_from_vtk_matrix,
-    _oriented_image,
-    _scalars,
-    _slicer,
-    _vtk,
-    _vtk_matrix,
+    extent_empty,
+    geometry_image,
+    image_scalars,
+    np_from_vtk_matrix,
+    oriented_image,
+    slicer_module,
+    vtk_matrix,
+    vtk_module,
 )
 from .writing import (
     BACKGROUND,
     FOREGROUND,
     KEEP,
-    _call_undo,
-    _footprint_extent,
-    _restore,
-    _segment_values,
-    _segmentation_grid,
-    _snapshot,
-    _union_extent,
+    call_undo,
+    footprint_extent,
+    restore_segment,
+    segment_values,
+    segmentation_grid,
+    snapshot_segment,
+    union_extent,
 )
 
 #: "Modify other segments": never (default), the visible ones, all of them.
@@ -167,10 +167,10 @@ class EditMask:
 def _aligned_source(sourceVolumeNode, segmentationNode, reference):
     """The source volume resampled onto ``reference`` (segmentation node coordinates), as the
     Segment Editor does for its intensity mask: first component, linear interpolation."""
-    slicer, vtk = _slicer(), _vtk()
+    slicer, vtk = slicer_module(), vtk_module()
     image = sourceVolumeNode.GetImageData()
     if image is None:
-        raise MRMLError(f"volume {_node_name(sourceVolumeNode)} holds no image data")
+        raise MRMLError(f"volume {node_name(sourceVolumeNode)} holds no image data")
     if image.GetNumberOfScalarComponents() > 1:
         extract = vtk.vtkImageExtractComponents()
         extract.SetInputData(image)
@@ -179,9 +179,9 @@ def _aligned_source(sourceVolumeNode, segmentationNode, reference):
         image = extract.GetOutput()
     source = slicer.vtkOrientedImageData()
     source.ShallowCopy(image)
-    source.SetImageToWorldMatrix(_vtk_matrix(_local_ijk_to_ras(sourceVolumeNode)))
+    source.SetImageToWorldMatrix(vtk_matrix(local_ijk_to_ras(sourceVolumeNode)))
     transform = vtk.vtkTransform()
-    transform.SetMatrix(_vtk_matrix(_vol_to_seg(sourceVolumeNode, segmentationNode)))
+    transform.SetMatrix(vtk_matrix(volume_to_segmentation(sourceVolumeNode, segmentationNode)))
     out = slicer.vtkOrientedImageData()
     background = float(sourceVolumeNode.GetImageBackgroundScalarComponentAsDouble(0))
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -207,8 +207,8 @@ def editable_region(
     """
     if not mask.restricts:
         return None
-    slicer = _slicer()
-    reference = _geometry_image(extent, grid)
+    slicer = slicer_module()
+    reference = geometry_image(extent, grid)
     source, intensity = None, None
     if mask.intensity_range is not None:
         if sourceVolumeNode is None:
@@ -226,7 +226,7 @@ def editable_region(
         args += [source, intensity]
     if not segmentationNode.GenerateEditMask(*args):
         raise MRMLError("Slicer could not compute the editable area")
-    values = _scalars(out)
+    values = image_scalars(out)
     shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     if values is None or values.shape != shape:
         raise MRMLError("the editable area does not cover the written region")
@@ -246,7 +246,7 @@ class _Plan:
     grid: np.ndarray  # image-to-node matrix of the segmentation grid
     final: np.ndarray  # uint8 KJI over extent: what the segment stores after Apply
     written_fg: np.ndarray  # bool: voxels the prediction writes as foreground
-    record: _Record
+    record: Record
     masked: int = 0  # predicted foreground voxels left as they were (not editable)
 
 
@@ -295,19 +295,19 @@ def _resample_code(job: PropagationJob, code: np.ndarray, extent, grid) -> np.nd
     """A volume-grid code map on ``extent`` of the segmentation ``grid``, by the bridge's one
     cell rule (:func:`gridmap.code_on_segment`: the same rule reads painted voxels, so kept
     slices read back unchanged whatever the two grids' relation)."""
-    vol_ijk_to_seg = _vol_to_seg(job.volumeNode, job.segmentationNode) @ _local_ijk_to_ras(
-        job.volumeNode
-    )
+    vol_ijk_to_seg = volume_to_segmentation(
+        job.volumeNode, job.segmentationNode
+    ) @ local_ijk_to_ras(job.volumeNode)
     return code_on_segment(code, GridMap(np.linalg.solve(vol_ijk_to_seg, grid)), extent)
 
 
 def _labelmap_grid(segmentationNode, segmentId) -> Tuple[Optional[List[int]], np.ndarray]:
     lm = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
-    if lm is None or _extent_empty(lm.GetExtent()):
+    if lm is None or extent_empty(lm.GetExtent()):
         return None, None
-    m = _vtk().vtkMatrix4x4()
+    m = vtk_module().vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
-    return list(lm.GetExtent()), _np_from_vtk_matrix(m)
+    return list(lm.GetExtent()), np_from_vtk_matrix(m)
 
 
 def _overwrite_targets(segmentationNode, propagated: Sequence[str], mode: str) -> List[str]:
@@ -325,27 +325,27 @@ def _overwrite_targets(segmentationNode, propagated: Sequence[str], mode: str) -
 def _build(job: PropagationJob, mask: EditMask, sourceVolumeNode=None):
     """Plans for every propagated segment and erasures of other segments (nothing written)."""
     node = job.segmentationNode
-    vol_to_seg = _vol_to_seg(job.volumeNode, node)
+    vol_to_seg = volume_to_segmentation(job.volumeNode, node)
     dims = job.volumeNode.GetImageData().GetDimensions()
-    vol_ijk_to_seg = vol_to_seg @ _local_ijk_to_ras(job.volumeNode)
+    vol_ijk_to_seg = vol_to_seg @ local_ijk_to_ras(job.volumeNode)
     plans: List[_Plan] = []
     for index, sid in enumerate(job.source_ids):
         res, status = job.result.segments[index], job.statuses[index]
-        grid = _segmentation_grid(node, [sid] + list(job.source_ids), job.volumeNode, vol_to_seg)
+        grid = segmentation_grid(node, [sid] + list(job.source_ids), job.volumeNode, vol_to_seg)
         lm = node.GetBinaryLabelmapInternalRepresentation(sid)
         current_extent = lm.GetExtent() if lm is not None else (0, -1, 0, -1, 0, -1)
-        extent = _union_extent(current_extent, _footprint_extent(vol_ijk_to_seg, grid, dims))
+        extent = union_extent(current_extent, footprint_extent(vol_ijk_to_seg, grid, dims))
         code = _resample_code(job, _fill_code(job, index), extent, grid)
         editable = editable_region(node, sid, extent, grid, mask, sourceVolumeNode)
         masked = 0
         if editable is not None:
             masked = int(((code == FOREGROUND) & ~editable).sum())
             code = np.where(editable, code, KEEP).astype(np.uint8)
-        current = _segment_values(node, sid, extent)
+        current = segment_values(node, sid, extent)
         final = np.where(code == KEEP, current, code == FOREGROUND).astype(np.uint8)
         labeled = list(res.labeled_slices)
         nonempty = set(nonempty_slices(job.masks[index], job.axis))
-        record = _Record(
+        record = Record(
             job.axis,
             job.grid,
             labeled,
@@ -358,11 +358,11 @@ def _build(job: PropagationJob, mask: EditMask, sourceVolumeNode=None):
         extent, grid = _labelmap_grid(node, tid)
         if extent is None:
             continue
-        current = _segment_values(node, tid, extent)
+        current = segment_values(node, tid, extent)
         lose = np.zeros(current.shape, dtype=bool)
         for plan in plans:
             if np.allclose(plan.grid, grid, atol=1e-9):
-                lose |= _place(plan.written_fg, plan.extent, extent)
+                lose |= place_values(plan.written_fg, plan.extent, extent)
             else:
                 lose |= _resample_bool(plan.written_fg, plan.extent, plan.grid, extent, grid)
         lost = int((lose & (current > 0)).sum())
@@ -372,7 +372,7 @@ def _build(job: PropagationJob, mask: EditMask, sourceVolumeNode=None):
     return plans, erasures
 
 
-def _place(values: np.ndarray, extent, target_extent) -> np.ndarray:
+def place_values(values: np.ndarray, extent, target_extent) -> np.ndarray:
     """``values`` (over ``extent``) placed into ``target_extent`` of the same grid (zero pad)."""
     shape = tuple(target_extent[2 * i + 1] - target_extent[2 * i] + 1 for i in (2, 1, 0))  # K, J, I
     out = np.zeros(shape, dtype=values.dtype)
@@ -389,22 +389,23 @@ def _place(values: np.ndarray, extent, target_extent) -> np.ndarray:
 
 
 def _resample_bool(values, extent, grid, target_extent, target_grid) -> np.ndarray:
-    slicer = _slicer()
+    slicer = slicer_module()
     out = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        _oriented_image(values.astype(np.uint8), extent, grid),
-        _geometry_image(target_extent, target_grid),
+        oriented_image(values.astype(np.uint8), extent, grid),
+        geometry_image(target_extent, target_grid),
         out,
         False,
         False,
     ):
         raise MRMLError("resampling onto another segment's grid failed")
-    return _scalars(out) > 0
+    return image_scalars(out) > 0
 
 
-def _store(segmentationNode, segmentId: str, values: np.ndarray, extent, grid) -> None:
-    logic = _slicer().vtkSlicerSegmentationsModuleLogic
-    image = _oriented_image(values, extent, grid)
+def store_labelmap(segmentationNode, segmentId: str, values: np.ndarray, extent, grid) -> None:
+    """Replace a segment's labelmap by ``values`` (KJI over ``extent`` of the grid ``grid``)."""
+    logic = slicer_module().vtkSlicerSegmentationsModuleLogic
+    image = oriented_image(values, extent, grid)
     if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
         raise MRMLError(f"Slicer refused to update segment {segmentId!r}")
 
@@ -449,7 +450,7 @@ class PropagationPreview:
         node = self.job.segmentationNode
         scene = node.GetScene()
         if scene is None:
-            raise MRMLError(f"{_node_name(node)} is not in a scene")
+            raise MRMLError(f"{node_name(node)} is not in a scene")
         plans, _ = self.plans(mask, sourceVolumeNode)
         preview = previewNode or self.preview_node
         if preview is None or preview.GetScene() is None:
@@ -471,7 +472,7 @@ class PropagationPreview:
                     target.AddEmptySegment(
                         plan.segment_id, source.GetName(), list(source.GetColor())
                     )
-                _store(preview, plan.segment_id, plan.final, plan.extent, plan.grid)
+                store_labelmap(preview, plan.segment_id, plan.final, plan.extent, plan.grid)
         finally:
             preview.EndModify(was_modified)
         self.preview_node = preview
@@ -489,7 +490,7 @@ class PropagationPreview:
         every segment written so far is restored. The preview node is removed afterwards."""
         job = self.job
         try:
-            job._check_unchanged()
+            job.check_unchanged()
         except MRMLError as exc:
             raise MRMLError(
                 str(exc)
@@ -498,25 +499,25 @@ class PropagationPreview:
             ) from None
         node = job.segmentationNode
         plans, erasures = self.plans(mask, sourceVolumeNode)
-        _call_undo(undo)
+        call_undo(undo)
         was_modified = node.StartModify()
         snapshots = {}
         try:
             for item in list(erasures) + list(plans):
-                snapshots[item.segment_id] = _snapshot(node, item.segment_id)
+                snapshots[item.segment_id] = snapshot_segment(node, item.segment_id)
             for erase in erasures:
-                _store(node, erase.segment_id, erase.final, erase.extent, erase.grid)
+                store_labelmap(node, erase.segment_id, erase.final, erase.extent, erase.grid)
             for plan in plans:
-                _store(node, plan.segment_id, plan.final, plan.extent, plan.grid)
+                store_labelmap(node, plan.segment_id, plan.final, plan.extent, plan.grid)
             for plan in plans:
                 stored = segment_mask(job.volumeNode, node, plan.segment_id)
                 plan.record.predicted = {
-                    t: _slice_hash(stored, plan.record.axis, t) for t in plan.record.predicted
+                    t: slice_hash(stored, plan.record.axis, t) for t in plan.record.predicted
                 }
-                _set_tags(_segment(node, plan.segment_id), _record_tags(plan.record))
+                set_tags(segment_of(node, plan.segment_id), record_tags(plan.record))
         except BaseException:
             for sid, snap in snapshots.items():
-                _restore(node, sid, snap)
+                restore_segment(node, sid, snap)
             raise
         finally:
             node.EndModify(was_modified)
@@ -557,7 +558,7 @@ def effect_segments(
     ids, statuses = [], []
     for sid in candidates:
         segment = segmentation.GetSegment(sid)
-        if segment is None or _get_tag(segment, TAG_SOURCE) is not None:
+        if segment is None or get_tag(segment, TAG_SOURCE) is not None:
             continue
         status = slice_status(volumeNode, segmentationNode, sid, axis)
         statuses.append(status)

@@ -11,35 +11,35 @@ import numpy as np
 from ..core.slices import nonempty_slices
 from ..errors import MRMLError
 from .nodes import (
-    _check_segmentation_node,
-    _check_volume_node,
-    _geometry_of,
-    _grid_key,
-    _node_name,
-    _resolve_axis,
-    _resolve_segment_id,
-    _segment,
-    _vol_to_seg,
     axis_name,
+    check_segmentation_node,
+    check_volume_node,
+    geometry_of,
+    grid_key,
+    node_name,
+    resolve_segment_id,
     segment_mask,
+    segment_of,
+    volume_axis,
     volume_from_node,
+    volume_to_segmentation,
 )
 from .record import (
     TAG_LABELED,
     TAG_PREDICTED,
     TAG_SOURCE,
+    Record,
     SliceStatus,
-    _get_tag,
-    _read_record,
-    _Record,
-    _record_tags,
-    _set_tags,
-    _slice_hash,
-    _status,
+    get_tag,
+    read_record,
+    record_tags,
+    set_tags,
+    slice_hash,
     slice_status,
+    status_of,
 )
 from .session import session_for, support_stamp
-from .writing import BACKGROUND, FOREGROUND, _apply_writes, _Write
+from .writing import BACKGROUND, FOREGROUND, SegmentWrite, apply_writes
 
 OUTPUT_SUFFIX = " (UniverSeg)"
 MODES = ("fill", "new")
@@ -84,17 +84,17 @@ def _source_ids(segmentationNode, segmentIds) -> List[str]:
     seg = segmentationNode.GetSegmentation()
     if segmentIds is None:
         ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-        ids = [i for i in ids if _get_tag(seg.GetSegment(i), TAG_SOURCE) is None]
+        ids = [i for i in ids if get_tag(seg.GetSegment(i), TAG_SOURCE) is None]
     else:
         if isinstance(segmentIds, str):
             segmentIds = [segmentIds]
         ids = []
         for key in segmentIds:
-            sid = _resolve_segment_id(segmentationNode, key)
+            sid = resolve_segment_id(segmentationNode, key)
             if sid not in ids:
                 ids.append(sid)
     if not ids:
-        raise MRMLError(f"segmentation {_node_name(segmentationNode)} has no segment to propagate")
+        raise MRMLError(f"segmentation {node_name(segmentationNode)} has no segment to propagate")
     return ids
 
 
@@ -102,7 +102,7 @@ def _output_segment_for(segmentationNode, source_id: str) -> Optional[str]:
     seg = segmentationNode.GetSegmentation()
     for i in range(seg.GetNumberOfSegments()):
         sid = seg.GetNthSegmentID(i)
-        if sid != source_id and _get_tag(seg.GetSegment(sid), TAG_SOURCE) == source_id:
+        if sid != source_id and get_tag(seg.GetSegment(sid), TAG_SOURCE) == source_id:
             return sid
     return None
 
@@ -132,26 +132,28 @@ class PropagationJob:
         if mode not in MODES:
             raise MRMLError(f"unknown output mode {mode!r}: use 'fill' or 'new'")
         opts = _make_options(options)
-        _check_volume_node(volumeNode)
-        _check_segmentation_node(segmentationNode)
+        check_volume_node(volumeNode)
+        check_segmentation_node(segmentationNode)
         self.volumeNode, self.segmentationNode, self.mode = volumeNode, segmentationNode, mode
         self._scenes = (volumeNode.GetScene(), segmentationNode.GetScene())
         self.engine, self.fusion, self.sessions = engine, fusion, sessions
-        geometry = _geometry_of(volumeNode)
-        _vol_to_seg(volumeNode, segmentationNode)  # refuse unusable transforms before computing
-        self.axis = _resolve_axis(geometry, opts.axis)
+        geometry = geometry_of(volumeNode)
+        volume_to_segmentation(
+            volumeNode, segmentationNode
+        )  # refuse unusable transforms before computing
+        self.axis = volume_axis(geometry, opts.axis)
         self.axis_name = axis_name(geometry, self.axis)
         opts.axis = self.axis
         self.options = opts
-        self.grid = _grid_key(volumeNode, segmentationNode)
+        self.grid = grid_key(volumeNode, segmentationNode)
         self.source_ids = _source_ids(segmentationNode, segmentIds)
         self.masks: List[np.ndarray] = []
         self.statuses: List[SliceStatus] = []
         self.inputs: List[SegmentInput] = []
         for sid in list(self.source_ids):
-            segment = _segment(segmentationNode, sid)
+            segment = segment_of(segmentationNode, sid)
             mask = segment_mask(volumeNode, segmentationNode, sid)
-            status, _ = _status(
+            status, _ = status_of(
                 sid, segment, mask, self.axis, self.axis_name, self.grid, strict=True
             )
             if segmentIds is None and not status.labeled and not supportPairs:
@@ -170,7 +172,7 @@ class PropagationJob:
             )
         if not self.inputs:
             raise MRMLError(
-                f"no segment of {_node_name(segmentationNode)} has a labeled slice "
+                f"no segment of {node_name(segmentationNode)} has a labeled slice "
                 f"along the {self.axis_name} axis: paint at least one slice"
             )
         names = [s.name for s in self.inputs]
@@ -191,8 +193,8 @@ class PropagationJob:
             vnode, snode = pair
         except (TypeError, ValueError):
             raise MRMLError("each support pair must be (volume node, segmentation node)") from None
-        _check_volume_node(vnode)
-        _check_segmentation_node(snode)
+        check_volume_node(vnode)
+        check_segmentation_node(snode)
         if vnode is self.volumeNode and snode is self.segmentationNode:
             raise MRMLError("a support pair repeats the input volume and segmentation")
         seg = snode.GetSegmentation()
@@ -200,11 +202,11 @@ class PropagationJob:
         for i in range(seg.GetNumberOfSegments()):
             segment = seg.GetNthSegment(i)
             name = segment.GetName()
-            if name in names and name not in masks and _get_tag(segment, TAG_SOURCE) is None:
+            if name in names and name not in masks and get_tag(segment, TAG_SOURCE) is None:
                 masks[name] = segment_mask(vnode, snode, seg.GetNthSegmentID(i))
         if not masks:
             raise MRMLError(
-                f"support segmentation {_node_name(snode)} has no segment named "
+                f"support segmentation {node_name(snode)} has no segment named "
                 f"{' or '.join(repr(n) for n in names)}"
             )
         return SupportVolume(volume_from_node(vnode), masks)
@@ -236,11 +238,11 @@ class PropagationJob:
         ``cancel()`` is True)."""
         self.result = self.session().propagate(self.inputs, progress=progress, cancel=cancel)
 
-    def _check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:
         for node, scene in zip((self.volumeNode, self.segmentationNode), self._scenes):
             if scene is not None and node.GetScene() is not scene:
                 raise MRMLError(
-                    f"{_node_name(node)} was removed during the run: nothing was written"
+                    f"{node_name(node)} was removed during the run: nothing was written"
                 )
         for sid, mask in zip(self.source_ids, self.masks):
             if self.segmentationNode.GetSegmentation().GetSegment(sid) is None:
@@ -255,13 +257,13 @@ class PropagationJob:
         """Write the results into the segmentation (one undo step)."""
         if self.result is None:
             raise MRMLError("nothing computed yet: call run() first")
-        self._check_unchanged()
+        self.check_unchanged()
         writes = []
         segmentation = self.segmentationNode.GetSegmentation()
         for sid, mask, status in zip(self.source_ids, self.masks, self.statuses):
             res = self.result.get(sid)
             labeled = list(res.labeled_slices)
-            rec = _Record(
+            rec = Record(
                 self.axis,
                 self.grid,
                 labeled,
@@ -275,13 +277,13 @@ class PropagationJob:
                 for t in region:
                     take[self.axis] = t
                     code[tuple(take)] = np.where(res.mask[tuple(take)], FOREGROUND, BACKGROUND)
-                writes.append(_Write(sid, code, False, {}, rec))
+                writes.append(SegmentWrite(sid, code, False, {}, rec))
             else:
                 source = segmentation.GetSegment(sid)
                 code = np.where(res.mask, FOREGROUND, BACKGROUND).astype(np.uint8)
                 out_id = _output_segment_for(self.segmentationNode, sid)
                 writes.append(
-                    _Write(
+                    SegmentWrite(
                         out_id,
                         code,
                         True,
@@ -292,7 +294,7 @@ class PropagationJob:
                         geometry_from=sid,
                     )
                 )
-        written = _apply_writes(self.volumeNode, self.segmentationNode, writes, undo)
+        written = apply_writes(self.volumeNode, self.segmentationNode, writes, undo)
         res = self.result
         return MRMLPropagationResult(
             written,
@@ -398,21 +400,21 @@ def mark_slice_labeled(
     """Mark slice ``index`` along ``axis`` as labeled with its current content (an empty slice
     then tells UniverSeg the structure is absent there), or with ``labeled=False`` unmark an
     empty labeled slice. Only the segment's record (tags) changes, never its voxels."""
-    _check_segmentation_node(segmentationNode)
-    volume = _geometry_of(volumeNode)
-    a = _resolve_axis(volume, axis)
-    sid = _resolve_segment_id(segmentationNode, segmentId)
-    segment = _segment(segmentationNode, sid)
+    check_segmentation_node(segmentationNode)
+    volume = geometry_of(volumeNode)
+    a = volume_axis(volume, axis)
+    sid = resolve_segment_id(segmentationNode, segmentId)
+    segment = segment_of(segmentationNode, sid)
     n = volume.array.shape[a]
     if not 0 <= int(index) < n:
         raise MRMLError(f"slice {index} is outside 0..{n - 1}")
     index = int(index)
     mask = segment_mask(volumeNode, segmentationNode, sid)
-    grid = _grid_key(volumeNode, segmentationNode)
-    status, _ = _status(sid, segment, mask, a, axis_name(volume, a), grid, strict=True)
+    grid = grid_key(volumeNode, segmentationNode)
+    status, _ = status_of(sid, segment, mask, a, axis_name(volume, a), grid, strict=True)
     nonempty = set(nonempty_slices(mask, a))
     support = set(status.labeled)
-    predicted = {t: _slice_hash(mask, a, t) for t in status.predicted}
+    predicted = {t: slice_hash(mask, a, t) for t in status.predicted}
     if labeled:
         support.add(index)
         predicted.pop(index, None)  # an accepted prediction is the user's label now
@@ -420,10 +422,10 @@ def mark_slice_labeled(
         if index in nonempty and index not in predicted:
             raise MRMLError(f"slice {index} holds painted voxels: erase them to unlabel it")
         support.discard(index)
-    rec = _Record(
+    rec = Record(
         a, grid, sorted(support), sorted(t for t in support if t not in nonempty), predicted
     )
-    _set_tags(segment, _record_tags(rec))
+    set_tags(segment, record_tags(rec))
     return slice_status(volumeNode, segmentationNode, sid, a)
 
 
@@ -431,18 +433,18 @@ def clear_predictions(volumeNode, segmentationNode, segmentId, undo=None) -> Lis
     """Erase the untouched predicted slices of a segment and forget its record (corrected
     slices stay, as painted slices). Returns the slices erased. Needed before propagating
     along another axis. One undo step."""
-    _check_volume_node(volumeNode)
-    _check_segmentation_node(segmentationNode)
-    sid = _resolve_segment_id(segmentationNode, segmentId)
-    segment = _segment(segmentationNode, sid)
-    rec = _read_record(segment)
-    if rec is None or rec.grid != _grid_key(volumeNode, segmentationNode):
+    check_volume_node(volumeNode)
+    check_segmentation_node(segmentationNode)
+    sid = resolve_segment_id(segmentationNode, segmentId)
+    segment = segment_of(segmentationNode, sid)
+    rec = read_record(segment)
+    if rec is None or rec.grid != grid_key(volumeNode, segmentationNode):
         return []
     mask = segment_mask(volumeNode, segmentationNode, sid)
     untouched = [
         t
         for t, h in sorted(rec.predicted.items())
-        if t < mask.shape[rec.axis] and _slice_hash(mask, rec.axis, t) == h
+        if t < mask.shape[rec.axis] and slice_hash(mask, rec.axis, t) == h
     ]
     code = np.zeros(mask.shape, dtype=np.uint8)
     take = [slice(None)] * 3
@@ -450,5 +452,5 @@ def clear_predictions(volumeNode, segmentationNode, segmentId, undo=None) -> Lis
         take[rec.axis] = t
         code[tuple(take)] = BACKGROUND
     tags = {TAG_LABELED: None, TAG_PREDICTED: None}
-    _apply_writes(volumeNode, segmentationNode, [_Write(sid, code, False, tags, None)], undo)
+    apply_writes(volumeNode, segmentationNode, [SegmentWrite(sid, code, False, tags, None)], undo)
     return untouched

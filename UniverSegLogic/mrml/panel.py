@@ -19,13 +19,13 @@ from ..core.device import MPS_FALLBACK_MESSAGE, is_mps_unsupported
 from ..errors import MRMLError
 from .job import clear_predictions
 from .nodes import (
-    _geometry_of,
-    _resolve_axis,
+    geometry_of,
     slice_center_ras,
     slice_view_axis,
     slice_view_index,
+    volume_axis,
 )
-from .record import TAG_SOURCE, _get_tag, _read_record, infer_axis
+from .record import TAG_SOURCE, get_tag, infer_axis, read_record
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -90,7 +90,7 @@ def segment_rows(segmentationNode, choices: Optional[Dict[str, bool]] = None) ->
     for i in range(segmentation.GetNumberOfSegments()):
         sid = segmentation.GetNthSegmentID(i)
         segment = segmentation.GetSegment(sid)
-        review = _get_tag(segment, TAG_SOURCE) is not None
+        review = get_tag(segment, TAG_SOURCE) is not None
         checked = bool(choices.get(sid, not review))
         rows.append(SegmentRow(sid, segment.GetName(), checked, tuple(segment.GetColor()), review))
     return rows
@@ -110,20 +110,20 @@ def resolve_axis(
     labels imply (:func:`~UniverSegLogic.mrml.record.infer_axis`), else the orientation of the
     given slice view, else ``default``."""
     if axis != AXIS_AUTO:
-        return _resolve_axis(_geometry_of(volumeNode), axis)
+        return volume_axis(geometry_of(volumeNode), axis)
     if segmentationNode is not None:
         inferred = infer_axis(volumeNode, segmentationNode, segmentIds)
         if inferred is not None:
             return inferred
     if slice_to_ras is not None:
         return slice_view_axis(volumeNode, slice_to_ras)
-    return _resolve_axis(_geometry_of(volumeNode), default)
+    return volume_axis(geometry_of(volumeNode), default)
 
 
 def pick_slice_view(volumeNode, axis, sliceNodes: Sequence, preferred=None):
     """The slice node to take "the current slice" from: ``preferred`` (the view last used) when
     it shows slices along ``axis``, else the first of ``sliceNodes`` that does; None if none."""
-    a = _resolve_axis(_geometry_of(volumeNode), axis)
+    a = volume_axis(geometry_of(volumeNode), axis)
     candidates = ([preferred] if preferred is not None else []) + list(sliceNodes)
     for node in candidates:
         if node is not None and slice_view_axis(volumeNode, node.GetSliceToRAS()) == a:
@@ -174,12 +174,12 @@ def clear_predictions_of(volumeNode, segmentationNode, segmentIds, undo=None) ->
         sid
         for sid in ids
         if segmentation.GetSegment(sid) is not None
-        and _read_record(segmentation.GetSegment(sid)) is not None
+        and read_record(segmentation.GetSegment(sid)) is not None
     ]
     if recorded and undo is not None:
-        from .writing import _call_undo
+        from .writing import call_undo
 
-        _call_undo(undo)
+        call_undo(undo)
     return {sid: len(clear_predictions(volumeNode, segmentationNode, sid)) for sid in ids}
 
 

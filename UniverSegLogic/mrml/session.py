@@ -21,10 +21,10 @@ import numpy as np
 def _image_stamp(volumeNode) -> Tuple:
     """What identifies a volume's content cheaply: node ID, image data and its modification time,
     shape, and world IJK-to-RAS matrix."""
-    from .nodes import _geometry_of
+    from .nodes import geometry_of
 
     image = volumeNode.GetImageData()
-    geometry = _geometry_of(volumeNode)
+    geometry = geometry_of(volumeNode)
     return (
         volumeNode.GetID(),
         id(image),
