@@ -23,8 +23,10 @@ import pytest
 import slicer
 import torch
 import vtk
+from conftest import runner_with
 
 from UniverSegLogic import mrml
+from UniverSegLogic.core.propagator import PropagationOptions
 from UniverSegLogic.core.slices import nonempty_slices
 from UniverSegLogic.mrml import effect
 from UniverSegLogic.mrml.vtkglue import image_scalars, np_from_vtk_matrix, oriented_image
@@ -150,13 +152,11 @@ def case():
 
 
 def compute(case, segment_ids=None):
-    return effect.preview_propagation(
+    return runner_with(HalfPlaneEngine()).preview(
         case.volume,
         case.seg,
         segment_ids or [case.ids.target],
-        engine=HalfPlaneEngine(),
-        axis="axial",
-        use_prior=False,
+        PropagationOptions(axis="axial", use_prior=False),
     )
 
 
@@ -493,8 +493,8 @@ def test_masking_on_an_oversampled_segmentation_works_on_its_own_grid(case):
     _paint(seg, target, up(case.user), fine)
     other_fine = np.roll(up(case.other), 1, axis=2)
     _paint(seg, other, other_fine, fine)
-    preview = effect.preview_propagation(
-        case.volume, seg, [target], engine=HalfPlaneEngine(), axis="axial", use_prior=False
+    preview = runner_with(HalfPlaneEngine()).preview(
+        case.volume, seg, [target], PropagationOptions(axis="axial", use_prior=False)
     )
     mask = effect.EditMask(3)
     (plain,), _ = preview.plans(effect.EditMask())

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
-from conftest import ThresholdEngineDouble, rotation
+from conftest import ThresholdEngineDouble, rotation, runner_with
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -34,6 +34,7 @@ from UniverSegLogic import mrml
 from UniverSegLogic.cli import main
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
 from UniverSegLogic.core.io import Segment, Segmentation, read_segmentation, write_segmentation
+from UniverSegLogic.core.propagator import PropagationOptions
 from UniverSegLogic.errors import UniverSegError
 
 SEED = int(os.environ.get("UNIVERSEG_FUZZ_SEED", "20260901"))
@@ -267,16 +268,17 @@ def _check_run(case, volume, seg, target, other, S, axis_arg, counter):
     read_before = mrml.segment_mask(volume, seg, target)
     status = mrml.slice_status(volume, seg, target, axis_arg)
     try:
-        result = mrml.propagate_segmentation(
+        result = runner_with(ThresholdEngineDouble()).propagate(
             volume,
             seg,
             [target],
+            PropagationOptions(
+                axis=axis_arg,
+                support_size=case["support_size"],
+                max_extrapolation=case["max_extrapolation"],
+                use_prior=case["use_prior"],
+            ),
             mode=case["mode"],
-            engine=ThresholdEngineDouble(),
-            axis=axis_arg,
-            support_size=case["support_size"],
-            max_extrapolation=case["max_extrapolation"],
-            use_prior=case["use_prior"],
         )
     except UniverSegError as exc:  # the only kind of error allowed: then nothing changed
         counter["error: " + type(exc).__name__] += 1

@@ -18,11 +18,13 @@ import pytest
 import slicer
 import torch
 import vtk
+from conftest import runner_with
 
 from UniverSegLogic import mrml
 from UniverSegLogic.core import device
 from UniverSegLogic.core.engine import resolve_device
 from UniverSegLogic.core.engines import EngineStore, LoadedEngine
+from UniverSegLogic.core.propagator import PropagationOptions
 from UniverSegLogic.core.slices import painted_axis
 from UniverSegLogic.errors import Cancelled, DeviceError, UsageError
 from UniverSegLogic.mrml import panel
@@ -267,58 +269,6 @@ def test_engine_store_builds_once_with_progress_and_stops_on_cancel():
     assert cache.device_for("auto") == device.choose_device("auto", **device.torch_backends(torch))
 
 
-class EnginesOnAnAppleGpu(EngineStore):
-    """Test double: an EngineStore on a machine whose PyTorch offers MPS (engines are stand-ins
-    that only carry their device)."""
-
-    def __init__(self):
-        super().__init__()
-        self.requests = []
-
-    def get(self, weights="starter", device="auto", progress=None, cancel=None):
-        self.requests.append(device)
-        chosen = "cpu" if self.mps_failed and device == "auto" else device
-        chosen = "mps" if chosen == "auto" else chosen
-        return LoadedEngine(SimpleNamespace(device=chosen), "stand-in", "file", "")
-
-
-class JobNeedingAnOperationMpsLacks:
-    """Test double for a PropagationJob whose network uses an operation MPS does not have."""
-
-    def __init__(self, engine):
-        self.engine, self.ran = engine, False
-
-    def run(self, progress=None, cancel=None):
-        if self.engine.device == "mps":
-            raise NotImplementedError(
-                "The operator 'aten::foo' is not currently implemented for the MPS device."
-            )
-        self.ran = True
-
-
-def test_a_run_that_fails_on_mps_reruns_on_the_cpu_with_one_note():
-    engines, notes = EnginesOnAnAppleGpu(), []
-    job, _ = panel.run_with_cpu_fallback(
-        JobNeedingAnOperationMpsLacks, engines, "starter", "auto", notes=notes
-    )
-    assert job.engine.device == "cpu" and job.ran
-    assert notes == [device.MPS_FALLBACK_MESSAGE] and engines.mps_failed
-    assert engines.requests == ["auto", "cpu"]
-    job, _ = panel.run_with_cpu_fallback(
-        JobNeedingAnOperationMpsLacks, engines, "starter", "auto", notes=notes
-    )
-    assert job.engine.device == "cpu" and len(notes) == 1  # no second attempt, no second note
-
-
-def test_other_errors_are_not_hidden_by_the_fallback():
-    class Failing(JobNeedingAnOperationMpsLacks):
-        def run(self, progress=None, cancel=None):
-            raise RuntimeError("MPS backend out of memory")
-
-    with pytest.raises(RuntimeError, match="out of memory"):
-        panel.run_with_cpu_fallback(Failing, EnginesOnAnAppleGpu(), "starter", "auto")
-
-
 # --------------------------------------------------------------------------------------------
 # the panel's choices on real MRML
 
@@ -457,12 +407,16 @@ def test_auto_axis_follows_the_painting_then_the_record_then_the_view(scene):
     assert panel.resolve_axis(v, empty, "auto", slice_to_ras=view.GetSliceToRAS()) == 1
 
 
-def test_segments_vote_on_the_axis(scene):
+def test_segments_painted_on_two_axes_are_a_one_line_error(scene):
     segmentation = scene.seg.GetSegmentation()
     ids = [segmentation.AddEmptySegment("", f"s{n}") for n in range(3)]
     for sid, axis in zip(ids, (2, 1, 2)):
         _paint(scene.seg, sid, _painted([2, 6, 10], axis), scene.ijk_to_ras)
-    assert mrml.record.infer_axis(scene.volume, scene.seg) == 2
+    with pytest.raises(mrml.MRMLError, match="more than one axis") as info:
+        mrml.record.infer_axis(scene.volume, scene.seg)
+    assert "coronal: 's1'" in str(info.value) and "sagittal: 's0', 's2'" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert mrml.record.infer_axis(scene.volume, scene.seg, [ids[0], ids[2]]) == 2
     assert mrml.record.infer_axis(scene.volume, scene.seg, ids[1:2]) == 1
 
 
@@ -545,8 +499,8 @@ def test_clearing_several_predictions_is_one_undo_step(scene):
         def logits(self, targets, support_images, support_labels):
             return torch.full((targets.shape[0], 1) + tuple(targets.shape[-2:]), 8.0)
 
-    mrml.propagate_segmentation(
-        scene.volume, scene.seg, ids[:2], engine=FullEngine(), axis="axial", use_prior=False
+    runner_with(FullEngine()).propagate(
+        scene.volume, scene.seg, ids[:2], PropagationOptions(axis="axial", use_prior=False)
     )
     predicted = [mrml.slice_status(scene.volume, scene.seg, s, "axial").predicted for s in ids]
     assert predicted[0] and predicted[1] and not predicted[2]
@@ -633,3 +587,75 @@ def test_go_to_slice_moves_a_real_slice_node_onto_that_slice(axis):
         panel.go_to_slice(volume, axis, n, view)
     with pytest.raises(mrml.MRMLError):
         panel.go_to_slice(volume, axis, 0, None)
+
+
+# --------------------------------------------------------------------------------------------
+# the fall-back from Apple's GPU, through the Runner (the module's and the effect's run path)
+
+
+class EngineDouble:
+    """Test double for InferenceEngine on ``device``: foreground (+8) on every target; on
+    ``mps`` it raises ``error`` (default: what PyTorch raises for an operation the Apple GPU
+    does not implement)."""
+
+    batch_size = 4
+
+    def __init__(self, device, error=None):
+        self.device, self.error, self.calls = device, error, 0
+
+    def logits(self, targets, support_images, support_labels):
+        self.calls += 1
+        if self.device == "mps":
+            raise self.error or NotImplementedError(
+                "The operator 'aten::foo' is not currently implemented for the MPS device."
+            )
+        return torch.full((targets.shape[0], 1) + tuple(targets.shape[-2:]), 8.0)
+
+
+class EnginesOnAnAppleGpu(EngineStore):
+    """Test double: an EngineStore on a machine whose PyTorch offers MPS (engines are
+    ``EngineDouble``)."""
+
+    def __init__(self, error=None):
+        super().__init__()
+        self.requests, self.error, self.made = [], error, {}
+
+    def get(self, weights="starter", device="auto", progress=None, cancel=None):
+        self.requests.append(device)
+        chosen = "cpu" if self.mps_failed and device == "auto" else device
+        chosen = "mps" if chosen == "auto" else chosen
+        engine = self.made.setdefault(chosen, EngineDouble(chosen, self.error))
+        return LoadedEngine(engine, f"stand-in on {chosen}", "file", "")
+
+
+def _painted_segment(scene):
+    sid = scene.seg.GetSegmentation().AddEmptySegment("", "s")
+    _paint(scene.seg, sid, _painted([2, 9], 0), scene.ijk_to_ras)
+    return sid
+
+
+def test_a_run_that_fails_on_mps_reruns_on_the_cpu_with_one_note(scene):
+    sid = _painted_segment(scene)
+    engines = EnginesOnAnAppleGpu()
+    runner = mrml.Runner(engines=engines)
+    options = PropagationOptions(axis="axial", use_prior=False)
+    result = runner.propagate(scene.volume, scene.seg, [sid], options)
+    assert result.device == "cpu" and result.predicted_slices[sid]
+    assert result.notes.count(device.MPS_FALLBACK_MESSAGE) == 1 and engines.mps_failed
+    again = runner.propagate(scene.volume, scene.seg, [sid], options)
+    assert again.device == "cpu" and device.MPS_FALLBACK_MESSAGE not in again.notes
+    assert engines.made["mps"].calls == 1  # one attempt on the Apple GPU; then auto is the CPU
+    # the Segment Editor effect's preview takes the same path
+    preview = mrml.Runner(engines=EnginesOnAnAppleGpu()).preview(
+        scene.volume, scene.seg, [sid], options
+    )
+    assert preview.job.result.device == "cpu" and device.MPS_FALLBACK_MESSAGE in preview.notes
+
+
+def test_other_errors_are_not_hidden_by_the_fallback(scene):
+    sid = _painted_segment(scene)
+    before = mrml.segment_mask(scene.volume, scene.seg, sid)
+    runner = mrml.Runner(engines=EnginesOnAnAppleGpu(RuntimeError("MPS backend out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runner.propagate(scene.volume, scene.seg, [sid], PropagationOptions(axis="axial"))
+    assert np.array_equal(mrml.segment_mask(scene.volume, scene.seg, sid), before)

@@ -43,7 +43,8 @@ vol.GetIJKToRASMatrix(m)
 ijk = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 image = oriented_image(painted.astype(np.uint8), (0, 23, 0, 23, 0, 11), ijk)
 assert logic.SetBinaryLabelmapToSegment(image, seg, sid, logic.MODE_REPLACE)
-res = mrml.propagate_segmentation(vol, seg, [sid], axis=0, device="cpu")
+from UniverSegLogic.core.propagator import PropagationOptions
+res = mrml.Runner().propagate(vol, seg, [sid], PropagationOptions(axis=0, device="cpu"))
 out["bridge_weights"] = res.weights
 out["bridge_predicted"] = len(res.predicted_slices[sid])
 print("RESULT " + json.dumps(out))

@@ -344,7 +344,8 @@ class Propagator:
         if engine is None:
             from .engines import EngineStore
 
-            loaded = (engines or EngineStore()).get(self.options.weights, self.options.device)
+            store = engines if engines is not None else EngineStore()  # an empty store is falsy
+            loaded = store.get(self.options.weights, self.options.device)
             engine, self.weights_description = loaded.engine, loaded.description
         else:
             if engines is not None:

@@ -11,6 +11,9 @@ import numpy as np
 
 from ..errors import GeometryError
 
+#: The slicing axis that means "the axis the painted slices lie on" (:func:`auto_axis`).
+AXIS_AUTO = "auto"
+
 
 def nonempty_slices(mask: np.ndarray, axis: int = 0) -> List[int]:
     """Sorted indices of the slices along ``axis`` where ``mask`` has at least one voxel."""

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..core.slices import nonempty_slices
 from ..errors import MRMLError
 from .gridmap import GridMap, code_on_segment
-from .job import PropagationJob, prepare_propagation
+from .job import PropagationJob
 from .nodes import local_ijk_to_ras, node_name, segment_mask, segment_of, volume_to_segmentation
 from .record import (
     TAG_SOURCE,
@@ -275,6 +275,8 @@ class EffectResult:
     device: str
     weights: str
     notes: List[str] = field(default_factory=list)
+    #: segments left as they were because they have no labeled slice along ``axis``
+    skipped_ids: List[str] = field(default_factory=list)
 
 
 def _fill_code(job: PropagationJob, index: int) -> np.ndarray:
@@ -421,16 +423,20 @@ class PropagationPreview:
     """A finished propagation shown as a preview, then applied or discarded.
 
     ``job`` is a :class:`~UniverSegLogic.mrml.job.PropagationJob` in ``fill`` mode whose
-    :meth:`~UniverSegLogic.mrml.job.PropagationJob.run` has completed.
+    :meth:`~UniverSegLogic.mrml.job.PropagationJob.run` has completed (made by
+    :meth:`Runner.preview <UniverSegLogic.mrml.runner.Runner.preview>`).
     """
 
-    def __init__(self, job: PropagationJob, notes: Sequence[str] = ()):
+    def __init__(self, job: PropagationJob):
         if job.mode != "fill":
             raise MRMLError("the effect previews fill-mode propagations only")
         if job.result is None:
             raise MRMLError("nothing computed yet: run the propagation first")
         self.job = job
-        self.notes = list(notes)
+        #: messages for the user (segments skipped, fusion defaults, a fall-back to the CPU)
+        self.notes = list(job.result.notes) + list(job.notes)
+        #: seconds from preparing the run to the end of the computation
+        self.seconds = time.perf_counter() - job.t0
         self.preview_node = None
 
     @property
@@ -534,6 +540,7 @@ class PropagationPreview:
             res.device,
             res.weights,
             list(self.notes),
+            list(job.skipped_ids),
         )
 
 
@@ -565,32 +572,3 @@ def effect_segments(
         if status.labeled and not status.conflict:
             ids.append(sid)
     return ids, statuses
-
-
-def preview_propagation(
-    volumeNode,
-    segmentationNode,
-    segmentIds=None,
-    supportPairs=(),
-    progress: Optional[Callable[[float, str], None]] = None,
-    cancel: Optional[Callable[[], bool]] = None,
-    engine=None,
-    fusion=None,
-    *,
-    sessions=None,
-    **options,
-) -> PropagationPreview:
-    """Compute a fill-mode propagation and return it as a :class:`PropagationPreview` (nothing
-    is written, no preview node yet: call :meth:`PropagationPreview.show`)."""
-    t0 = time.perf_counter()
-    kwargs = dict(options)
-    if sessions is not None:
-        kwargs["sessions"] = sessions
-    job = prepare_propagation(
-        volumeNode, segmentationNode, segmentIds, "fill", supportPairs, engine, fusion, **kwargs
-    )
-    job.run(progress, cancel)
-    notes = getattr(job, "notes", None) or getattr(job.result, "notes", None) or ()
-    preview = PropagationPreview(job, notes)
-    preview.seconds = time.perf_counter() - t0
-    return preview

@@ -1,21 +1,20 @@
 """What the Slicer module's panel and the Segment Editor effect decide, without Qt.
 
 The scripted module (``UniverSegSlicer.py``) and the effect (``SegmentEditorUniverSegLib``) stay
-thin: which volume and segments to preselect, which slicing axis and slice view to use, clearing
-predictions as one undo step, the inference engines they share (with progress and cancel while
-PyTorch and the model load) and the fall-back from Apple's GPU to the CPU live here, tested on
-real MRML through slicer-core.
+thin: which volume and segments to preselect, which slicing axis and slice view to use, the
+suggested slices to go to, and clearing predictions as one undo step live here, tested on real
+MRML through slicer-core. Runs go through :class:`~UniverSegLogic.mrml.runner.Runner`.
 
-Importing this module never imports torch (engines come from :class:`~UniverSegLogic.core.engines.EngineStore`).
+Importing this module never imports torch.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..core.device import MPS_FALLBACK_MESSAGE, is_mps_unsupported
+from ..core.slices import AXIS_AUTO
 from ..errors import MRMLError
 from .job import clear_predictions
 from .nodes import (
@@ -26,9 +25,6 @@ from .nodes import (
     volume_axis,
 )
 from .record import TAG_SOURCE, get_tag, infer_axis, read_record
-
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 
 #: Volume node classes that derive from vtkMRMLScalarVolumeNode but are no images to segment.
 NOT_IMAGES = (
@@ -98,9 +94,6 @@ def segment_rows(segmentationNode, choices: Optional[Dict[str, bool]] = None) ->
 
 # --------------------------------------------------------------------------------------------
 # slicing axis and slice views
-
-
-AXIS_AUTO = "auto"
 
 
 def resolve_axis(
@@ -194,38 +187,3 @@ def forget_modules(prefixes: Sequence[str] = ("UniverSegLogic",)) -> List[str]:
     for name in gone:
         del sys.modules[name]
     return gone
-
-
-# --------------------------------------------------------------------------------------------
-# engines
-
-
-def run_with_cpu_fallback(
-    make_job: Callable[[object], object],
-    engines,
-    weights: str,
-    device: str,
-    progress: Optional[ProgressFn] = None,
-    cancel: Optional[CancelFn] = None,
-    notes: Optional[List[str]] = None,
-):
-    """Take the engine from ``engines`` (a :class:`~UniverSegLogic.core.engines.EngineStore`),
-    ``make_job(engine)`` and run it; if it fails on Apple's GPU because an operation is not
-    supported there, run it again on the CPU and add one note saying so.
-    Returns (job, description of the weights)."""
-    loaded = engines.get(weights, device, progress, cancel)
-    engine, description = loaded.engine, loaded.description
-    job = make_job(engine)
-    try:
-        job.run(progress, cancel)
-    except Exception as exc:  # noqa: BLE001 - only the MPS case is handled, the rest re-raised
-        if getattr(engine, "device", "") != "mps" or not is_mps_unsupported(exc):
-            raise
-        engines.mps_failed = True
-        if notes is not None:
-            notes.append(MPS_FALLBACK_MESSAGE)
-        loaded = engines.get(weights, "cpu", progress, cancel)
-        engine, description = loaded.engine, loaded.description
-        job = make_job(engine)
-        job.run(progress, cancel)
-    return job, description

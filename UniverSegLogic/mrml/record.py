@@ -11,7 +11,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.slices import nonempty_slices, painted_axis
+from ..core.geometry import GeometryError
+from ..core.slices import auto_axis, nonempty_slices
 from ..errors import MRMLError
 from .nodes import (
     axis_name,
@@ -285,12 +286,14 @@ def labeled_slices(volumeNode, segmentationNode, segmentId, axis="axial") -> Lis
 
 
 def infer_axis(volumeNode, segmentationNode, segmentIds=None) -> int | None:
-    """The slicing axis the user's labels imply, or None when nothing is painted.
+    """The slicing axis ``auto`` means: the axis the user's painted slices lie on
+    (:func:`~UniverSegLogic.core.slices.auto_axis`), or None when nothing is painted.
 
     Per segment: the axis of its UniverSeg record when the record belongs to this volume grid (the
-    axis it was propagated along), else :func:`painted_axis` of its voxels. Segments vote; a tie
-    goes to the first segment's axis. ``segmentIds`` default: every segment that is not a review
-    output.
+    axis it was propagated along), else the axis its painted voxels lie on separate slices of. A
+    segment painted solidly tells none. Segments that tell different axes raise
+    :class:`MRMLError` (one line naming them). ``segmentIds`` default: every segment that is not
+    a review output.
     """
     check_volume_node(volumeNode)
     segmentation = segmentationNode.GetSegmentation()
@@ -300,17 +303,17 @@ def infer_axis(volumeNode, segmentationNode, segmentIds=None) -> int | None:
     else:
         ids = [resolve_segment_id(segmentationNode, s) for s in segmentIds]
     grid = grid_key(volumeNode, segmentationNode)
-    votes: list = []
-    for sid in ids:
+    names = [segment_of(segmentationNode, sid).GetName() for sid in ids]
+    known, paintings = {}, {}
+    for sid, name in zip(ids, names):
+        label = name if names.count(name) == 1 else f"{name} [{sid}]"
         rec = read_record(segment_of(segmentationNode, sid))
         if rec is not None and rec.grid == grid and 0 <= rec.axis <= 2:
-            votes.append(rec.axis)
-            continue
-        axis = painted_axis(segment_mask(volumeNode, segmentationNode, sid))
-        if axis is not None:
-            votes.append(axis)
-    if not votes:
-        return None
-    counts = {a: votes.count(a) for a in votes}
-    best = max(counts.values())
-    return next(a for a in votes if counts[a] == best)
+            known[label] = rec.axis
+        else:
+            paintings[label] = segment_mask(volumeNode, segmentationNode, sid)
+    volume = geometry_of(volumeNode)
+    try:
+        return auto_axis(paintings, known, lambda a: axis_name(volume, a))
+    except GeometryError as exc:
+        raise MRMLError(str(exc)) from None
