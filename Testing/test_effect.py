@@ -459,15 +459,23 @@ def test_edit_mask_reads_the_segment_editor_node(case):
         effect.EditMask(overwrite="some")
 
 
-def test_effect_segments_are_the_visible_labeled_ones(case):
+def test_effect_segments_are_the_visible_ones_and_unpainted_ones_are_skipped_with_a_note(case):
     ids, statuses = effect.effect_segments(case.volume, case.seg, "axial")
     assert ids == [case.ids.target, case.ids.other, case.ids.third]
     case.seg.GetDisplayNode().SetSegmentVisibility(case.ids.third, False)
     empty = case.seg.GetSegmentation().AddEmptySegment("", "empty")
     ids, statuses = effect.effect_segments(case.volume, case.seg, "axial")
-    assert ids == [case.ids.target, case.ids.other]
+    assert ids == [case.ids.target, case.ids.other, empty]
     assert [s.segment_id for s in statuses] == [case.ids.target, case.ids.other, empty]
     assert statuses[0].labeled == case.labeled
+    preview = compute(case, ids)  # what the effect's Initialize runs
+    assert preview.segment_ids == [case.ids.target, case.ids.other]
+    assert any(n.startswith("empty: no labeled slice") for n in preview.notes)
+    assert preview.apply().skipped_ids == [empty]
+    assert not mask_of(case, empty).any()
+    for sid in (case.ids.target, case.ids.other):
+        case.seg.GetSegmentation().RemoveSegment(sid)
+    assert effect.effect_segments(case.volume, case.seg, "axial")[0] == []  # nothing painted
 
 
 def test_masking_on_an_oversampled_segmentation_works_on_its_own_grid(case):

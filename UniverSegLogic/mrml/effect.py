@@ -552,8 +552,10 @@ def effect_segments(
     volumeNode, segmentationNode, axis, candidates: Optional[Sequence[str]] = None
 ) -> Tuple[List[str], List[SliceStatus]]:
     """(segments to propagate, their slice status): the ``candidates`` (default: the segments
-    visible in the segmentation's display node) that are not review outputs and have at least
-    one labeled slice along ``axis``. Statuses are returned for every candidate considered."""
+    visible in the segmentation's display node) that are not review outputs and hold no
+    prediction along another axis -- none when no such segment has a labeled slice along
+    ``axis`` (a run skips, with a note, those that have none). Statuses are returned for every
+    candidate considered."""
     segmentation = segmentationNode.GetSegmentation()
     if candidates is None:
         display = segmentationNode.GetDisplayNode()
@@ -569,6 +571,7 @@ def effect_segments(
             continue
         status = slice_status(volumeNode, segmentationNode, sid, axis)
         statuses.append(status)
-        if status.labeled and not status.conflict:
+        if not status.conflict:
             ids.append(sid)
-    return ids, statuses
+    labeled = {s.segment_id for s in statuses if s.labeled and not s.conflict}
+    return (ids if labeled else []), statuses

@@ -202,7 +202,8 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
 
     @staticmethod
     def moduleLogic():
-        """The UniverSeg module's shared logic (settings, engines, sessions)."""
+        """The UniverSeg module's shared logic (settings, and the ``runner`` the module's panel
+        uses too: one run path, shared engines and sessions)."""
         import UniverSegSlicer
 
         return UniverSegSlicer.UniverSegSlicerLogic.shared()
@@ -289,15 +290,14 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
             if weights is None:
                 self.statusLabel.text = _("Nothing was changed.")
                 return
-            preview = logic.computePreview(
+            preview = logic.runner.preview(
                 volumeNode,
                 segmentationNode,
                 ids,
-                logic.supportPairs(settings),
-                self.onProgress,
-                self.cancelRequested,
-                axis=axis,
-                **logic.effectOptions(settings, weights),
+                logic.runOptions(settings, weights, axis),
+                supportPairs=logic.supportPairs(settings),
+                progress=self.onProgress,
+                cancel=self.cancelRequested,
             )
         except Cancelled:
             self.statusLabel.text = _("Stopped: nothing was changed.")
