@@ -790,3 +790,43 @@ def test_view_helpers_find_the_axis_and_slice_of_a_slice_view(case):
     with pytest.raises(mrml.MRMLError, match="outside the volume"):
         mrml.slice_index_at(case.volume, "axial", vol.ijk_to_ras @ np.array([0, 0, -5.0, 1]))
     assert mrml.format_slices([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+
+
+# --------------------------------------------------------------------------------------------
+# the same rules as every surface (CLI, module, effect, browser app), on real MRML
+
+
+def test_auto_axis_fully_labeled_runs_and_exclusive_predictions(case):
+    """The runner's default axis is ``auto``; 'other' (a block on every slice: a fully labeled
+    run) is left bit for bit; the target's prediction never takes other's painted voxels."""
+    other_before = stored(case.seg, case.other_id)
+    target_before = stored(case.seg, case.target)
+    runner = runner_with(ConstantLogitEngineDouble())  # foreground everywhere
+    options = PropagationOptions(axis="auto", use_prior=False)
+    result = runner.propagate(case.volume, case.seg, None, options)
+    assert result.axis == case.axis and result.axis_name == "axial"
+    assert result.source_ids == [case.target, case.other_id]
+    assert result.predicted_slices[case.other_id] == []
+    assert_same_stored(case.seg, case.other_id, other_before)
+    target = mrml.segment_mask(case.volume, case.seg, case.target)
+    predicted = result.predicted_slices[case.target]
+    on_predicted = _slices(target, case.axis, predicted)
+    assert predicted and on_predicted.any()
+    assert not (on_predicted & _slices(case.other, case.axis, predicted)).any()
+    assert set(map(tuple, target_before[1])) <= set(map(tuple, stored(case.seg, case.target)[1]))
+
+
+def test_segments_painted_on_two_axes_are_one_line_and_nothing_changes(case):
+    sid = case.seg.GetSegmentation().AddEmptySegment("", "sideways")
+    sideways = np.zeros(SHAPE, bool)
+    take = [slice(4, 12), slice(5, 15), slice(6, 18)]
+    other_axis = (case.axis + 1) % 3
+    for t in (8, 12):
+        take[other_axis] = t
+        sideways[tuple(take)] = True
+    _paint(case.seg, sid, sideways, case.ijk_to_ras)
+    before = state(case.seg)
+    with pytest.raises(mrml.MRMLError, match="more than one axis") as info:
+        runner_with(ConstantLogitEngineDouble()).propagate(case.volume, case.seg)
+    assert "\n" not in str(info.value) and "'sideways'" in str(info.value)
+    assert state(case.seg) == before

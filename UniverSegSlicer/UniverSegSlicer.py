@@ -607,12 +607,16 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing changed.")
                     return
+                slices = sum(len(v) for v in result.predicted_slices.values())
+                segments = len(result.source_ids)
                 text = _(
-                    "Predicted {slices} slices of {segments} segment(s) along the {axis} axis "
-                    "in {seconds:.1f} s ({device})."
+                    "Predicted {slices} of {segments} along the {axis} axis in {seconds:.1f} s "
+                    "({device})."
                 ).format(
-                    slices=sum(len(v) for v in result.predicted_slices.values()),
-                    segments=len(result.source_ids),
+                    slices=_("1 slice") if slices == 1 else _("{n} slices").format(n=slices),
+                    segments=_("1 segment")
+                    if segments == 1
+                    else _("{n} segments").format(n=segments),
                     axis=result.axis_name,
                     seconds=result.seconds,
                     device=result.device,

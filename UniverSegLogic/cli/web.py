@@ -9,6 +9,7 @@ of every segment, Save. Every URL needs the access token printed at start. Needs
 from __future__ import annotations
 
 from ..errors import UsageError
+from .propagate import add_device_option
 
 
 def register(sub) -> None:
@@ -48,7 +49,7 @@ def register(sub) -> None:
     p.add_argument(
         "--weights", default="starter", help="starter (default), official, or a weights file"
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_option(p)
     p.set_defaults(func=run)
 
 
@@ -70,7 +71,7 @@ def run(args) -> int:
     if missing:
         raise UsageError(
             f"the browser app needs {missing[-1].replace('_', '-')}: "
-            'pip install "universeg-slicer[web]"'
+            'pip install ".[web]" (in a checkout of this repository)'
         )
     import tempfile
 
