@@ -596,3 +596,12 @@ def test_device_mps_is_accepted_and_refused_in_one_line_without_an_apple_gpu(
     args[args.index("--device") + 1] = "mps"
     code, _, err = _run(args, capsys)
     assert code == 2 and "Apple GPU (MPS)" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [None, "propagate", "demo", "cohort", "benchmark", "web"])
+def test_help_texts_show_no_markup(command, capsys):
+    with pytest.raises(SystemExit):
+        main(([command] if command else []) + ["--help"])
+    text = capsys.readouterr().out
+    assert "usage: universeg-slicer" in text
+    assert "``" not in text and ":func:" not in text and "universeg-slicer[" not in text

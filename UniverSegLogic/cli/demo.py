@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..sample import DEFAULT_K, DEFAULT_SEGMENT, sample_paths
+from . import plain
 from .propagate import ProgressBar, add_engine_options
 
 #: Files the demo writes into its --out folder.
@@ -25,7 +26,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="run on the bundled chest CT sample and report Dice",
-        description=__doc__.splitlines()[0],
+        description=plain(__doc__.splitlines()[0]),
     )
     p.add_argument("--out", default="universeg-demo", help="output folder (universeg-demo)")
     p.add_argument("--segment", default=DEFAULT_SEGMENT, help=f"segment ({DEFAULT_SEGMENT})")

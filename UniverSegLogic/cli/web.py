@@ -1,14 +1,17 @@
-"""``universeg-slicer web``: the browser annotation app (trame-slicer), see ``UniverSegLogic.web``.
+"""``universeg-slicer web``: the browser annotation app: paint, propagate and save in a web page.
+
+The app is ``UniverSegLogic.web`` (trame-slicer).
 
 Serves one page on 127.0.0.1 by default: a slice view with Slicer's own Paint / Erase / Scissors
 and undo, Propagate (UniverSeg through the MRML bridge), the labeled / predicted / corrected slices
 of every segment, Save. Every URL needs the access token printed at start. Needs
-``pip install "universeg-slicer[web]"``.
+``pip install ".[web]"`` (in a checkout of this repository).
 """
 
 from __future__ import annotations
 
 from ..errors import UsageError
+from . import plain
 from .propagate import add_device_option
 
 
@@ -18,7 +21,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "web",
         help="serve the browser annotation app (paint, propagate, save)",
-        description=__doc__.splitlines()[0],
+        description=plain(__doc__.splitlines()[0]),
     )
     p.add_argument("--image", help="volume to open (.nrrd, .nii, .nii.gz, .mha)")
     p.add_argument("--labels", help="segmentation to open on it (.seg.nrrd)")
