@@ -11,6 +11,7 @@ server starts. Needs ``pip install ".[web]"`` (in a checkout of this repository)
 
 from __future__ import annotations
 
+from ..core.slices import AXIS_AUTO
 from ..errors import UsageError
 from . import plain
 from .propagate import add_device_option
@@ -99,7 +100,10 @@ def run(args) -> int:
         )
     import tempfile
 
+    from ..core.propagator import PropagationOptions
     from ..web.app import serve
+
+    options = PropagationOptions(axis=AXIS_AUTO, weights=args.weights, device=args.device)
 
     with tempfile.TemporaryDirectory(prefix="universeg-sample-") as tmp:
         image, labels = args.image, args.labels
@@ -117,6 +121,5 @@ def run(args) -> int:
             max_upload_mb=args.max_upload_mb,
             max_image_mb=args.max_image_mb,
             max_voxels=args.max_voxels,
-            weights=args.weights,
-            device=args.device,
+            options=options,
         )
