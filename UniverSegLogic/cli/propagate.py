@@ -296,7 +296,11 @@ def run(args) -> int:
             picks = r.suggested_slices(args.suggest)
             print(
                 f"  {r.name}: paint next: "
-                + (f"slice {_ranges(picks)}" if picks else "nothing (every slice is labeled)")
+                + (
+                    f"slice{'' if len(picks) == 1 else 's'} {_ranges(picks)}"
+                    if picks
+                    else "nothing (every slice is labeled)"
+                )
             )
     print(f"wrote {os.path.abspath(args.out)}")
     if args.report:
