@@ -279,6 +279,8 @@ def test_default_cli_run_with_too_many_islands_does_not_abort(painting, tmp_path
             tmp_path / "noisy.seg.nrrd",
             "--out",
             out,
+            "--axis",  # the sideways painting's columns also lie on two sagittal slices
+            "axial",
             "--device",
             "cpu",
             "--quiet",
