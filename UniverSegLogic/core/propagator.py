@@ -66,7 +66,9 @@ MIN_CACHE_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class PropagationOptions:
-    """How to propagate (defaults are what the CLI and the Slicer module use).
+    """How to propagate (defaults are what the CLI and the Slicer module use, except ``axis``:
+    the surfaces default to ``auto``, which they resolve to an array axis before a Propagator is
+    built -- :func:`~UniverSegLogic.core.slices.auto_axis`).
 
     Validated when created: a wrong type or value raises :class:`UsageError` here, not deep
     inside a run.

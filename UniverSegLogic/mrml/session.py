@@ -1,7 +1,8 @@
 """Propagation sessions kept across runs on Slicer nodes (the annotation loop stays fast).
 
-A :class:`SessionStore` is an explicit object its owner keeps (the Slicer module's logic, the
-Segment Editor effect, the browser app): it holds the loaded engines (an
+A :class:`SessionStore` is an explicit object its owner keeps (a
+:class:`~UniverSegLogic.mrml.runner.Runner`: the Slicer module's and its effect's, the browser
+app's): it holds the loaded engines (an
 :class:`~UniverSegLogic.core.engines.EngineStore`) and one
 :class:`~UniverSegLogic.core.propagator.Propagator` per (volume node, its voxels and world
 geometry, options, support volumes), so the volume is normalized once and every run after a
