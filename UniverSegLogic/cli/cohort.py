@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..errors import UsageError
-from .propagate import add_engine_options
+from .propagate import add_engine_options, plural
 
 
 def register(sub) -> None:
@@ -117,7 +117,7 @@ def run(args) -> int:
     print(
         f"{len(summary.records)} targets: {ok} segmented, {skipped} up to date, "
         f"{len(summary.failed)} failed; {summary.seconds:.1f} s "
-        f"({summary.scheduler}, {summary.workers} workers x {threads} threads)"
+        f"({summary.scheduler}, {plural(summary.workers, 'worker')} x {plural(threads, 'thread')})"
     )
     for r in summary.failed:
         print(f"  {r.id}: failed: {r.reason}")

@@ -337,8 +337,8 @@ def _run_on_dask(todo, refs, settings, out_dir, scheduler, workers, retries, rep
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
         raise UsageError(
-            "running a cohort on Dask needs dask.distributed: pip install 'universeg-slicer[cohort]' "
-            "(or use --scheduler inprocess)"
+            "running a cohort on Dask needs dask.distributed: pip install '.[cohort]' in a checkout "
+            "of this repository (or use --scheduler inprocess)"
         ) from None
     for name in ("distributed", "tornado", "bokeh"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
