@@ -231,7 +231,7 @@ def test_without_dask_the_command_says_how_to_get_it(cohort, tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S
     )
     assert p.returncode == 2, p.stderr
-    assert "pip install 'universeg-slicer[cohort]'" in p.stderr
+    assert "pip install '.[cohort]'" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     # by default (no --workers), a cohort that a cluster would speed up runs in this process
     code = (

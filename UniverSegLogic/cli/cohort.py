@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..errors import UsageError
-from .propagate import add_engine_options
+from .propagate import add_engine_options, plural
 
 
 def register(sub) -> None:
@@ -120,8 +120,11 @@ def run(args) -> int:
     where = {"inprocess": "in this process", "local": "local Dask cluster"}.get(
         summary.scheduler, f"Dask scheduler {summary.scheduler}"
     )
-    workers = f"{summary.workers} worker{'s' if summary.workers != 1 else ''}"
-    how = f"{where}, {workers} x {summary.threads} threads; " if summary.workers else ""
+    how = (
+        f"{where}, {plural(summary.workers, 'worker')} x {plural(summary.threads, 'thread')}; "
+        if summary.workers
+        else ""
+    )
     print(
         f"{len(summary.records)} targets: {ok} segmented, {skipped} up to date, "
         f"{len(summary.failed)} failed; {summary.seconds:.1f} s ({how}{summary.reason})"

@@ -134,7 +134,7 @@ def plan_run(
             workers = n if scheduler == "local" else None
             if scheduler == "local" and not _have_dask():
                 scheduler, workers = "inprocess", None
-                reason += ", but dask.distributed is not installed (pip install 'universeg-slicer[cohort]')"
+                reason += ", but dask.distributed is not installed (pip install '.[cohort]')"
     if scheduler == "inprocess":
         if workers not in (None, 1):
             raise UsageError("--scheduler inprocess runs one target at a time: leave out --workers")
@@ -247,8 +247,8 @@ def open_client(plan: RunPlan) -> Iterator[object]:
         from distributed import Client, LocalCluster
     except ImportError:
         raise UsageError(
-            "running a cohort on Dask needs dask.distributed: pip install 'universeg-slicer[cohort]' "
-            "(or use --scheduler inprocess)"
+            "running a cohort on Dask needs dask.distributed: pip install '.[cohort]' in a checkout "
+            "of this repository (or use --scheduler inprocess)"
         ) from None
     for name in ("distributed", "tornado", "bokeh"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
