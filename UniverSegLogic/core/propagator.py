@@ -7,10 +7,11 @@ and onto the network's canvas once -- and :meth:`Propagator.propagate` is called
 user paints. For each segment it
 
 1. views the mask in the canonical slice frame of the axis (:mod:`geometry`),
-2. finds the labeled slices (:mod:`support`),
+2. finds the labeled slices (:mod:`support`); a segment without any is skipped with a note,
 3. picks the targets: the slices between the first and last labeled slice, plus up to
    ``FusionParams.extrapolation_gaps`` typical gaps beyond each end (``max_extrapolation``
-   overrides; nothing beyond an end slice that is labeled but empty),
+   overrides; nothing beyond an end slice that is labeled but empty, and nothing at all for a
+   run of adjacent labeled slices without a gap: such a segment is left as it is),
 4. runs UniverSeg on the 128x128 canvas (:mod:`canvas`, :mod:`engine`) with bracketing support,
    optionally ensembled over support subsets and with flipped support copies,
 5. fuses (:mod:`prior`, unless ``use_prior`` is off): inside the painted range the network's
@@ -18,7 +19,8 @@ user paints. For each segment it
    importable, Slicer's Fill between slices) by a calibrated logistic rule; beyond it the network
    with a calibrated rule, walking outwards and keeping only regions that overlap the previous
    slice, stopping (and skipping the network) once a slice comes out empty,
-6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit,
+6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit, and a voxel
+   that several segments predict goes to the most probable one (painted voxels stay),
 7. scores how unsure each slice is (:mod:`suggest`, from the fused probabilities and the shape
    prior, never a ground truth): ``SegmentResult.slice_uncertainty`` and
    ``SegmentResult.suggested_slices(n)`` / :meth:`Propagator.suggest_slices`, the slices to paint
@@ -45,10 +47,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import Cancelled, SupportError, UsageError
-from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, resolve_axis
+from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, axis_name, resolve_axis
 from .prior import FusionParams, ShapePrior, fuse_gap, fuse_outside, gaps_of, sigmoid
-from .restack import assemble
-from .slices import extrapolation_slices, nonempty_slices, prediction_targets
+from .restack import assemble, resolve_overlaps
+from .slices import extrapolation_slices, labeled_run, nonempty_slices, prediction_targets
 from .suggest import SliceUncertainty, slice_uncertainty, suggest_slices
 from .support import ExternalSupport, ensemble_subsets, labeled_slices_of, select_support
 
@@ -64,7 +66,9 @@ MIN_CACHE_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class PropagationOptions:
-    """How to propagate (defaults are what the CLI and the Slicer module use).
+    """How to propagate (defaults are what the CLI and the Slicer module use, except ``axis``:
+    the surfaces default to ``auto``, which they resolve to an array axis before a Propagator is
+    built -- :func:`~UniverSegLogic.core.slices.auto_axis`).
 
     Validated when created: a wrong type or value raises :class:`UsageError` here, not deep
     inside a run.
@@ -197,6 +201,8 @@ class PropagationResult:
     #: (target, support) network evaluations run in this call / taken from the session's cache
     network_runs: int = 0
     network_reused: int = 0
+    #: keys of the segments left out because they have no labeled slice (a note says so)
+    skipped: List[str] = field(default_factory=list)
 
     def get(self, key: str) -> SegmentResult:
         """The result of the segment with this key (or, failing that, this name)."""
@@ -210,6 +216,12 @@ class PropagationResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _same_device(requested: str, actual: str) -> bool:
+    """True when an engine on ``actual`` is what ``requested`` (an options.device) asks for."""
+    want = (requested or "auto").strip().lower()
+    return want == "auto" or want == actual or (want == "cuda" and actual.startswith("cuda"))
 
 
 def slice_fingerprint(plane: np.ndarray) -> str:
@@ -344,9 +356,17 @@ class Propagator:
         if engine is None:
             from .engines import EngineStore
 
-            loaded = (engines or EngineStore()).get(self.options.weights, self.options.device)
+            store = engines if engines is not None else EngineStore()  # an empty store is falsy
+            loaded = store.get(self.options.weights, self.options.device)
             engine, self.weights_description = loaded.engine, loaded.description
         else:
+            if engines is not None:
+                raise UsageError("give an engine or an engine store, not both")
+            if not _same_device(self.options.device, str(getattr(engine, "device", "cpu"))):
+                raise UsageError(
+                    f"options.device is {self.options.device!r} but the engine given runs on "
+                    f"{getattr(engine, 'device', 'cpu')!r}: ask for one device only"
+                )
             self.weights_description = "caller-provided engine"
         self.engine = engine
         self.batch_size = int(self.options.batch_size or engine.batch_size)
@@ -380,7 +400,8 @@ class Propagator:
         """Propagate every segment; raises :class:`Cancelled` when ``cancel()`` turns True
         (nothing else changes), :class:`SupportError` / :class:`GeometryError` on bad input."""
         t0 = time.perf_counter()
-        plans = self._plans(segments)
+        skipped: List[SegmentInput] = []
+        plans = self._plans(segments, skipped=skipped)
         opts = self.options
         total = sum(len(p.targets) for p in plans) * opts.ensemble or 1
         state = {"done": 0, "runs": 0, "reused": 0}
@@ -410,12 +431,19 @@ class Propagator:
                     slice_uncertainty(probs, plan.mask_stack, plan.labeled, prior),
                 )
             )
+        resolve_overlaps(
+            [r.mask for r in results],
+            [r.probability for r in results],
+            [r.labeled_slices for r in results],
+            self.axis,
+        )
         for cache in (self._logits, self._gaps):
             cache.trim(max(MIN_CACHE_BYTES, 2 * cache.used_this_call))
         if progress is not None:
             progress(1.0, "done")
         notes = [] if self._notes_given else list(self.notes)
         self._notes_given = True
+        notes += [self._skip_note(seg) for seg in skipped]
         return PropagationResult(
             self.axis,
             results,
@@ -425,6 +453,7 @@ class Propagator:
             notes,
             state["runs"],
             state["reused"],
+            [seg.key for seg in skipped],
         )
 
     def suggest_slices(self, result, n: int = 1):
@@ -471,10 +500,21 @@ class Propagator:
         return LearnedFusion(net, self.stack.canvas, self.stack.canvas_images)
 
     # -------------------------------------------------------------------------- planning
+    def _skip_note(self, seg: SegmentInput) -> str:
+        return (
+            f"{seg.name}: no labeled slice along the {axis_name(self.image, self.axis)} axis: "
+            "skipped (left as it is)"
+        )
+
     def _plans(
-        self, segments: Sequence[SegmentInput], extrapolation: Optional[int] = None
+        self,
+        segments: Sequence[SegmentInput],
+        extrapolation: Optional[int] = None,
+        skipped: Optional[List[SegmentInput]] = None,
     ) -> List[_Plan]:
-        """Labeled slices and targets of every segment (input errors surface here)."""
+        """Labeled slices and targets of every segment (input errors surface here). With a
+        ``skipped`` list, segments without a labeled slice go there instead (an error only when
+        no segment has one)."""
         if not segments:
             raise SupportError("no segment to propagate")
         shape = self.image.array.shape
@@ -495,11 +535,20 @@ class Propagator:
             external = self._external_support(seg.name)
             if seg.labeled_slices is None and external is not None and not mask_stack.any():
                 labeled: List[int] = []
+            elif skipped is not None and not seg.labeled_slices and not mask_stack.any():
+                skipped.append(seg)
+                continue
             else:
                 labeled = labeled_slices_of(mask_stack, seg.labeled_slices, seg.name)
             prints = {i: slice_fingerprint(mask_stack[i]) for i in labeled}
             targets = self._targets(labeled, mask_stack, external, extrapolation)
             plans.append(_Plan(seg, mask_stack, labeled, prints, external, targets))
+        if not plans:
+            names = ", ".join(repr(seg.name) for seg in skipped or ())
+            raise SupportError(
+                f"no labeled slice in any segment ({names}) along the "
+                f"{axis_name(self.image, self.axis)} axis: paint at least one slice"
+            )
         return plans
 
     def _targets(
@@ -520,7 +569,11 @@ class Propagator:
             return [int(t) for t in np.flatnonzero((rel >= lo) & (rel <= hi))]
         limit = self.options.max_extrapolation if extrapolation is None else extrapolation
         if limit is None:
-            ext = extrapolation_slices(labeled, n, self.fusion.extrapolation_gaps)
+            ext = (
+                0
+                if labeled_run(labeled)
+                else extrapolation_slices(labeled, n, self.fusion.extrapolation_gaps)
+            )
         else:
             ext = n if limit < 0 else int(limit)
         ends = (bool(mask_stack[labeled[0]].any()), bool(mask_stack[labeled[-1]].any()))

@@ -2,25 +2,25 @@
 
 It drives a trame-slicer :class:`~trame_slicer.core.SlicerApp` (Slicer's MRML scene and its
 Segment Editor logic, no web server), so the page and the plain-Python tests run the same code.
-Everything about propagation goes through the MRML bridge (:mod:`UniverSegLogic.mrml`): the
-job is prepared on the caller's thread, computed in a worker thread (it touches no MRML node)
-and written back on the caller's thread as one step of trame-slicer's undo stack.
+Everything about propagation goes through the MRML bridge's one run path
+(:class:`UniverSegLogic.mrml.Runner`, as in the Slicer module and its effect): the job is
+prepared on the caller's thread, computed in a worker thread (it touches no MRML node) and written
+back on the caller's thread as one step of trame-slicer's undo stack.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import Cancelled, InputError, MRMLError, OutputError, UsageError, one_line
 from . import rules
+from .uploads import IMAGE_SUFFIXES, UploadLimits, check_upload
 
 #: Colours given to new segments in turn (Slicer's first generic anatomy colours).
 PALETTE = (
@@ -32,6 +32,11 @@ PALETTE = (
     (0.56, 0.49, 0.74),
 )
 EFFECTS = ("none", "paint", "erase", "scissors")
+
+
+class UnsavedChanges(UsageError):
+    """Opening a file would replace a segmentation whose changes are not saved (nothing was
+    changed; the caller asks the user and retries with ``discard_changes=True``)."""
 
 
 def _effect_types() -> Dict[str, type]:
@@ -68,8 +73,9 @@ class PropagationReport:
     suggested: List[int] = field(default_factory=list)
 
     def message(self) -> str:
+        slices = f"{self.predicted} slice" + ("" if self.predicted == 1 else "s")
         text = (
-            f"{self.segment_name}: predicted {self.predicted} slices along the {self.axis_name} "
+            f"{self.segment_name}: predicted {slices} along the {self.axis_name} "
             f"axis in {self.seconds:.1f} s ({self.device})"
         )
         if self.suggested:
@@ -80,18 +86,21 @@ class PropagationReport:
 class AnnotationSession:
     """One user's annotation session on a trame-slicer app.
 
-    ``options`` are :class:`UniverSegLogic.core.pipeline.PropagationOptions` fields (``weights``,
-    ``device``, ``support_size``, ...) used for every run; ``out_path`` is the only place
-    :meth:`save` writes to (chosen on the command line, never by the page).
+    ``options``: the :class:`~UniverSegLogic.core.propagator.PropagationOptions` of every run
+    (default: :func:`UniverSegLogic.mrml.default_options`, axis ``auto``); runs go through
+    :attr:`runner`, the :class:`UniverSegLogic.mrml.Runner` the Slicer module and its effect use
+    too (``engines``: the EngineStore it takes engines from); ``out_path`` is the only place
+    :meth:`save` writes to (chosen on the command line, never by the page); ``limits`` bound
+    what an upload may be (:class:`~UniverSegLogic.web.uploads.UploadLimits`).
     """
 
     def __init__(
         self,
         slicer_app,
         out_path=None,
-        max_upload_bytes: int = rules.DEFAULT_MAX_UPLOAD_MB * 2**20,
-        engine=None,
-        **options,
+        limits: Optional[UploadLimits] = None,
+        options=None,
+        engines=None,
     ):
         from undo_stack import UndoStack
 
@@ -103,9 +112,10 @@ class AnnotationSession:
         self.out_path = Path(out_path).resolve() if out_path else None
         if self.out_path is not None and not str(self.out_path).lower().endswith(".seg.nrrd"):
             raise UsageError(f"--out {out_path}: the output must be a .seg.nrrd file")
-        self.max_upload_bytes = int(max_upload_bytes)
-        self.engine = engine
-        self.options = dict(options)
+        self.limits = limits or UploadLimits()
+        self.options = options if options is not None else mrml.default_options()
+        #: the one run path (engines and propagation sessions kept across runs)
+        self.runner = mrml.Runner(engines=engines)
         self.volume_node = None
         self.segmentation_node = None
         self.undo_stack = UndoStack(undo_limit=20)
@@ -113,10 +123,7 @@ class AnnotationSession:
         self._upload_dir = tempfile.TemporaryDirectory(prefix="universeg-web-")
         self._cancel = threading.Event()
         self.running = False
-        # one Propagator per (volume, axis, options) across runs, when the bridge offers it
-        params = inspect.signature(mrml.prepare_propagation).parameters
-        store = getattr(mrml, "SessionStore", None)
-        self._sessions = store() if "sessions" in params and store is not None else None
+        self._unrecorded_changes = False  # changes that are no undo step (slice marks)
 
     def close(self) -> None:
         """Remove the private upload folder."""
@@ -134,13 +141,16 @@ class AnnotationSession:
     def _node_ids(self):
         return {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
 
-    def load_image(self, path) -> None:
+    def load_image(self, path, discard_changes: bool = False) -> None:
         """Load a volume (NRRD, NIfTI, MetaImage); it replaces the current volume and
-        segmentation (a new empty segmentation is created). Nothing changes if it fails."""
+        segmentation (a new empty segmentation is created). Nothing changes if it fails, and
+        :class:`UnsavedChanges` is raised instead while the segmentation has unsaved changes,
+        unless ``discard_changes``."""
         self._check_idle()
         path = Path(path)
         if not path.is_file():
             raise InputError(f"image not found: {path}")
+        self._check_saved(path.name, discard_changes)
         _preflight_image(path)
         before = self._node_ids()
         try:
@@ -165,15 +175,16 @@ class AnnotationSession:
         seg.SetName(volume.GetName() + " segmentation")
         self._activate(seg)
 
-    def load_segmentation(self, path) -> None:
+    def load_segmentation(self, path, discard_changes: bool = False) -> None:
         """Load a ``.seg.nrrd`` onto the current volume; it replaces the current segmentation.
-        Nothing changes if it fails."""
+        Nothing changes if it fails; :class:`UnsavedChanges` as for :meth:`load_image`."""
         self._check_idle()
         if self.volume_node is None:
             raise InputError("load an image before its segmentation")
         path = Path(path)
         if not path.is_file():
             raise InputError(f"segmentation not found: {path}")
+        self._check_saved(path.name, discard_changes)
         _preflight_segmentation(path)
         before = self._node_ids()
         error = None
@@ -196,20 +207,48 @@ class AnnotationSession:
         self.editor.deactivate_effect()
         self.editor.set_active_segmentation(seg, self.volume_node)
         self.editor.set_surface_representation_enabled(False)
-        self.undo_stack.clear()
+        self.undo_stack.clear()  # a cleared stack is clean: the file as loaded is saved
+        self._unrecorded_changes = False
 
-    def upload(self, kind: str, name, content, size=None) -> str:
+    # ------------------------------------------------------------------------------ unsaved work
+
+    def has_unsaved_changes(self) -> bool:
+        """True when the segmentation differs from what was last loaded, saved or downloaded:
+        an undo step since then (paint, erase, scissors, a segment added, a propagation, an
+        undo or redo past that point) or a slice marked labeled."""
+        if self.segmentation_node is None:
+            return False
+        return self._unrecorded_changes or not self.undo_stack.is_clean()
+
+    def _mark_saved(self) -> None:
+        self.undo_stack.set_clean()
+        self._unrecorded_changes = False
+
+    def _check_saved(self, replacement: str, discard_changes: bool) -> None:
+        if self.has_unsaved_changes() and not discard_changes:
+            raise UnsavedChanges(
+                f"Opening {replacement} would discard the unsaved changes to "
+                f"{self.segmentation_node.GetName()}"
+            )
+
+    def upload(self, kind: str, name, content, size=None, discard_changes: bool = False) -> str:
         """Check and load a file sent by the page (``kind`` ``image`` or ``segmentation``).
-        The file goes to this session's private folder under a checked plain name and is removed
-        after loading. Raises :class:`InputError` and changes nothing on any problem."""
+
+        The header is checked first (:func:`~UniverSegLogic.web.uploads.check_upload`: one
+        self-contained file within :attr:`limits`, complete); then, with unsaved changes and
+        without ``discard_changes``, :class:`UnsavedChanges` is raised. The file goes to this
+        session's private folder under a checked plain name and is removed after loading.
+        Raises :class:`InputError` and changes nothing on any problem."""
         self._check_idle()
-        name = rules.check_upload(name, content, kind, self.max_upload_bytes, size)
+        name = check_upload(name, content, kind, self.limits, size)
         if kind == "segmentation" and self.volume_node is None:
             raise InputError("load an image before its segmentation")
+        self._check_saved(name, discard_changes)
         path = rules.safe_path(self._upload_dir.name, name)
         try:
             path.write_bytes(bytes(content))
-            (self.load_image if kind == "image" else self.load_segmentation)(path)
+            load = self.load_image if kind == "image" else self.load_segmentation
+            load(path, discard_changes=True)  # asked above
         finally:
             if path.exists():
                 path.unlink()
@@ -276,6 +315,14 @@ class AnnotationSession:
         if brush_diameter is not None and hasattr(effect, "set_brush_diameter"):
             effect.set_brush_diameter(float(brush_diameter))
 
+    def effect_name(self) -> str:
+        """The active effect, one of :data:`EFFECTS`."""
+        active = self.editor.get_active_effect_name() or ""
+        for name, kind in _effect_types().items():
+            if active.endswith("." + kind.__name__):
+                return name
+        return "none"
+
     def undo(self) -> None:
         """Undo the last edit (paint, erase, scissors, new segment or a whole propagation)."""
         self._check_idle()
@@ -302,6 +349,18 @@ class AnnotationSession:
         except MRMLError:
             index = None
         return axis, index
+
+    def slice_count(self, axis: int) -> int:
+        """Number of volume slices along array axis ``axis`` (0 when no volume is loaded)."""
+        if self.volume_node is None or self.volume_node.GetImageData() is None:
+            return 0
+        return int(self.volume_node.GetImageData().GetDimensions()[2 - int(axis)])
+
+    def modality(self) -> str:
+        """The volume's modality when it came with one (a DICOM ``Modality``), else ``""``."""
+        if self.volume_node is None:
+            return ""
+        return self.volume_node.GetAttribute("DICOM.Modality") or ""
 
     def go_to_slice(self, view, index: int) -> None:
         """Show slice ``index`` (along the view's axis) in a trame-slicer slice view."""
@@ -336,9 +395,11 @@ class AnnotationSession:
 
         self._check_idle()
         sid = self._active_for_run()
-        return mrml.mark_slice_labeled(
+        status = mrml.mark_slice_labeled(
             self.volume_node, self.segmentation_node, sid, axis, int(index), labeled
         )
+        self._unrecorded_changes = True
+        return status
 
     def clear_predictions(self) -> List[int]:
         """Erase the untouched predicted slices of the active segment (one undo step)."""
@@ -375,53 +436,57 @@ class AnnotationSession:
         if self.running:
             self._cancel.set()
 
-    def prepare(self, axis):
-        """Read the active segment from MRML and check it (caller's thread); returns the job."""
-        from .. import mrml
+    def prepare(self, axis=None, view=None):
+        """Read the active segment from MRML and check it (caller's thread); returns the job.
+        ``axis``: a name, an array axis, or ``auto`` -- the axis the segment's painted slices lie
+        on, else the orientation of ``view`` (a trame-slicer slice view), as in the Slicer
+        module; None: the session's ``options.axis``."""
+        from ..mrml import panel
 
         self._check_idle()
         sid = self._active_for_run()
-        extra = {} if self._sessions is None else {"sessions": self._sessions}
-        return mrml.prepare_propagation(
-            self.volume_node,
-            self.segmentation_node,
-            [sid],
-            mode="fill",
-            engine=self.engine,
-            axis=axis,
-            **extra,
-            **self.options,
+        axis = self.options.axis if axis is None else axis
+        slice_to_ras = None
+        if view is not None:
+            slice_to_ras = self.scene.GetNodeByID(view.get_view_node_id()).GetSliceToRAS()
+        axis = panel.resolve_axis(
+            self.volume_node, self.segmentation_node, axis, [sid], slice_to_ras
         )
+        options = replace(self.options, axis=axis)
+        return self.runner.prepare(self.volume_node, self.segmentation_node, [sid], options)
 
     def apply(self, job) -> PropagationReport:
         """Write a computed job into the segmentation as one undo step (caller's thread)."""
-        t0 = time.perf_counter()
         with self._undo_step():
-            result = job.apply()
+            result = self.runner.apply(job)
         self.editor.active_segmentation.trigger_modified()
         sid = result.source_ids[0]
         return PropagationReport(
             self.segmentation.GetSegment(sid).GetName(),
             result.axis_name,
             len(result.predicted_slices.get(sid, [])),
-            result.seconds + (time.perf_counter() - t0),
+            result.seconds,
             result.device,
-            list(getattr(result, "notes", []) or []),
+            list(result.notes),
             list(result.suggested_slices.get(sid, [])),
         )
 
     async def propagate(
-        self, axis, progress: Optional[Callable[[float, str], None]] = None
+        self,
+        axis=None,
+        progress: Optional[Callable[[float, str], None]] = None,
+        view=None,
     ) -> PropagationReport:
-        """Propagate the active segment along ``axis``: prepare here, compute in a worker thread
-        (the event loop stays free), write here. ``progress(fraction, message)`` is called on
+        """Propagate the active segment along ``axis`` (see :meth:`prepare`): prepare here,
+        compute in a worker thread through the runner (the event loop stays free; Apple's GPU
+        falls back to the CPU there), write here. ``progress(fraction, message)`` is called on
         the worker thread. Raises :class:`Cancelled` after :meth:`cancel` (nothing written)."""
-        job = self.prepare(axis)
+        job = self.prepare(axis, view)
         self.running = True
         self._cancel.clear()
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, job.run, progress, self._cancel.is_set)
+            await loop.run_in_executor(None, self.runner.run, job, progress, self._cancel.is_set)
         finally:
             self.running = False
             cancelled = self._cancel.is_set()
@@ -452,17 +517,21 @@ class AnnotationSession:
         if self.out_path is None:
             raise UsageError("no --out file was given: use the download")
         self._write(self.out_path)
+        self._mark_saved()
         return self.out_path
 
     def save_bytes(self) -> bytes:
-        """The segmentation as ``.seg.nrrd`` bytes (for a browser download)."""
+        """The segmentation as ``.seg.nrrd`` bytes (for a browser download); the changes count
+        as saved once the bytes are handed over."""
         self._check_idle()
         path = Path(self._upload_dir.name) / "download.seg.nrrd"
         self._write(path)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         finally:
             path.unlink()
+        self._mark_saved()
+        return data
 
     def download_name(self) -> str:
         """File name offered for the download."""
@@ -507,7 +576,7 @@ def _has_voxels(volume) -> bool:
 
 def _stem(name: str) -> str:
     low = name.lower()
-    for s in (".seg.nrrd", ".nii.gz") + rules.IMAGE_SUFFIXES:
+    for s in (".seg.nrrd", ".nii.gz") + IMAGE_SUFFIXES:
         if low.endswith(s):
             return name[: -len(s)]
     return name
