@@ -77,6 +77,32 @@ def test_the_file_form_round_trips_and_bad_files_are_one_line_errors(tmp_path):
     assert got is not None and got.extrapolation_gaps == 0.5 and note == ""
 
 
+class _Payload:
+    """A pickled object a weights file must never bring in."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_learned_fusion_file_holding_objects_or_too_many_entries_is_refused(tmp_path):
+    """Only tensors and plain containers load (``weights_only=True``); the zip directory is
+    bounded before anything is inflated (core/weights.py check_archive)."""
+    net = _net(4)
+    state = net.state()
+    state["info"] = {"payload": _Payload()}
+    torch.save(state, tmp_path / "pickled.pt")
+    with pytest.raises(WeightsError, match="cannot read the learned fusion") as e:
+        load_fusion_net(str(tmp_path / "pickled.pt"))
+    assert "\n" not in str(e.value)
+    state = net.state()
+    state["info"] = {f"t{i}": torch.zeros(1) for i in range(200)}
+    torch.save(state, tmp_path / "many.pt")
+    with pytest.raises(WeightsError, match="zip entries"):
+        load_fusion_net(str(tmp_path / "many.pt"))
+    with pytest.raises(WeightsError):
+        fusion_net_for("starter", str(tmp_path / "many.pt"))
+
+
 def test_an_untrained_net_is_exactly_the_logistic_rule(starter_engine, tmp_path):
     """The correction starts at zero: the seam itself changes nothing."""
     vol, blob = blob_phantom()

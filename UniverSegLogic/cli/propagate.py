@@ -93,6 +93,13 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="network only: no shape prior between labeled slices",
     )
+    p.add_argument(
+        "--fusion-model",
+        default="auto",
+        help="fusion of the network with the painted slices: auto (the learned fusion shipped "
+        "with the starter weights; the logistic rule for other weights), learned, logistic (the "
+        "calibrated per-pixel rule only), or a learned-fusion .pt file (default: auto)",
+    )
     add_engine_options(p)
 
 
@@ -182,6 +189,7 @@ def options_from_args(args):
         device=args.device,
         weights=args.weights,
         use_prior=not args.no_prior,
+        fusion_model=args.fusion_model,
     )
     if args.support_size is not None:
         values["support_size"] = args.support_size

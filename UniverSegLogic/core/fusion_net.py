@@ -203,6 +203,9 @@ def load_fusion_net(path: str) -> FusionNet:
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"learned fusion not found: {p}")
+    from .weights import check_archive
+
+    check_archive(str(p))  # bounded before anything is inflated, like the network's weights
     try:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: one line for the user)
@@ -312,6 +315,18 @@ def slice_maps(
     return maps, (int(lo), int(hi)), np.asarray(scalars, np.float32)
 
 
+#: Outside the prior's region (see :func:`build_inputs`), each map channel holds the value of
+#: a pixel far from the structure: the lowest clipped logit, the largest clipped distance
+#: (signed distances are positive outside), no label.
+OUTSIDE_FILL = np.array([-1.0, -1.0, -1.0, 1.0, 1.0, 0.0, 0.0], np.float32)
+
+
+def _prior_region(prior):
+    """The prior's in-plane region when it covers less than the slice, else None."""
+    region = getattr(prior, "region", None)
+    return None if region is None or region.is_full else region
+
+
 def build_inputs(
     prior,
     items: Mapping[int, Tuple[str, object, np.ndarray]],
@@ -319,13 +334,22 @@ def build_inputs(
     canvas_images: CanvasImages,
 ) -> torch.Tensor:
     """(N, len(CHANNELS), size, size) float32 inputs of the targets ``items`` = ``{t: (region,
-    features, logistic logit)}`` (sorted by t), on the canvas of ``canvas``."""
+    features, logistic logit)}`` (sorted by t), on the canvas of ``canvas``. A prior fused in a
+    region of the slice (:class:`~UniverSegLogic.core.region.Region`) gives region-sized maps:
+    they are placed in the whole slice, :data:`OUTSIDE_FILL` around them (the images are whole
+    slices either way)."""
     ts = sorted(items)
     n = prior.masks.shape[0]
+    region = _prior_region(prior)
     maps, scal, idx = [], [], []
     for t in ts:
-        region, feats, base = items[t]
-        m, (lo, hi), s = slice_maps(prior, t, region, feats, base)
+        kind, feats, base = items[t]
+        m, (lo, hi), s = slice_maps(prior, t, kind, feats, base)
+        if region is not None:
+            whole = np.empty((m.shape[0], region.rows, region.cols), np.float32)
+            whole[...] = OUTSIDE_FILL[:, None, None]
+            whole[(slice(None),) + region.index] = m
+            m = whole
         maps.append(m)
         scal.append(s)
         idx.append([t, max(0, t - 1), min(n - 1, t + 1), lo, hi])
@@ -373,7 +397,9 @@ class LearnedFusion:
     ``canvas``: the session's :class:`~UniverSegLogic.core.canvas.Canvas`; ``canvas_images(idx)``
     its canvas images of canonical slices ``idx`` (see :func:`canvas_image_source`). The net runs
     slice by slice on the window :func:`region_box` of each (no correction outside it), so a
-    slice's result never depends on which other slices were computed with it."""
+    slice's result never depends on which other slices were computed with it. A prior fused in
+    a region of the slice is corrected in that region only (outside it the logistic rule's
+    logit is bounded below zero, see :mod:`~UniverSegLogic.core.propagator`)."""
 
     def __init__(self, net: FusionNet, canvas, canvas_images: CanvasImages):
         self.net = net
@@ -393,8 +419,11 @@ class LearnedFusion:
                 window = x[i : i + 1, :, rows, cols].contiguous(memory_format=torch.channels_last)
                 delta[i, :, rows, cols] = self.model(window)
             native = self.canvas.from_canvas(delta).numpy()
+        region = _prior_region(prior)
         out: Dict[int, np.ndarray] = {}
         for t, d in zip(ts, native):
+            if region is not None:
+                d = region.crop(d)
             out[t] = (np.asarray(items[t][2], np.float32) + d).astype(np.float32)
         return out
 
