@@ -90,6 +90,14 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="network only: no shape prior between labeled slices",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="the network's numeric precision on the CPU (auto: bf16 on CPUs with AMX, else "
+        "fp32; UNIVERSEG_CPU_BF16=0/1 sets what auto means). Printed, and kept in the output's "
+        "UniverSeg.Precision tag",
+    )
     add_engine_options(p)
 
 
@@ -169,6 +177,7 @@ def options_from_args(args):
         device=args.device,
         weights=args.weights,
         use_prior=not args.no_prior,
+        precision=getattr(args, "precision", "auto"),
     )
     if args.support_size is not None:
         values["support_size"] = args.support_size
@@ -256,11 +265,17 @@ def run(args) -> int:
     out_segments = []
     for s in labels.segments:
         r = result.get(keys[id(s)]) if any(s is c for c in chosen) else None
+        fields = dict(s.fields)
+        if r is not None:  # how the prediction was computed, in the segment's tags
+            fields["tags"] = {**dict(fields.get("tags") or {}), **result.tags()}
         out_segments.append(
-            type(s)(s.name, r.mask if r is not None else s.mask, s.color, s.id, dict(s.fields))
+            type(s)(s.name, r.mask if r is not None else s.mask, s.color, s.id, fields)
         )
     write_segmentation(args.out, Segmentation(image, out_segments))
-    print(f"weights: {result.weights}; device: {result.device}; {result.seconds:.1f} s")
+    print(
+        f"weights: {result.weights}; device: {result.device}; precision: {result.precision} "
+        f"({result.precision_reason}); {result.seconds:.1f} s"
+    )
     for inp in inputs:
         r = result.get(inp.key)
         kept = sorted(set(r.labeled_slices) - set(inp.labeled_slices or r.labeled_slices))
@@ -281,14 +296,16 @@ def run(args) -> int:
             )
     print(f"wrote {os.path.abspath(args.out)}")
     if args.report:
-        write_report(args.report, [result.get(inp.key) for inp in inputs], args.suggest)
+        write_report(args.report, [result.get(inp.key) for inp in inputs], args.suggest, result)
         print(f"wrote {os.path.abspath(args.report)}")
     return 0
 
 
-def write_report(path: str, results: List, suggest: int) -> None:
-    """The ``--report`` JSON, written atomically: ``{"segments": [{"name", "labeled_slices",
-    "predicted_slices", "suggested_slices", "slice_uncertainty": {"<slice>": float}}]}``."""
+def write_report(path: str, results: List, suggest: int, run=None) -> None:
+    """The ``--report`` JSON, written atomically: ``{"device", "precision", "precision_reason",
+    "weights", "segments": [{"name", "labeled_slices", "predicted_slices", "suggested_slices",
+    "slice_uncertainty": {"<slice>": float}}]}`` (``run``: the PropagationResult the segments
+    come from; its fields are left out without it)."""
     import json
 
     from ..core.atomic import write_text
@@ -305,7 +322,15 @@ def write_report(path: str, results: List, suggest: int) -> None:
         }
         for r in results
     ]
-    write_text(path, json.dumps({"segments": segments}, indent=1) + "\n")
+    head = {}
+    if run is not None:
+        head = {
+            "device": run.device,
+            "precision": run.precision,
+            "precision_reason": run.precision_reason,
+            "weights": run.weights,
+        }
+    write_text(path, json.dumps({**head, "segments": segments}, indent=1) + "\n")
 
 
 def _ranges(idx: List[int]) -> str:

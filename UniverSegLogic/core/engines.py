@@ -28,7 +28,7 @@ class LoadedEngine:
 
 
 class EngineStore:
-    """Engines by (weights source, resolved device), loaded on first use.
+    """Engines by (weights source, resolved device, requested precision), loaded on first use.
 
     ``echo`` receives messages of the weights' first use (the official weights' license notice);
     ``allow_download`` gates the official weights' download. After Apple's GPU failed once
@@ -39,7 +39,7 @@ class EngineStore:
         self.echo = echo
         self.allow_download = allow_download
         self.mps_failed = False
-        self._engines: Dict[Tuple[str, str], LoadedEngine] = {}
+        self._engines: Dict[Tuple[str, str, str], LoadedEngine] = {}
         self._lock = threading.Lock()
 
     def device_for(self, requested: str) -> str:
@@ -59,8 +59,12 @@ class EngineStore:
         device: str = "auto",
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelFn] = None,
+        *,
+        precision: str = "auto",
     ) -> LoadedEngine:
-        """The engine for ``weights`` on ``device``, loading and checking the weights once.
+        """The engine for ``weights`` on ``device`` computing in ``precision`` (``auto``: the
+        machine's rule, :func:`~UniverSegLogic.core.engine.resolve_precision`), loading and
+        checking the weights once.
 
         ``progress(0.0, message)`` is told each slow step of a first load (import PyTorch, read
         the weights, move the model to the device); ``cancel()`` is checked between them
@@ -77,7 +81,7 @@ class EngineStore:
             os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
             step("Loading PyTorch (first run only)...")
         dev = self.device_for(device)
-        key = (str(weights), dev)
+        key = (str(weights), dev, str(precision))
         with self._lock:
             if key not in self._engines:
                 from .engine import InferenceEngine
@@ -86,7 +90,7 @@ class EngineStore:
                 step("Reading the weights...")
                 w = load_weights(weights, echo=self.echo, allow_download=self.allow_download)
                 step(f"Loading the model on {dev}...")
-                engine = InferenceEngine(build_model(w, "cpu"), dev)
+                engine = InferenceEngine(build_model(w, "cpu"), dev, precision=precision)
                 step("Model ready")
                 self._engines[key] = LoadedEngine(engine, w.description, w.source, w.path)
             return self._engines[key]

@@ -55,6 +55,13 @@ from .support import ExternalSupport, ensemble_subsets, labeled_slices_of, selec
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
+#: What ``PropagationOptions.precision`` accepts (the engine's ``CPU_PRECISIONS``; kept here so
+#: that validating options imports no torch).
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+#: Segment tags that say how a result was computed (``.seg.nrrd`` files, MRML segments).
+TAG_DEVICE = "UniverSeg.Device"
+TAG_PRECISION = "UniverSeg.Precision"
+
 #: Logits and fused gaps kept between calls: at least this many bytes (and twice the last call's).
 MIN_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -86,6 +93,10 @@ class PropagationOptions:
     #: fuse the network with the painted-slice shape prior between labeled slices
     use_prior: bool = True
     seed: int = 0
+    #: the engine's numeric precision on the CPU: ``auto`` (the machine's rule, never a timing:
+    #: :func:`~UniverSegLogic.core.engine.resolve_precision`; ``UNIVERSEG_CPU_BF16=0/1`` sets
+    #: it), ``fp32`` or ``bf16``
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         def integer(name: str, low: Optional[int], allow_none: bool = False) -> None:
@@ -110,6 +121,10 @@ class PropagationOptions:
         for name in ("device", "weights"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UsageError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise UsageError(
+                f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}"
+            )
         if isinstance(self.axis, bool) or not isinstance(self.axis, (str, int, np.integer)):
             raise UsageError(f"axis must be a name or an array axis 0/1/2, got {self.axis!r}")
 
@@ -187,6 +202,15 @@ class PropagationResult:
     #: (target, support) network evaluations run in this call / taken from the session's cache
     network_runs: int = 0
     network_reused: int = 0
+    #: the engine's numeric precision (fp32, bf16, fp16) and why it was chosen
+    precision: str = ""
+    precision_reason: str = ""
+
+    def tags(self) -> Dict[str, str]:
+        """Segment tags recording how this result was computed (device, precision): written
+        into every predicted segment (``.seg.nrrd`` and MRML). Values avoid ``|`` and ``:``,
+        which Slicer's tag format reserves."""
+        return {TAG_DEVICE: _tag_value(self.device), TAG_PRECISION: _tag_value(self.precision)}
 
     def get(self, key: str) -> SegmentResult:
         """The result of the segment with this key (or, failing that, this name)."""
@@ -200,6 +224,10 @@ class PropagationResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _tag_value(text: str) -> str:
+    return str(text).replace("|", "/").replace(":", "-")
 
 
 def slice_fingerprint(plane: np.ndarray) -> str:
@@ -334,10 +362,18 @@ class Propagator:
         if engine is None:
             from .engines import EngineStore
 
-            loaded = (engines or EngineStore()).get(self.options.weights, self.options.device)
+            loaded = (engines or EngineStore()).get(
+                self.options.weights, self.options.device, precision=self.options.precision
+            )
             engine, self.weights_description = loaded.engine, loaded.description
         else:
             self.weights_description = "caller-provided engine"
+            given = getattr(engine, "precision", "fp32")  # a test double computes in fp32
+            if self.options.precision not in ("auto", given):
+                raise UsageError(
+                    f"the engine given computes in {given}, the options ask for "
+                    f"{self.options.precision}"
+                )
         self.engine = engine
         self.batch_size = int(self.options.batch_size or engine.batch_size)
         if fusion is None:
@@ -413,6 +449,8 @@ class Propagator:
             notes,
             state["runs"],
             state["reused"],
+            getattr(self.engine, "precision", "fp32"),
+            getattr(self.engine, "precision_reason", "test double"),
         )
 
     def suggest_slices(self, result, n: int = 1):
