@@ -1,36 +1,56 @@
 """Restacking: per-slice predictions back into a volume on the native grid.
 
-Canvas logits are resampled to each slice's native in-plane grid (the exact inverse of the canvas
-mapping), thresholded at probability 0.5, and written into the canonical (slices, rows, cols) stack.
-Labeled slices keep the user's labels bit for bit; the stack is then mapped back to KJI.
+Each predicted slice comes as its fused probability over a region of the canonical slice grid
+(:class:`~UniverSegLogic.core.region.Region`; nothing outside it is foreground), thresholded at
+0.5 and written into the segment's mask through a view of the KJI array in the canonical frame,
+so no other copy of the volume is made. Labeled slices keep the user's labels bit for bit;
+slices neither labeled nor predicted come out empty.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
 from .geometry import SliceFrame
+from .region import Region
+
+#: slice -> (region, fused probability over it)
+RegionProbabilities = Dict[int, Tuple[Region, np.ndarray]]
 
 
-def assemble(
+def assemble_mask(
     frame: SliceFrame,
     user_mask_kji: np.ndarray,
     labeled: Iterable[int],
-    probabilities: Dict[int, np.ndarray],
-) -> tuple:
-    """Build (mask KJI bool, probability KJI float32) for one segment.
-
-    ``probabilities`` maps slice index -> (rows, cols) probability in the canonical frame for the
-    predicted slices; slices neither labeled nor predicted come out empty.
-    """
+    probabilities: RegionProbabilities,
+) -> np.ndarray:
+    """The segment's boolean KJI mask: the user's labels on labeled slices, ``p >= 0.5`` on
+    predicted ones."""
     user = frame.to_frame(np.asarray(user_mask_kji, dtype=bool))
-    prob = np.zeros(user.shape, dtype=np.float32)
-    for t, p in probabilities.items():
-        prob[t] = p
-    mask = prob >= 0.5
+    out = np.zeros(np.shape(user_mask_kji), dtype=bool)
+    view = frame.to_frame(out)  # writes land in ``out``
+    for t, (region, p) in probabilities.items():
+        view[t][region.index] = p >= 0.5
     for i in labeled:
-        mask[i] = user[i]
-        prob[i] = user[i]
-    return frame.from_frame(mask), frame.from_frame(prob)
+        view[i] = user[i]
+    return out
+
+
+def assemble_probability(
+    frame: SliceFrame,
+    user_mask_kji: np.ndarray,
+    labeled: Iterable[int],
+    probabilities: RegionProbabilities,
+) -> np.ndarray:
+    """The segment's float32 KJI probability: 0/1 on labeled slices, the fused probability on
+    predicted ones (0 outside their region), 0 elsewhere."""
+    user = frame.to_frame(np.asarray(user_mask_kji, dtype=bool))
+    out = np.zeros(np.shape(user_mask_kji), dtype=np.float32)
+    view = frame.to_frame(out)
+    for t, (region, p) in probabilities.items():
+        view[t][region.index] = p
+    for i in labeled:
+        view[i] = user[i]
+    return out
