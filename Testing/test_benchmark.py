@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from UniverSegLogic.benchmark import speed as benchmark
 from UniverSegLogic.cli import main
-from UniverSegLogic.research import benchmark
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """``universeg-slicer cohort``: real files, the real model, a real Dask scheduler and workers.
 
 The cohort is made of resampled, shifted, intensity-scaled copies of slicerio's chest CT
-(:func:`research.cohort_data.synthetic_cohort`); the reference is the scan itself. The Dask test
+(:func:`UniverSegLogic.benchmark.synthetic.synthetic_cohort`); the reference is the scan itself. The Dask test
 starts a scheduler and two workers as separate processes on 127.0.0.1, kills one worker while
 the cohort runs, and compares every output with an in-process run.
 """
@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from UniverSegLogic.benchmark.synthetic import sample_scan, synthetic_cohort
 from UniverSegLogic.cli import main
 from UniverSegLogic.cohort.align import align_reference, axis_profiles, register
 from UniverSegLogic.cohort.case import qc_flag
@@ -29,7 +30,6 @@ from UniverSegLogic.cohort.montage import encode_png
 from UniverSegLogic.core.io import read_image, read_segmentation, volume_to_sitk
 from UniverSegLogic.core.metrics import dice
 from UniverSegLogic.core.weights import sha256_of
-from UniverSegLogic.research.cohort_data import sample_scan, synthetic_cohort
 
 SEGMENTS = "right lung,left lung,thoracic vertebral column"
 COMMON = ["--segments", SEGMENTS, "--threads", "1", "--quiet"]

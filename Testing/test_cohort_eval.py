@@ -7,13 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from UniverSegLogic.cli import main
+from UniverSegLogic.benchmark.synthetic import sample_scan, synthetic_cohort
 from UniverSegLogic.cohort.align import working_grid
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
 from UniverSegLogic.core.io import read_image, read_segmentation, volume_to_sitk
 from UniverSegLogic.errors import UsageError
-from UniverSegLogic.research import cohort_eval as ce
-from UniverSegLogic.research.cohort_data import sample_scan, synthetic_cohort
+from UniverSegResearch import cohort_eval as ce
+from UniverSegResearch.cli import main
 
 
 def _scan(name, image_path, seg_path):
@@ -98,10 +98,10 @@ def test_atlas_scores_high_on_a_copy_and_the_outputs_hold_every_row(pair, tmp_pa
     ce.write_json(str(path), payload)
     back = json.loads(path.read_text())
     assert back["rows"] == rows
-    md = ce.markdown(back, "universeg-slicer evaluate --cohort --json x.json")
+    md = ce.markdown(back, "python -m UniverSegResearch evaluate --cohort --json x.json")
     assert "| right lung | original -> copy |" in md
     assert "seconds per case" in md and "time / atlas time" in md
-    assert "universeg-slicer evaluate --cohort --json x.json" in md
+    assert "python -m UniverSegResearch evaluate --cohort --json x.json" in md
 
 
 def test_cli_cohort_excludes_the_other_sources(tmp_path, capsys):

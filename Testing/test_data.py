@@ -1,4 +1,4 @@
-"""Tests of data preparation (``UniverSegLogic.research.data``): offline, on small arrays made here and on
+"""Tests of data preparation (``UniverSegResearch.data``): offline, on small arrays made here and on
 slicerio's bundled sample."""
 
 import json
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from conftest import rotation
 
-from UniverSegLogic import cli
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras, resolve_axis
-from UniverSegLogic.research import data
+from UniverSegResearch import cli, data
 
 # ------------------------------------------------------------------ npz conversion
 

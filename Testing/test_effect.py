@@ -25,6 +25,7 @@ import torch
 import vtk
 
 from UniverSegLogic import mrml
+from UniverSegLogic.core.slices import nonempty_slices
 from UniverSegLogic.mrml import effect
 from UniverSegLogic.mrml.vtkglue import _np_from_vtk_matrix, _oriented_image, _scalars
 
@@ -115,7 +116,7 @@ def case():
         [6.0, 7.0, 9.0]
     )[:, None, None, None]
     ellipsoid = (d**2).sum(axis=0) <= 1.0
-    present = mrml.record._nonempty_slices(ellipsoid, axis)
+    present = nonempty_slices(ellipsoid, axis)
     labeled = [present[1], present[len(present) // 2], present[-2]]
     user = np.zeros(SHAPE, bool)
     user[labeled] = ellipsoid[labeled]

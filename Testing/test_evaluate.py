@@ -11,7 +11,7 @@ import torch
 from UniverSegLogic.core.fill_between import available, fill_between_slices, slicer_extent
 from UniverSegLogic.core.metrics import dice
 from UniverSegLogic.core.slices import evaluation_slices, slice_extent
-from UniverSegLogic.research import evaluate as ev
+from UniverSegResearch import evaluate as ev
 
 needs_vtkitk = pytest.mark.skipif(not available(), reason="slicer-core / vtkITK not importable")
 
@@ -98,7 +98,7 @@ def _tiny_case(tmp_path):
 
 @needs_vtkitk
 def test_evaluate_cli_writes_the_json_schema(tmp_path, capsys):
-    from UniverSegLogic.cli import main
+    from UniverSegResearch.cli import main
 
     paths, mask = _tiny_case(tmp_path)
     out = tmp_path / "out.json"
@@ -151,7 +151,7 @@ def test_evaluate_cli_writes_the_json_schema(tmp_path, capsys):
 
 @needs_vtkitk
 def test_evaluate_cli_reads_a_manifest(tmp_path, capsys):
-    from UniverSegLogic.cli import main
+    from UniverSegResearch.cli import main
 
     paths, _ = _tiny_case(tmp_path)
     manifest = {
@@ -214,7 +214,7 @@ def test_evaluate_cli_reads_a_manifest(tmp_path, capsys):
 
 
 def test_evaluate_cli_usage_errors(tmp_path, capsys):
-    from UniverSegLogic.cli import main
+    from UniverSegResearch.cli import main
 
     assert (
         main(["evaluate", "--image", "x.nrrd", "--k", "2", "--json", str(tmp_path / "o.json")]) == 2

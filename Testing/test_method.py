@@ -24,7 +24,7 @@ from UniverSegLogic.core.prior import (
 )
 from UniverSegLogic.core.propagator import PropagationOptions, Propagator, SegmentInput
 from UniverSegLogic.core.slices import evaluation_slices
-from UniverSegLogic.research import calibrate as cal
+from UniverSegResearch import calibrate as cal
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 needs_vtkitk = pytest.mark.skipif(not available(), reason="slicer-core / vtkITK not importable")

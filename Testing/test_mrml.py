@@ -25,6 +25,7 @@ from UniverSegLogic import mrml
 from UniverSegLogic.core.engine import Cancelled, InferenceEngine
 from UniverSegLogic.core.model import UniverSeg
 from UniverSegLogic.core.propagator import TAG_DEVICE, TAG_PRECISION
+from UniverSegLogic.core.slices import nonempty_slices
 
 SHAPE = (16, 20, 24)  # K, J, I: a 24 x 20 x 16 volume
 LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
@@ -136,7 +137,7 @@ def case(tmp_path):
     axis = mrml.array_axis(volume, "axial")
     d = (ras - center[:3, None, None, None]) / np.array([7.0, 8.0, 13.0])[:, None, None, None]
     ellipsoid = (d**2).sum(axis=0) <= 1.0
-    present = mrml.record._nonempty_slices(ellipsoid, axis)
+    present = nonempty_slices(ellipsoid, axis)
     labeled = [present[1], present[len(present) // 2], present[-2]]
     user = np.zeros(SHAPE, bool)
     take = [slice(None)] * 3

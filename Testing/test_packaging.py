@@ -210,7 +210,7 @@ def check_module_files(root: Path) -> List[str]:
 
 def check_logic_files(root: Path) -> List[str]:
     """Every shipped UniverSegLogic file (and everything the module imports from the package)
-    is listed; nothing under cli/ or research/ is listed or imported by the module."""
+    is listed; nothing under cli/, benchmark/, cohort/ or web/ is listed or imported by the module."""
     cm = module_cmake(root)
     problems = []
     logic_dir = root / LOGIC_DIR
@@ -707,9 +707,9 @@ def test_new_logic_file_must_be_listed_and_the_update_script_lists_it(copy):
     assert any(
         "core/newcore.py is not in UNIVERSEG_LOGIC_FILES" in p for p in check_logic_files(copy)
     )
-    (copy / LOGIC_DIR / "research" / "newtool.py").write_text("X = 1\n")
+    (copy / LOGIC_DIR / "benchmark" / "newtool.py").write_text("X = 1\n")
     assert update_cmake_lists.main(["--root", str(copy)]) == 0
-    assert "research/newtool.py" not in (copy / MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "benchmark/newtool.py" not in (copy / MODULE_DIR / "CMakeLists.txt").read_text()
 
 
 def test_removed_logic_file_must_leave_the_list(copy):
@@ -727,10 +727,12 @@ def test_module_import_of_an_unlisted_or_missing_logic_module_fails(copy):
     assert any("core/geometry.py is imported but not listed" in p for p in check_logic_files(copy))
 
 
-def test_module_import_of_research_or_cli_fails(copy):
+def test_module_import_of_benchmark_or_cli_fails(copy):
     module = copy / MODULE_DIR / f"{MODULE_DIR}.py"
-    _edit(module, "import logging\n", "import logging\nfrom UniverSegLogic.research import train\n")
-    assert any("research/train.py, which is never shipped" in p for p in check_logic_files(copy))
+    _edit(
+        module, "import logging\n", "import logging\nfrom UniverSegLogic.benchmark import speed\n"
+    )
+    assert any("benchmark/speed.py, which is never shipped" in p for p in check_logic_files(copy))
 
 
 def test_unlisted_module_script_and_resource_fail(copy):

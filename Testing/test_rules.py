@@ -50,7 +50,7 @@ def test_evaluation_slices_follow_the_mask_extent_along_the_axis():
 
 
 def test_the_training_sampler_uses_the_same_slice_rule():
-    from UniverSegLogic.research.train import labeled_positions
+    from UniverSegResearch.train import labeled_positions
 
     for z0, z1, k in [(0, 29, 2), (4, 19, 5), (10, 17, 8), (0, 99, 3)]:
         assert sorted(set(int(x) for x in labeled_positions(z0, z1, k))) == evaluation_slices(

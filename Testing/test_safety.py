@@ -46,6 +46,8 @@ from UniverSegLogic.core.model import UniverSeg
 from UniverSegLogic.core.prior import FusionParams
 from UniverSegLogic.core.propagator import PropagationOptions
 from UniverSegLogic.errors import InputError, UsageError, WeightsError
+from UniverSegResearch.cli import COMMAND_MODULES as RESEARCH_COMMANDS
+from UniverSegResearch.cli import main as research_main
 
 REPO = Path(__file__).resolve().parents[1]
 LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
@@ -71,7 +73,7 @@ def _digest(path) -> str:
 
 
 def _run(args, capsys):
-    code = main(args)
+    code = (research_main if args[0] in RESEARCH_COMMANDS else main)(args)
     out = capsys.readouterr()
     return code, out.out, out.err
 

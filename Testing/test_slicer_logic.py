@@ -23,9 +23,13 @@ from UniverSegLogic import mrml
 from UniverSegLogic.core import device
 from UniverSegLogic.core.engine import resolve_device
 from UniverSegLogic.core.engines import EngineStore, LoadedEngine
+from UniverSegLogic.core.slices import painted_axis
 from UniverSegLogic.errors import Cancelled, DeviceError, UsageError
 from UniverSegLogic.mrml import panel
 from UniverSegLogic.mrml.vtkglue import _oriented_image, _scalars, _vtk_matrix
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "UniverSegSlicer"))
+from UniverSegSlicerLib import torch_install  # noqa: E402  (the module's Qt-free helpers)
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
@@ -156,25 +160,25 @@ def test_the_float64_weight_composition_runs_on_the_cpu_for_any_device():
     ],
 )
 def test_version_requirements(version, requirement, ok):
-    assert device.version_satisfies(version, requirement) is ok
+    assert torch_install.version_satisfies(version, requirement) is ok
 
 
 def test_torch_check_reads_the_installed_version_without_importing():
-    check = device.check_torch()
-    assert check.ok and check.version == device.installed_version("torch")
+    check = torch_install.check_torch()
+    assert check.ok and check.version == torch_install.installed_version("torch")
     assert torch.__version__.startswith(check.version.split("+")[0])
-    old = device.check_torch("2.0.1")
+    old = torch_install.check_torch("2.0.1")
     assert not old.ok and "2.0.1 is installed but UniverSeg needs PyTorch >=2.1" in old.message
-    missing = device.check_torch(None, lookup=False)
+    missing = torch_install.check_torch(None, lookup=False)
     assert not missing.ok and missing.message == "PyTorch is not installed"
-    assert device.installed_version("no-such-distribution-universeg") is None
+    assert torch_install.installed_version("no-such-distribution-universeg") is None
     with pytest.raises(UsageError):
-        device.version_satisfies("2.1", "~=2.1")
+        torch_install.version_satisfies("2.1", "~=2.1")
 
 
 def test_torch_requirement_matches_the_package_metadata():
     text = (ROOT / "pyproject.toml").read_text()
-    assert f'"torch{device.TORCH_REQUIREMENT}"' in text
+    assert f'"torch{torch_install.TORCH_REQUIREMENT}"' in text
 
 
 @pytest.mark.parametrize(
@@ -194,7 +198,7 @@ def test_torch_requirement_matches_the_package_metadata():
     ],
 )
 def test_pip_lines_become_progress_messages(line, message, stoppable):
-    status = device.pip_progress(line)
+    status = torch_install.pip_progress(line)
     assert status.message == message and status.stoppable is stoppable
 
 
@@ -214,7 +218,7 @@ def _printer(lines, code=0, pause=0.0):
 def test_install_reports_progress_and_keeps_the_gui_polled():
     messages, polls = [], []
     lines = ["Collecting torch>=2.1", "  Downloading torch-2.5.1.whl (780 MB)", "done"]
-    out = device.run_install(
+    out = torch_install.run_install(
         _printer(lines, pause=0.3), messages.append, lambda: False, lambda: polls.append(1)
     )
     assert out == lines
@@ -226,22 +230,24 @@ def test_install_can_be_stopped_while_downloading():
     lines = ["Collecting torch", "  Downloading torch-2.5.1.whl (780 MB)", "never printed"]
     seen = []
     with pytest.raises(Cancelled, match="before anything was changed"):
-        device.run_install(_printer(lines, pause=30), seen.append, lambda: len(seen) >= 2)
+        torch_install.run_install(_printer(lines, pause=30), seen.append, lambda: len(seen) >= 2)
     assert "never printed" not in seen
 
 
 def test_install_is_not_stopped_once_pip_replaces_files():
     lines = ["Collecting torch", "Installing collected packages: torch", "Successfully installed"]
     seen = []
-    out = device.run_install(_printer(lines, pause=0.3), seen.append, lambda: len(seen) >= 2)
+    out = torch_install.run_install(_printer(lines, pause=0.3), seen.append, lambda: len(seen) >= 2)
     assert out[-1] == "Successfully installed"
 
 
 def test_failed_install_is_one_line_error():
     with pytest.raises(DeviceError, match=r"exit code 3\): ERROR: No matching distribution"):
-        device.run_install(_printer(["ERROR: No matching distribution found for torch>=99"], 3))
+        torch_install.run_install(
+            _printer(["ERROR: No matching distribution found for torch>=99"], 3)
+        )
     with pytest.raises(DeviceError, match="cannot start the installer"):
-        device.run_install(["/nonexistent/PythonSlicer", "-m", "light_the_torch"])
+        torch_install.run_install(["/nonexistent/PythonSlicer", "-m", "light_the_torch"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,11 +414,11 @@ def _painted(slices, axis, shape=SHAPE, blob=None):
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_painted_axis_is_the_axis_of_separate_painted_slices(axis):
     n = SHAPE[axis]
-    assert mrml.nodes.painted_axis(_painted([2, n // 2, n - 3], axis)) == axis
-    assert mrml.nodes.painted_axis(_painted([n // 2], axis)) == axis  # one slice
+    assert painted_axis(_painted([2, n // 2, n - 3], axis)) == axis
+    assert painted_axis(_painted([n // 2], axis)) == axis  # one slice
     brush = _painted([n // 2 - 1, n // 2, n // 2 + 1], axis)  # a 3D brush: adjacent slices
-    assert mrml.nodes.painted_axis(brush) == axis
-    assert mrml.nodes.painted_axis(np.zeros(SHAPE, bool)) is None
+    assert painted_axis(brush) == axis
+    assert painted_axis(np.zeros(SHAPE, bool)) is None
 
 
 def test_painted_axis_with_two_separate_structures_on_one_slice():
@@ -420,7 +426,7 @@ def test_painted_axis_with_two_separate_structures_on_one_slice():
     mask = np.zeros(SHAPE, bool)
     mask[6, 3:11, 2:6] = True
     mask[6, 3:11, 10:14] = True
-    assert mrml.nodes.painted_axis(mask) == 0
+    assert painted_axis(mask) == 0
 
 
 def test_auto_axis_follows_the_painting_then_the_record_then_the_view(scene):
@@ -440,9 +446,9 @@ def test_auto_axis_follows_the_painting_then_the_record_then_the_view(scene):
     _paint(s, sid, full, scene.ijk_to_ras)
     grid = mrml.nodes._grid_key(v, s)
     _set_tags(segmentation.GetSegment(sid), _record_tags(_Record(0, grid, [2, 6], [], {3: "x"})))
-    assert mrml.nodes.infer_axis(v, s) == 0
+    assert mrml.record.infer_axis(v, s) == 0
     _set_tags(segmentation.GetSegment(sid), _record_tags(_Record(1, "othergrid", [2], [], {})))
-    assert mrml.nodes.infer_axis(v, s) == mrml.nodes.painted_axis(full)  # foreign record ignored
+    assert mrml.record.infer_axis(v, s) == painted_axis(full)  # foreign record ignored
     # nothing painted: the slice view, else axial
     empty = slicer.vtkMRMLSegmentationNode()
     scene.scene.AddNode(empty)
@@ -456,8 +462,8 @@ def test_segments_vote_on_the_axis(scene):
     ids = [segmentation.AddEmptySegment("", f"s{n}") for n in range(3)]
     for sid, axis in zip(ids, (2, 1, 2)):
         _paint(scene.seg, sid, _painted([2, 6, 10], axis), scene.ijk_to_ras)
-    assert mrml.nodes.infer_axis(scene.volume, scene.seg) == 2
-    assert mrml.nodes.infer_axis(scene.volume, scene.seg, ids[1:2]) == 1
+    assert mrml.record.infer_axis(scene.volume, scene.seg) == 2
+    assert mrml.record.infer_axis(scene.volume, scene.seg, ids[1:2]) == 1
 
 
 def _normal_of(volume, axis):

@@ -18,7 +18,7 @@ from UniverSegLogic.core import suggest
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
 from UniverSegLogic.core.propagator import PropagationOptions, Propagator, SegmentInput
 from UniverSegLogic.core.slices import evaluation_slices, slice_extent
-from UniverSegLogic.research import session_eval as se
+from UniverSegResearch import session_eval as se
 
 # ---------------------------------------------------------------------------- phantoms
 
@@ -224,8 +224,8 @@ def test_evaluate_session_command_writes_the_json_and_figures(tmp_path, capsys):
     import SimpleITK as sitk
     import torch
 
-    from UniverSegLogic.cli import main
     from UniverSegLogic.core.model import UniverSeg
+    from UniverSegResearch.cli import main
 
     vol, truth = _moving_disc(16)
     paths = {}

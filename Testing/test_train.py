@@ -14,7 +14,7 @@ import torch
 
 from UniverSegLogic.core.support import select_support
 from UniverSegLogic.core.weights import verify_state_dict
-from UniverSegLogic.research import train as tr
+from UniverSegResearch import train as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,7 +343,7 @@ def test_resume_rejects_a_foreign_file(tmp_path):
 
 def test_cli_and_light_imports(data, tmp_path):
     code = (
-        "import sys, UniverSegLogic.research.train, UniverSegLogic.cli.train; "
+        "import sys, UniverSegResearch.train, UniverSegResearch.cli.train; "
         "bad = [m for m in ('SimpleITK', 'slicerio', 'vtk', 'slicer', 'nrrd', 'matplotlib') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
@@ -352,7 +352,7 @@ def test_cli_and_light_imports(data, tmp_path):
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    from UniverSegLogic import cli
+    from UniverSegResearch import cli
 
     assert (
         cli.main(
@@ -368,7 +368,7 @@ def test_cli_and_light_imports(data, tmp_path):
         )
         == 2
     )
-    from UniverSegLogic.cli import train as train_cmd
+    from UniverSegResearch.cli import train as train_cmd
 
     assert (
         train_cmd.main(

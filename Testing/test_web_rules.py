@@ -1,24 +1,15 @@
-"""Rules of the browser app in plain Python (no Slicer, no trame): uploads, file names from the
-page, the access token, host binding, window/level presets, the status wording."""
+"""Rules of the browser app in plain Python (no Slicer, no trame): file names from the page, the
+access token and which requests may reach the server, host binding, window/level presets, the
+status wording. (What an upload may contain: test_web_uploads.py.)"""
 
-import gzip
 import os
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from UniverSegLogic.errors import InputError, UsageError
 from UniverSegLogic.mrml.record import SliceStatus
 from UniverSegLogic.web import rules
-
-MB = 2**20
-
-
-def _nrrd_bytes(tmp_path, suffix=".nrrd"):
-    path = tmp_path / f"img{suffix}"
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(path))
-    return path.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -38,42 +29,6 @@ def test_plain_names_stay_in_the_folder_and_symlinks_out_are_refused(tmp_path):
     os.symlink(outside / "x.nrrd", folder / "link.nrrd")
     with pytest.raises(InputError, match="leave the upload folder"):
         rules.safe_path(folder, "link.nrrd")
-
-
-def test_real_files_of_each_type_are_accepted(tmp_path):
-    nrrd = _nrrd_bytes(tmp_path)
-    assert rules.check_upload("ct.nrrd", nrrd, "image", MB) == "ct.nrrd"
-    assert rules.check_upload("ct.NII.GZ", _nrrd_bytes(tmp_path, ".nii.gz"), "image", MB)
-    assert rules.check_upload("ct.nii", _nrrd_bytes(tmp_path, ".nii"), "image", MB)
-    assert rules.check_upload("ct.mha", _nrrd_bytes(tmp_path, ".mha"), "image", MB)
-    from UniverSegLogic.web.sample import write_sample
-
-    _, seg, _ = write_sample(tmp_path)
-    assert rules.check_upload("s.seg.nrrd", seg.read_bytes(), "segmentation", 8 * MB)
-
-
-def test_bad_uploads_get_one_clear_line(tmp_path):
-    nrrd = _nrrd_bytes(tmp_path)
-    nii, niigz = _nrrd_bytes(tmp_path, ".nii"), _nrrd_bytes(tmp_path, ".nii.gz")
-    cases = [
-        (("big.nrrd", nrrd, "image", 100), "big.nrrd is .* uploads are limited to"),
-        (("big.nrrd", None, "image", MB, 2 * MB), "limited to 1.0 MiB"),  # the browser's claim
-        (("e.nrrd", b"", "image", MB), "e.nrrd is empty"),
-        (("notes.txt", b"hello", "image", MB), "not a supported image file"),
-        (("fake.nrrd", b"hello world", "image", MB), "is not a complete .nrrd file"),
-        (("fake.nii.gz", gzip.compress(b"x" * 400), "image", MB), "is not a complete .nii.gz file"),
-        (("fake.nii.gz", b"\x1f\x8bnot gzip", "image", MB), "is not a complete .nii.gz file"),
-        (("cut.nii", nii[: len(nii) // 2], "image", MB), "is not a complete .nii file"),
-        (("cut.nii.gz", niigz[:-5], "image", MB), "is not a complete .nii.gz file"),
-        (("ct.nrrd", nrrd, "segmentation", MB), "not a supported segmentation file"),
-        (("ct.seg.nrrd", nrrd, "segmentation", MB), "without segment fields"),
-        (("../x.seg.nrrd", nrrd, "segmentation", MB), "not a plain file name"),
-    ]
-    for args, message in cases:
-        with pytest.raises(InputError, match=message):
-            rules.check_upload(*args)
-    with pytest.raises(UsageError):
-        rules.check_upload("ct.nrrd", nrrd, "mesh", MB)
 
 
 def test_download_names_are_plain():
@@ -99,6 +54,50 @@ def test_only_loopback_without_the_explicit_flag():
         with pytest.raises(UsageError, match="--allow-remote"):
             rules.check_host(host, False)
         assert "WARNING" in rules.check_host(host, True)
+
+
+def test_requests_must_come_from_the_served_origin():
+    hosts = rules.served_hosts("127.0.0.1", 8123)
+    assert {"127.0.0.1:8123", "localhost:8123", "[::1]:8123"} <= hosts
+    own = {"Host": "127.0.0.1:8123"}
+    assert rules.request_refusal(own, hosts) is None  # a non-browser client: no Origin
+    assert rules.request_refusal({**own, "Origin": "http://127.0.0.1:8123"}, hosts) is None
+    assert rules.request_refusal({**own, "Sec-Fetch-Site": "same-origin"}, hosts) is None
+    assert rules.request_refusal({**own, "Sec-Fetch-Site": "none"}, hosts) is None
+    refused = [
+        {"Host": "evil.example:8123"},  # DNS rebinding: another name for 127.0.0.1
+        {"Host": "127.0.0.1:9999"},
+        {},
+        {**own, "Origin": "http://127.0.0.1:9999"},  # another port: same site, not same origin
+        {**own, "Origin": "null"},
+        {**own, "Origin": "http://localhost:8123"},
+        {**own, "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"},
+        {**own, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "iframe"},
+    ]
+    for headers in refused:
+        assert rules.request_refusal(headers, hosts), headers
+    # a top-level navigation (a link) is no foreign request: the page still needs the token
+    link = {**own, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert rules.request_refusal({**link, "Sec-Fetch-Dest": "document"}, hosts) is None
+    # --allow-remote: any name (the machine's names are not known), the Origin still checked
+    assert rules.served_hosts("0.0.0.0", 8123) is None
+    remote = {"Host": "scanner-pc:8123", "Origin": "http://scanner-pc:8123"}
+    assert rules.request_refusal(remote, None) is None
+    assert rules.request_refusal({**remote, "Origin": "http://evil.example"}, None)
+
+
+def test_ct_opens_with_a_soft_tissue_window_and_mr_with_auto():
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1024, 1500, size=(20, 64, 64)).astype(np.int16)
+    assert rules.default_window_preset(ct) == rules.CT_DEFAULT_PRESET == "CT abdomen"
+    assert rules.default_window_preset(ct.astype(np.float32) - 0.5) == "CT abdomen"
+    mr = rng.integers(0, 2500, size=(20, 64, 64)).astype(np.uint16)
+    assert rules.default_window_preset(mr) == "Auto"
+    assert rules.default_window_preset(rng.normal(0, 1, (8, 8, 8))) == "Auto"  # z-scored MR
+    assert rules.default_window_preset(mr, modality="CT") == "CT abdomen"
+    assert rules.default_window_preset(ct, modality="MR") == "Auto"
+    assert rules.default_window_preset(np.zeros((0,))) == "Auto"
+    assert rules.CT_DEFAULT_PRESET in rules.WINDOW_PRESETS
 
 
 def test_window_presets():

@@ -3,6 +3,8 @@ scene and Segment Editor logic from slicer-core, no web server), the real starte
 sample chest CT with 3 painted slices of "right lung"."""
 
 import asyncio
+import gzip
+import os
 import re
 
 import numpy as np
@@ -17,7 +19,7 @@ import slicerio  # noqa: E402
 from UniverSegLogic import mrml  # noqa: E402
 from UniverSegLogic.errors import Cancelled, InputError, UsageError  # noqa: E402
 from UniverSegLogic.web.sample import write_sample  # noqa: E402
-from UniverSegLogic.web.session import AnnotationSession  # noqa: E402
+from UniverSegLogic.web.session import AnnotationSession, UnsavedChanges  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +142,22 @@ def test_segments_marks_and_clearing_follow_the_annotation_loop(session):
 
 
 def test_bad_files_change_nothing(session, tmp_path):
+    # a private file outside the upload folder (as /etc/shadow or another user's data would be)
+    secret = tmp_path / "private.raw"
+    secret.write_bytes(bytes(range(256)) * 4)
+    os.chmod(secret, 0o600)
+    points_at_it = (
+        b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 16 16\nencoding: raw\n"
+        + f"data file: {secret}\n\n".encode()
+    )
+    meta = (
+        "ObjectType = Image\nNDims = 3\nDimSize = 16 16 4\nElementType = MET_UCHAR\n"
+        f"ElementDataFile = {secret}\n"
+    ).encode()
+    bomb = (  # 1 MiB that gzip-expands to 1 GiB
+        b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 1024 1024 1024\nencoding: gzip\n\n"
+        + gzip.compress(bytes(2**20), 9) * 1024
+    )
     volume, seg = session.volume_node, session.segmentation_node
     nodes = session.scene.GetNumberOfNodes()
     lines = session.status_lines("axial")
@@ -157,6 +175,10 @@ def test_bad_files_change_nothing(session, tmp_path):
         lambda: session.upload("segmentation", "broken.seg.nrrd", broken_seg.read_bytes()),
         lambda: session.upload("segmentation", "../up.seg.nrrd", broken_seg.read_bytes()),
         lambda: session.upload("image", "big.nrrd", b"NRRD" + b"\0" * 10, size=2**40),
+        lambda: session.upload("image", "private.nrrd", points_at_it),
+        lambda: session.upload("image", "private.mha", meta),
+        lambda: session.upload("segmentation", "private.seg.nrrd", points_at_it),
+        lambda: session.upload("image", "bomb.nrrd", bomb),
     ]
     for attempt in attempts:
         with pytest.raises(InputError) as info:
@@ -167,6 +189,60 @@ def test_bad_files_change_nothing(session, tmp_path):
         assert session.status_lines("axial") == lines
     assert not (tmp_path.parent / "up.seg.nrrd").exists()
     assert list(tmp_path.glob("*.partial*")) == []
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_of_real_size_uploads_and_loads(session, sample, tmp_path, suffix):
+    import SimpleITK as sitk
+
+    ct = sitk.ReadImage(str(sample[0]))
+    path = tmp_path / f"chest{suffix}"
+    sitk.WriteImage(ct, str(path))
+    assert path.stat().st_size > 256 * 1024  # the old check read only the first 64 KiB
+    session.upload("image", path.name, path.read_bytes(), discard_changes=True)
+    assert session.volume_node.GetName() == "chest"
+    loaded = slicer_array(session.volume_node)
+    assert np.array_equal(loaded, sitk.GetArrayFromImage(ct))
+
+
+def slicer_array(volume_node):
+    from trame_slicer.utils import vtk_image_to_np
+
+    return vtk_image_to_np(volume_node.GetImageData())
+
+
+def test_opening_a_file_over_unsaved_changes_asks_first(session, sample, tmp_path):
+    image, seg_path, _ = sample
+    seg = session.segmentation_node
+    sid = session.add_segment("left lung")  # an undo step: unsaved
+    assert session.has_unsaved_changes()
+    for kind, name, data in (
+        ("image", "other.nrrd", image.read_bytes()),
+        ("segmentation", "other.seg.nrrd", seg_path.read_bytes()),
+    ):
+        with pytest.raises(UnsavedChanges, match=r"^Opening other\..* would discard the unsaved"):
+            session.upload(kind, name, data)
+        assert session.segmentation_node is seg and sid in session.segment_ids()
+    with pytest.raises(UnsavedChanges):
+        session.load_image(image)
+    # a bad file is refused for what it is, before the question
+    with pytest.raises(InputError, match="not a usable"):
+        session.upload("image", "bad.nrrd", b"not an image")
+
+    session.undo()  # back to the file as loaded: nothing to lose
+    assert not session.has_unsaved_changes()
+    session.redo()
+    session.save()  # saved: nothing to lose
+    assert not session.has_unsaved_changes()
+    session.select_segment(session.segment_ids()[0])
+    session.mark_slice("axial", 2)  # a slice mark is a change too (not an undo step)
+    assert session.has_unsaved_changes()
+    session.save_bytes()  # downloaded: nothing to lose
+    assert not session.has_unsaved_changes()
+    session.add_segment("spleen")
+    session.upload("segmentation", "other.seg.nrrd", seg_path.read_bytes(), discard_changes=True)
+    assert session.segmentation_node is not seg and not session.has_unsaved_changes()
+    assert [row["name"] for row in session.segments()] == ["right lung"]
 
 
 def test_upload_replaces_the_image_and_download_bytes_read_back(session, sample):

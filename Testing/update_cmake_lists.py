@@ -1,9 +1,10 @@
 """Rewrite the list of UniverSegLogic files in UniverSegSlicer/CMakeLists.txt.
 
 The Slicer extension installs only the files listed there. It ships the runtime: the package's
-top-level modules (but not ``__main__.py``, the command line's entry point), ``core/`` and
-``mrml/``; the command line (``cli/``), the developer tools (``research/``) and the browser app
-(``web/``) are never shipped.
+top-level modules (but not ``__main__.py``, the command line's entry point, nor ``sample.py``),
+``core/`` and ``mrml/``; the command line (``cli/``), the benchmarks (``benchmark/``), cohort
+labeling (``cohort/``) and the browser app (``web/``) are never shipped, and the developer tools
+live outside the package (``UniverSegResearch/``).
 Run after adding or removing a file:
 
     python Testing/update_cmake_lists.py          # rewrite the list
@@ -25,9 +26,9 @@ END = "# END UniverSegLogic files"
 #: Sub-packages of UniverSegLogic that the extension ships (besides the top-level modules).
 SHIPPED_PACKAGES = ("core", "mrml")
 #: Sub-packages that must never be shipped in (or imported by) the extension.
-NOT_SHIPPED = ("cli", "cohort", "research", "web")
+NOT_SHIPPED = ("benchmark", "cli", "cohort", "web")
 #: Top-level modules that are not shipped.
-NOT_SHIPPED_MODULES = ("__main__.py",)
+NOT_SHIPPED_MODULES = ("__main__.py", "sample.py")
 
 
 def logic_files(root: Path = ROOT) -> List[str]:

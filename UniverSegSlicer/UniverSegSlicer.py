@@ -51,6 +51,8 @@ def _addLogicPackageToPath() -> None:
 _addLogicPackageToPath()
 
 # torch-free (checked by Testing/test_packaging.py)
+from UniverSegSlicerLib import torch_install  # noqa: E402
+
 import UniverSegLogic.mrml as mrml  # noqa: E402
 from UniverSegLogic.core import device as devices  # noqa: E402
 from UniverSegLogic.core.engines import EngineStore  # noqa: E402
@@ -226,7 +228,7 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onReload(self) -> None:
         """Developer "Reload": also reload UniverSegLogic (Python keeps imported packages)."""
         self.cleanup()
-        panel.forget_modules(("UniverSegLogic", "SegmentEditorUniverSegLib"))
+        panel.forget_modules(("UniverSegLogic", "SegmentEditorUniverSegLib", "UniverSegSlicerLib"))
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
@@ -750,7 +752,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         compatible with this machine's GPU driver; (None, text) when it cannot tell."""
         try:
             backends = torchLogic.getCompatibleComputationBackends(
-                torchVersionRequirement=devices.TORCH_REQUIREMENT
+                torchVersionRequirement=torch_install.TORCH_REQUIREMENT
             )
         except Exception as exc:  # noqa: BLE001 - the install can still let ltt choose
             logging.warning("UniverSeg: PyTorch build detection failed: %s", exc)
@@ -773,7 +775,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
         """Make sure PyTorch >= the required version is installed, offering to install or
         upgrade it through the PyTorch extension (the build for this machine's GPU driver).
         Returns False when the user declines or a restart is needed first."""
-        check = devices.check_torch()
+        check = torch_install.check_torch()
         if check.ok:
             return True
         try:
@@ -794,7 +796,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
             "Install PyTorch {requirement} now? The download is large (up to a few GB with GPU "
             "support) and may take several minutes; you can stop it until the installation "
             "itself starts."
-        ).format(requirement=devices.TORCH_REQUIREMENT)
+        ).format(requirement=torch_install.TORCH_REQUIREMENT)
         if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install PyTorch")):
             return False
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
@@ -805,17 +807,19 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
         report(_("Finding the PyTorch build for this computer..."))
         backend, buildText = self.torchBuild(torchLogic)
-        logging.info("UniverSeg: installing PyTorch %s (%s)", devices.TORCH_REQUIREMENT, buildText)
+        logging.info(
+            "UniverSeg: installing PyTorch %s (%s)", torch_install.TORCH_REQUIREMENT, buildText
+        )
         command = [
             self._pythonSlicer(),
             "-m",
             "light_the_torch",
             "install",
-            f"torch{devices.TORCH_REQUIREMENT}",
+            f"torch{torch_install.TORCH_REQUIREMENT}",
         ]
         if backend and backend != "cpu":
             command.append(f"--pytorch-computation-backend={backend}")
-        devices.run_install(
+        torch_install.run_install(
             command,
             progress=lambda m: report(
                 _("PyTorch ({build}): {step}").format(build=buildText, step=m)
@@ -831,7 +835,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
                 slicer.util.restart()
             return False
         importlib.invalidate_caches()
-        check = devices.check_torch()
+        check = torch_install.check_torch()
         if not check.ok:
             raise UniverSegError(
                 _("PyTorch installation did not succeed: {problem}").format(problem=check.message)

@@ -34,7 +34,7 @@ process (so that one step's memory never counts in another's):
 
 ``cli`` runs ``universeg-slicer propagate`` on the same painting from files (reading, propagation
 and writing, imports included) and gives its wall time and peak memory. ``annotation_loop_256``
-is the 256x256x200 annotation loop of the engine benchmark (:func:`research.benchmark
+is the 256x256x200 annotation loop of the engine benchmark (:func:`.speed
 .volume_propagation`), measured in the same run.
 """
 
@@ -477,7 +477,7 @@ def run_clinical(
             )
     if loop_256:
         from ..core.engines import EngineStore
-        from ..research.benchmark import volume_propagation
+        from .speed import volume_propagation
 
         engine = EngineStore(echo=lambda m: None).get("starter", "cpu", precision=precision)
         loop = volume_propagation(engine.engine, (12, 48, 48) if quick else (200, 256, 256))

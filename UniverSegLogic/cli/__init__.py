@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 from ..errors import UniverSegError, UsageError, one_line
 
@@ -35,10 +35,6 @@ COMMAND_MODULES = (
     "propagate",
     "demo",
     "cohort",
-    "evaluate",
-    "calibrate",
-    "data",
-    "train",
     "benchmark",
     "web",
 )
@@ -46,34 +42,39 @@ COMMAND_MODULES = (
 __all__ = ["main", "build_parser", "UsageError"]
 
 
-def command_help(name: str) -> str:
+def command_help(name: str, package: str = __name__) -> str:
     """One-line help of a sub-command: its module docstring after ``universeg-slicer NAME:``."""
-    doc = (importlib.import_module(f"{__name__}.{name}").__doc__ or "").strip().splitlines()
+    doc = (importlib.import_module(f"{package}.{name}").__doc__ or "").strip().splitlines()
     first = doc[0] if doc else name
     return first.split(":", 1)[1].strip().rstrip(".") if ":" in first else first
 
 
-def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """The ``universeg-slicer`` argument parser. Only ``command`` (if given) is fully registered;
-    the others are listed with their one-line help, so building the parser never imports a
-    command's dependencies (``--help`` stays fast and imports neither torch nor research code)."""
+def build_parser(
+    command: Optional[str] = None,
+    *,
+    prog: str = "universeg-slicer",
+    package: str = __name__,
+    commands: Sequence[str] = COMMAND_MODULES,
+    description: str = "Propagate a few labeled slices through a volume with UniverSeg.",
+) -> argparse.ArgumentParser:
+    """The argument parser of ``prog`` whose sub-commands are the modules ``commands`` of
+    ``package``. Only ``command`` (if given) is fully registered; the others are listed with their
+    one-line help, so building the parser never imports a command's dependencies (``--help``
+    stays fast and imports no torch)."""
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="universeg-slicer",
-        description="Propagate a few labeled slices through a volume with UniverSeg.",
-    )
-    parser.add_argument("--version", action="version", version=f"universeg-slicer {__version__}")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
     parser.add_argument(
         "--debug", action="store_true", help="print the full traceback of internal errors"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in commands:
         if name == command:
-            importlib.import_module(f"{__name__}.{name}").register(sub)
+            importlib.import_module(f"{package}.{name}").register(sub)
         else:
-            sub.add_parser(name, help=command_help(name), add_help=False)
+            sub.add_parser(name, help=command_help(name, package), add_help=False)
     return parser
 
 
@@ -120,15 +121,29 @@ def quiet_native_output(enabled: bool = True) -> Iterator[None]:
             sink.close()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the exit code (see the module docstring)."""
+def main(
+    argv: Optional[List[str]] = None,
+    *,
+    prog: str = "universeg-slicer",
+    package: str = __name__,
+    commands: Sequence[str] = COMMAND_MODULES,
+    description: str = "Propagate a few labeled slices through a volume with UniverSeg.",
+) -> int:
+    """Run the command line ``prog`` (sub-commands: the modules ``commands`` of ``package``);
+    returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line
     argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMAND_MODULES else None)
+    parser = build_parser(
+        command if command in commands else None,
+        prog=prog,
+        package=package,
+        commands=commands,
+        description=description,
+    )
     args = parser.parse_args(argv)
-    prog = f"universeg-slicer {args.command}"
+    prog = f"{prog} {args.command}"
     try:
         with quiet_native_output(not debug):
             return int(args.func(args) or 0)

@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="instead: time 'cohort' on N synthetic targets with 1 and 2 local Dask workers "
-        "(UniverSegLogic/research/cohort_scaling.py; needs the cohort extra)",
+        "(UniverSegLogic/benchmark/cohort_scaling.py; needs the cohort extra)",
     )
     p.add_argument(
         "--clinical",
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         return _clinical(args)
     import torch
 
-    from ..research.benchmark import run_benchmark, write_json
+    from ..benchmark.speed import run_benchmark, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
 def _cohort(args: argparse.Namespace) -> int:
     import json
 
+    from ..benchmark.cohort_scaling import run_cohort_scaling
     from ..core.atomic import write_text
     from ..errors import UsageError
-    from ..research.cohort_scaling import run_cohort_scaling
 
     if args.cohort < 2:
         raise UsageError(f"--cohort needs at least 2 targets, got {args.cohort}")
@@ -148,7 +148,7 @@ def _cohort(args: argparse.Namespace) -> int:
 
 def _clinical(args: argparse.Namespace) -> int:
     from ..benchmark.clinical import run_clinical
-    from ..research.benchmark import write_json
+    from ..benchmark.speed import write_json
 
     if args.device not in ("auto", "cpu"):
         from ..errors import UsageError

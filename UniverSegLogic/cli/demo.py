@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 
 from ..errors import UsageError
+from ..sample import DEFAULT_K, DEFAULT_SEGMENT, sample_paths
 from .propagate import ProgressBar
 
-DEFAULT_SEGMENT = "right lung"
-DEFAULT_K = 3
 #: Files the demo writes into its --out folder.
 OUTPUT_FILES = ("demo_result.seg.nrrd", "demo_overlay.png", "demo_metrics.json")
-
-
-def sample_paths() -> Tuple[Path, Path]:
-    """Paths of slicerio's bundled chest CT and its segmentation."""
-    import slicerio
-
-    data = Path(slicerio.__file__).resolve().parent / "data"
-    image, seg = data / "CTChest4.nrrd", data / "Segmentation.seg.nrrd"
-    if not image.is_file() or not seg.is_file():
-        raise UsageError(f"the sample data is missing from the slicerio package ({data})")
-    return image, seg
 
 
 def register(sub) -> None:

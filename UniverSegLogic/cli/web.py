@@ -2,8 +2,9 @@
 
 Serves one page on 127.0.0.1 by default: a slice view with Slicer's own Paint / Erase / Scissors
 and undo, Propagate (UniverSeg through the MRML bridge), the labeled / predicted / corrected slices
-of every segment, Save. Every URL needs the access token printed at start. Needs
-``pip install "universeg-slicer[web]"``.
+of every segment, Save and Download. The page needs the access token printed at start, and only
+the page's own origin may talk to the server (SECURITY.md). ``--out`` is checked before the
+server starts. Needs ``pip install "universeg-slicer[web]"``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from ..errors import UsageError
 
 
 def register(sub) -> None:
-    from ..web.rules import DEFAULT_MAX_UPLOAD_MB
+    from ..web.uploads import DEFAULT_MAX_IMAGE_MB, DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_VOXELS
 
     p = sub.add_parser(
         "web",
@@ -29,7 +30,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--out",
-        help="where Save writes the .seg.nrrd (without it, Save is a browser download)",
+        help="where Save writes the .seg.nrrd (checked at start; Download works with or without)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (0: a free one, printed)")
@@ -46,6 +47,19 @@ def register(sub) -> None:
         help=f"largest file the page may upload, MiB ({DEFAULT_MAX_UPLOAD_MB})",
     )
     p.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=DEFAULT_MAX_IMAGE_MB,
+        help="largest image the page may open, MiB of voxel data once decompressed (read from "
+        f"the file's header before anything is decompressed; {DEFAULT_MAX_IMAGE_MB})",
+    )
+    p.add_argument(
+        "--max-voxels",
+        type=int,
+        default=DEFAULT_MAX_VOXELS,
+        help=f"most voxels an uploaded image may have ({DEFAULT_MAX_VOXELS}: 512x512x2048)",
+    )
+    p.add_argument(
         "--weights", default="starter", help="starter (default), official, or a weights file"
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -55,8 +69,9 @@ def register(sub) -> None:
 def run(args) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port number")
-    if args.max_upload_mb <= 0:
-        raise UsageError("--max-upload-mb must be positive")
+    from ..web.uploads import UploadLimits
+
+    UploadLimits.from_options(args.max_upload_mb, args.max_image_mb, args.max_voxels)
     if args.labels and not args.image:
         raise UsageError("--labels needs --image")
     if args.sample and args.image:
@@ -64,6 +79,12 @@ def run(args) -> int:
     from ..web.rules import check_host
 
     check_host(args.host, args.allow_remote)  # before the heavy imports
+    if args.out is not None:  # before the server starts: Save must not be the first to fail
+        from ..core.io import check_output_path
+
+        check_output_path(args.out, [args.image, args.labels])
+        if not args.out.lower().endswith(".seg.nrrd"):
+            raise UsageError(f"--out {args.out}: the output must be a .seg.nrrd file")
     import importlib.util
 
     missing = [m for m in ("trame", "trame_slicer") if importlib.util.find_spec(m) is None]
@@ -90,6 +111,8 @@ def run(args) -> int:
             port=args.port,
             allow_remote=args.allow_remote,
             max_upload_mb=args.max_upload_mb,
+            max_image_mb=args.max_image_mb,
+            max_voxels=args.max_voxels,
             weights=args.weights,
             device=args.device,
         )

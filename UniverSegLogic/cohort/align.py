@@ -16,7 +16,7 @@ through a transform from the target's physical space to the reference's, found b
 * ``none``: the physical coordinates as stored (for volumes already in one frame).
 
 :func:`register` also offers ``deformable`` (affine, then a B-spline), used only by the atlas
-baseline of the evaluation (:mod:`UniverSegLogic.research.cohort_eval`). Every random choice of
+baseline of the evaluation (:mod:`UniverSegResearch.cohort_eval`). Every random choice of
 the registrations (the metric's voxel sampling) uses :data:`REGISTRATION_SEED`: SimpleITK's seed 0
 would mean "from the wall clock", so a fixed nonzero seed makes them reproducible.
 """

@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import InputError, OutputError, UsageError, one_line
 from .atomic import output_error, temporary_name, write_with
 from .geometry import Volume
+from .headers import nifti_expected_bytes
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -211,32 +212,6 @@ def _gzip_payload_size(path: str, keep: int = 0) -> Tuple[int, bytes]:
     return total, bytes(head)
 
 
-def _nifti_expected_bytes(header: bytes) -> Optional[Tuple[int, int]]:
-    """(bytes a NIfTI-1/2 or Analyze file must hold, voxel offset), or None if ``header`` is not
-    such a header."""
-    if len(header) < 348:
-        return None
-    for endian in "<>":
-        size = struct.unpack(endian + "i", header[:4])[0]
-        if size == 348:  # NIfTI-1 / Analyze 7.5
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            break
-        if size == 540 and len(header) >= 540:  # NIfTI-2
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            dims = struct.unpack(endian + "8q", header[16:80])
-            offset = int(struct.unpack(endian + "q", header[168:176])[0])
-            break
-    else:
-        return None
-    n = int(dims[0])
-    if not 1 <= n <= 7 or bitpix <= 0 or any(int(d) < 1 for d in dims[1 : n + 1]):
-        return None
-    voxels = int(np.prod([int(d) for d in dims[1 : n + 1]], dtype=np.int64))
-    return max(offset, 0) + voxels * int(bitpix) // 8, max(offset, 0)
-
-
 def _gzip_size_fast(path: str) -> Tuple[Optional[int], bytes]:
     """(size, first bytes) of a single-member gzip NIfTI without decompressing it all: its
     trailer (uncompressed size mod 2**32) must equal what its header needs -- a file cut short
@@ -249,7 +224,7 @@ def _gzip_size_fast(path: str) -> Tuple[Optional[int], bytes]:
             trailer = struct.unpack("<I", fh.read(4))[0]
     except (OSError, zlib.error, struct.error):
         return None, b""
-    expected = _nifti_expected_bytes(head)
+    expected = nifti_expected_bytes(head)
     if expected is not None and expected[0] % (1 << 32) == trailer:
         return expected[0], head
     return None, b""
@@ -272,7 +247,7 @@ def _check_complete(path: str) -> None:
         return
     if lower.endswith((".img", ".img.gz")):  # the pair's header is beside it
         return
-    expected = _nifti_expected_bytes(head)
+    expected = nifti_expected_bytes(head)
     if expected is None:
         return
     need, offset = expected

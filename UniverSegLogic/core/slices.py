@@ -104,3 +104,27 @@ def network_slices(
             for t in range(a + 1, b):
                 between[t] = (a, b)
     return sorted(computed), between
+
+
+def isolated_slices(nonempty: Sequence[int]) -> int:
+    """How many of the non-empty slice indices have no non-empty neighbour (k-1, k+1)."""
+    present = set(nonempty)
+    return sum(1 for k in present if k - 1 not in present and k + 1 not in present)
+
+
+def painted_axis(mask: np.ndarray) -> int | None:
+    """Array axis along which the foreground of ``mask`` occupies separate slices, or None when
+    it is empty.
+
+    Painted slices are isolated along the axis they were painted on (their neighbours are empty)
+    and form one or two contiguous runs along the others, so the axis with the most isolated
+    non-empty slices wins; a tie (e.g. a 3D brush on adjacent slices) goes to the axis with the
+    fewest non-empty slices.
+    """
+    if not mask.any():
+        return None
+    scores = []
+    for a in range(3):
+        nonempty = nonempty_slices(mask, a)
+        scores.append((-isolated_slices(nonempty), len(nonempty), a))
+    return min(scores)[2]

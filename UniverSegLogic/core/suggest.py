@@ -50,7 +50,7 @@ import numpy as np
 from .slices import typical_gap
 
 #: Weights of the per-slice features (expected wrong voxels), by region; fitted on the
-#: validation structures (``python -m UniverSegLogic.research.suggest_fit``).
+#: validation structures (``python -m UniverSegResearch.suggest_fit``).
 WEIGHTS: Dict[str, Dict[str, float]] = {
     "inside": {"margin": 0.153, "vs_fbs": 0.642, "vs_sdf": 0.359},
     "inside_no_fbs": {"margin": 0.371, "vs_sdf": 0.619},

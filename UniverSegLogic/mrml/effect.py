@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.slices import nonempty_slices
 from ..errors import MRMLError
 from .gridmap import GridMap, code_on_segment
 from .job import PropagationJob, prepare_propagation
@@ -39,7 +40,6 @@ from .record import (
     TAG_SOURCE,
     SliceStatus,
     _get_tag,
-    _nonempty_slices,
     _Record,
     _record_tags,
     _set_tags,
@@ -344,7 +344,7 @@ def _build(job: PropagationJob, mask: EditMask, sourceVolumeNode=None):
         current = _segment_values(node, sid, extent)
         final = np.where(code == KEEP, current, code == FOREGROUND).astype(np.uint8)
         labeled = list(res.labeled_slices)
-        nonempty = set(_nonempty_slices(job.masks[index], job.axis))
+        nonempty = set(nonempty_slices(job.masks[index], job.axis))
         record = _Record(
             job.axis,
             job.grid,

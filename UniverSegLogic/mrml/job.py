@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..core.slices import nonempty_slices
 from ..errors import MRMLError
 from .nodes import (
     _check_segmentation_node,
@@ -29,7 +30,6 @@ from .record import (
     TAG_SOURCE,
     SliceStatus,
     _get_tag,
-    _nonempty_slices,
     _read_record,
     _Record,
     _record_tags,
@@ -266,7 +266,7 @@ class PropagationJob:
                 self.axis,
                 self.grid,
                 labeled,
-                [t for t in labeled if t not in set(_nonempty_slices(mask, self.axis))],
+                [t for t in labeled if t not in set(nonempty_slices(mask, self.axis))],
                 {t: "" for t in res.predicted_slices},
             )
             if self.mode == "fill":
@@ -411,7 +411,7 @@ def mark_slice_labeled(
     mask = segment_mask(volumeNode, segmentationNode, sid)
     grid = _grid_key(volumeNode, segmentationNode)
     status, _ = _status(sid, segment, mask, a, axis_name(volume, a), grid, strict=True)
-    nonempty = set(_nonempty_slices(mask, a))
+    nonempty = set(nonempty_slices(mask, a))
     support = set(status.labeled)
     predicted = {t: _slice_hash(mask, a, t) for t in status.predicted}
     if labeled:

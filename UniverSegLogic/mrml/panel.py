@@ -21,12 +21,11 @@ from .job import clear_predictions
 from .nodes import (
     _geometry_of,
     _resolve_axis,
-    infer_axis,
     slice_center_ras,
     slice_view_axis,
     slice_view_index,
 )
-from .record import TAG_SOURCE, _get_tag, _read_record
+from .record import TAG_SOURCE, _get_tag, _read_record, infer_axis
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -108,7 +107,7 @@ def resolve_axis(
     volumeNode, segmentationNode, axis, segmentIds=None, slice_to_ras=None, default="axial"
 ) -> int:
     """The array axis to propagate along. ``axis``: a name / 0-2, or ``"auto"``: the axis the
-    labels imply (:func:`~UniverSegLogic.mrml.nodes.infer_axis`), else the orientation of the
+    labels imply (:func:`~UniverSegLogic.mrml.record.infer_axis`), else the orientation of the
     given slice view, else ``default``."""
     if axis != AXIS_AUTO:
         return _resolve_axis(_geometry_of(volumeNode), axis)

@@ -11,9 +11,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.slices import nonempty_slices, painted_axis
 from ..errors import MRMLError
 from .nodes import (
     _check_segmentation_node,
+    _check_volume_node,
     _geometry_of,
     _grid_key,
     _resolve_axis,
@@ -29,11 +31,6 @@ TAG_PREDICTED = "UniverSeg.Predicted"
 TAG_SOURCE = "UniverSeg.Source"
 _RECORD_VERSION = "v1"
 _HASH_CHARS = 16
-
-
-def _nonempty_slices(mask: np.ndarray, axis: int) -> List[int]:
-    n = mask.shape[axis]
-    return [int(i) for i in np.flatnonzero(np.moveaxis(mask, axis, 0).reshape(n, -1).any(axis=1))]
 
 
 def _slice_hash(mask: np.ndarray, axis: int, index: int) -> str:
@@ -189,7 +186,7 @@ def _status(
     segment_id: str, segment, mask: np.ndarray, axis: int, axis_label: str, grid: str, strict: bool
 ) -> Tuple[SliceStatus, Optional[_Record]]:
     n = mask.shape[axis]
-    nonempty = set(_nonempty_slices(mask, axis))
+    nonempty = set(nonempty_slices(mask, axis))
     rec = _read_record(segment)
     note, conflict = "", False
     if rec is not None and rec.grid != grid:
@@ -273,3 +270,35 @@ def slice_status(volumeNode, segmentationNode, segmentId, axis="axial") -> Slice
 def labeled_slices(volumeNode, segmentationNode, segmentId, axis="axial") -> List[int]:
     """Slice indices along ``axis`` that the next run will use as the segment's support."""
     return slice_status(volumeNode, segmentationNode, segmentId, axis).labeled
+
+
+def infer_axis(volumeNode, segmentationNode, segmentIds=None) -> int | None:
+    """The slicing axis the user's labels imply, or None when nothing is painted.
+
+    Per segment: the axis of its UniverSeg record when the record belongs to this volume grid (the
+    axis it was propagated along), else :func:`painted_axis` of its voxels. Segments vote; a tie
+    goes to the first segment's axis. ``segmentIds`` default: every segment that is not a review
+    output.
+    """
+    _check_volume_node(volumeNode)
+    segmentation = segmentationNode.GetSegmentation()
+    if segmentIds is None:
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        ids = [i for i in ids if _get_tag(segmentation.GetSegment(i), TAG_SOURCE) is None]
+    else:
+        ids = [_resolve_segment_id(segmentationNode, s) for s in segmentIds]
+    grid = _grid_key(volumeNode, segmentationNode)
+    votes: list = []
+    for sid in ids:
+        rec = _read_record(_segment(segmentationNode, sid))
+        if rec is not None and rec.grid == grid and 0 <= rec.axis <= 2:
+            votes.append(rec.axis)
+            continue
+        axis = painted_axis(segment_mask(volumeNode, segmentationNode, sid))
+        if axis is not None:
+            votes.append(axis)
+    if not votes:
+        return None
+    counts = {a: votes.count(a) for a in votes}
+    best = max(counts.values())
+    return next(a for a in votes if counts[a] == best)

@@ -6,8 +6,11 @@ UniverSeg annotation loop on top: propagate the painted slices with the MRML bri
 slices are labeled, predicted or corrected, and save a ``.seg.nrrd`` that Slicer reads.
 
 Modules
-    ``rules``    pure rules, no Slicer, no trame: upload checks, file-name safety, the access
-                 token, host binding, window/level presets, the status wording
+    ``rules``    pure rules, no Slicer, no trame: file-name safety, the access token, which
+                 requests come from the app's own page, host binding, window/level presets,
+                 the status wording
+    ``uploads``  what an upload may be: one self-contained file, bounded once decoded,
+                 complete (checked from its header before any reader sees it)
     ``session``  the annotation session on a trame-slicer :class:`SlicerApp` (MRML only, no web
                  server): loading, segments, propagation (run off the UI loop, applied as one undo
                  step), saving

@@ -5,9 +5,16 @@ slice status of every segment, Save.
 Importing this module imports trame, trame-slicer and slicer-core (``pip install
 "universeg-slicer[web]"``); the command line imports it only when the command runs.
 Test hooks: every control has a stable ``id`` (``propagate``, ``cancel``, ``save``,
-``upload-image``, ``upload-segmentation``, ...), the status lines are in ``#status`` (one
-``.status-line`` each, worded by :func:`UniverSegLogic.web.rules.status_line`) and the last
-message in ``#message`` (``data-kind`` ``info`` or ``error``).
+``download``, ``upload-image``, ``upload-segmentation``, ``confirm-keep``, ``confirm-discard``,
+...), the status lines are in ``#status`` (one ``.status-line`` each, worded by
+:func:`UniverSegLogic.web.rules.status_line`), the last message in ``#message`` (``data-kind``
+``info`` or ``error``), the slice shown in ``#slice-number``.
+
+Access: the page URL carries the access token (``?token=``); no cookie is ever set (cookies are
+sent to every port of a host, so another local server would receive it). Every request must
+come from the app's own origin (:func:`UniverSegLogic.web.rules.request_refusal`: Host, Origin,
+Sec-Fetch-Site); the page itself needs the token, and the websocket's first message must carry
+it (wslink's ``secret``, which the page is redirected to pass). See SECURITY.md.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import posixpath
 import sys
 import time
 from pathlib import Path
@@ -22,12 +30,36 @@ from typing import Optional
 
 from ..errors import Cancelled, InputError, UniverSegError, UsageError, one_line
 from . import rules
-from .session import EFFECTS, AnnotationSession
+from .session import EFFECTS, AnnotationSession, UnsavedChanges
+from .uploads import (
+    DEFAULT_MAX_IMAGE_MB,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_MAX_VOXELS,
+    UploadLimits,
+    check_upload,
+)
 
 log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
-TOKEN_COOKIE = "universeg_token"
+#: the page (the only HTTP paths that need the token; the rest is trame's public client code)
+PAGE_PATHS = ("/", "/index.html")
+#: trame's websocket route, which the page is told to use (it would ask a ParaView launcher at
+#: POST /paraview/ first otherwise: the 405 on every page load)
+WS_PATH = "/ws"
+#: sent with every HTTP response: no referrer (the page URL holds the token), no framing, no
+#: use of the app's files by other origins
+SECURITY_HEADERS = {
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
+#: the page's responses (their URL holds the token) are not kept in caches either
+PAGE_HEADERS = {**SECURITY_HEADERS, "Cache-Control": "no-store"}
+#: one line under the tools: how to change slice and paint
+HINT = "Scroll over the image to change slice; choose Paint, then drag to paint."
 #: colours of the slice strip, per kind of slice (rules.slice_kinds)
 KIND_COLORS = {
     "labeled": "#3d7cff",
@@ -38,26 +70,45 @@ KIND_COLORS = {
 }
 
 
-def token_middleware(token: str):
-    """aiohttp middleware: every request (page, scripts, websocket) must carry the access token,
-    in the URL (``?token=``, then remembered in a same-site cookie) or in that cookie."""
+def access_middleware(app: WebApp):
+    """aiohttp middleware for every request (page, scripts, websocket): refused (403) unless it
+    comes from the app's own origin (:func:`rules.request_refusal` against ``app.hosts``); the
+    page also needs the token in its URL, and is redirected once to tell trame's client the
+    websocket's address and the token for its first message (trame's client then removes both
+    from the address bar; the token stays, so a reload works). Sets no cookie."""
+    from urllib.parse import urlencode
+
     from aiohttp import web
 
     @web.middleware
     async def check(request, handler):
-        given = request.query.get("token")
-        if rules.token_matches(token, given):
-            response = await handler(request)
-            if isinstance(response, web.StreamResponse) and not response.prepared:
-                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
-            return response
-        if rules.token_matches(token, request.cookies.get(TOKEN_COOKIE)):
-            return await handler(request)
-        return web.Response(
-            status=403,
-            text="universeg-slicer web: missing or wrong access token; open the URL that the "
-            "server printed when it started\n",
-        )
+        problem = rules.request_refusal(request.headers, app.hosts)
+        # the page under any spelling the static files answer to (/./index.html, /index.html/)
+        page = posixpath.normpath("/" + request.path.lstrip("/")) in PAGE_PATHS
+        if (
+            problem is None
+            and page
+            and not rules.token_matches(app.token, request.query.get("token"))
+        ):
+            problem = (
+                "missing or wrong access token; open the URL that the server printed when it "
+                "started"
+            )
+        if problem is not None:
+            log.warning("refused %s %s: %s", request.method, request.path, problem)
+            return web.Response(
+                status=403, text=f"universeg-slicer web: {problem}\n", headers=PAGE_HEADERS
+            )
+        if page and request.query.get("secret") != app.token:
+            query = {**request.query, "secret": app.token, "sessionURL": f"ws://USE_HOST{WS_PATH}"}
+            return web.Response(
+                status=302,
+                headers={**PAGE_HEADERS, "Location": "/index.html?" + urlencode(query)},
+            )
+        response = await handler(request)
+        if isinstance(response, web.StreamResponse) and not response.prepared:
+            response.headers.update(PAGE_HEADERS if page else SECURITY_HEADERS)
+        return response
 
     return check
 
@@ -68,7 +119,7 @@ class WebApp:
     def __init__(
         self,
         out_path=None,
-        max_upload_mb: float = rules.DEFAULT_MAX_UPLOAD_MB,
+        limits: Optional[UploadLimits] = None,
         token: Optional[str] = None,
         server=None,
         **options,
@@ -81,12 +132,15 @@ class WebApp:
         self.server = server or get_server(None, client_type="vue3")
         self.state, self.ctrl = self.server.state, self.server.controller
         self.token = token or rules.new_token()
+        #: the Host values requests must name (rules.served_hosts; set once the port is known,
+        #: None: any); nothing is served before
+        self.hosts = frozenset()
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.session = AnnotationSession(
             self.slicer_app,
             out_path=out_path,
-            max_upload_bytes=int(max_upload_mb * 2**20),
+            limits=limits,
             **options,
         )
         self.layout_manager = LayoutManager(
@@ -100,6 +154,8 @@ class WebApp:
         self._loop = None
         self._refresh_handle = None
         self._suggested, self._suggested_next = [], 0  # the last run's slices to paint next
+        self._run_task = None  # the one propagation in progress
+        self._pending_upload = None  # (kind, name, content, size) waiting for the user's answer
         self._init_state()
         self._build_ui()
         self.view.modified.connect(lambda *_: self._on_view_modified())
@@ -111,7 +167,12 @@ class WebApp:
     # ------------------------------------------------------------------ server
 
     def _on_bind(self, wslink_server) -> None:
-        wslink_server.app.middlewares.append(token_middleware(self.token))
+        wslink_server.app.middlewares.append(access_middleware(self))
+
+        async def validate_token(secret, client_id):  # wslink: the websocket's first message
+            return rules.token_matches(self.token, secret)
+
+        self.server.protocol.validateToken = validate_token
 
     def url(self, host: str, port: int) -> str:
         """The page URL with its access token."""
@@ -129,6 +190,7 @@ class WebApp:
         s.active_segment = ""
         s.new_segment_name = ""
         s.effect = "none"
+        s.effect_active = "none"  # the effect the server has switched to (strokes go to it)
         s.brush = 5.0
         s.can_undo = False
         s.can_redo = False
@@ -138,6 +200,11 @@ class WebApp:
         s.status_lines = []
         s.slice_kinds = []
         s.slice_index = -1
+        s.slice_count = 0
+        s.unsaved = False
+        s.confirm_open = False
+        s.confirm_text = ""
+        s.upload_key = 0  # bumped to clear the file fields
         s.running = False
         s.has_suggestion = False
         s.progress = 0.0
@@ -146,7 +213,7 @@ class WebApp:
         s.message_kind = "info"
         s.out_path = str(self.session.out_path) if self.session.out_path else ""
         s.download_name = "segmentation.seg.nrrd"
-        s.max_upload_bytes = self.session.max_upload_bytes
+        s.max_upload_bytes = self.session.limits.upload_bytes
         s.change("effect", "brush")(self._on_effect)
         s.change("window_preset")(self._on_window_preset)
         s.change("orientation")(self._on_orientation)
@@ -179,11 +246,13 @@ class WebApp:
         s.can_undo = session.undo_stack.can_undo()
         s.can_redo = session.undo_stack.can_redo()
         s.download_name = session.download_name()
+        s.unsaved = session.has_unsaved_changes()
         if not s.has_volume:
             s.status_lines, s.slice_kinds = [], []
             return
         axis, index = session.view_position(self.view)
         s.slice_index = -1 if index is None else index
+        s.slice_count = session.slice_count(axis)
         statuses = session.statuses(axis)
         s.status_lines = [rules.status_line(st) for st in statuses]
         active = [st for st in statuses if st.segment_id == s.active_segment]
@@ -203,10 +272,12 @@ class WebApp:
     def _on_view_modified(self) -> None:
         if self.session.volume_node is None:
             return
-        _, index = self.session.view_position(self.view)
-        if self.state.slice_index != (-1 if index is None else index):
+        axis, index = self.session.view_position(self.view)
+        index = -1 if index is None else index
+        count = self.session.slice_count(axis)
+        if (self.state.slice_index, self.state.slice_count) != (index, count):
             with self.state:
-                self.state.slice_index = -1 if index is None else index
+                self.state.slice_index, self.state.slice_count = index, count
 
     # ------------------------------------------------------------------ actions
 
@@ -229,10 +300,21 @@ class WebApp:
         dm.show_volume_in_slice_foreground(None)
         self.view.set_orientation(self.state.orientation)
         dm.reset_views()
-        self.state.window_preset = "Auto"
+        self._default_window()
+
+    def _default_window(self) -> None:
+        """Open a volume with the window its modality or intensities call for (a CT: soft
+        tissue; otherwise Slicer's automatic window)."""
+        from trame_slicer.utils import vtk_image_to_np
+
+        values = vtk_image_to_np(self.session.volume_node.GetImageData())
+        preset = rules.default_window_preset(values, self.session.modality())
+        self._apply_window(preset)
+        self.state.window_preset = preset
 
     def on_upload(self, kind: str, files) -> None:
-        """Upload from the page (``kind`` image or segmentation); one file."""
+        """Upload from the page (``kind`` image or segmentation); one file. A file that would
+        replace unsaved changes waits for the user's answer (:meth:`on_confirm`)."""
 
         def action():
             if not files:
@@ -243,43 +325,61 @@ class WebApp:
             content = f.get("content")
             if isinstance(content, list):
                 content = b"".join(content)
-            name = self.session.upload(kind, f.get("name"), content, f.get("size"))
-            if kind == "image":
-                self._show_volume()
-            self._say(f"Loaded {name}")
-            self.refresh()
+            upload = (kind, f.get("name"), content, f.get("size"))
+            try:
+                self._load_upload(*upload)
+            except UnsavedChanges as exc:
+                self._pending_upload = upload
+                self.state.confirm_text = f"{one_line(exc)}."
+                self.state.confirm_open = True
 
         self._guard(action)
+        self.state.upload_key += 1  # the file fields never keep a name (refused or loaded)
+
+    def _load_upload(self, kind, name, content, size, discard_changes=False) -> None:
+        name = self.session.upload(kind, name, content, size, discard_changes=discard_changes)
+        if kind == "image":
+            self._show_volume()
+        self._say(f"Loaded {name}")
+        self.refresh()
+
+    def on_confirm(self, discard: bool) -> None:
+        """The user's answer about unsaved changes: discard them and open the waiting file, or
+        keep them (the file is dropped)."""
+        upload, self._pending_upload = self._pending_upload, None
+        self.state.confirm_open = False
+        if upload is None:
+            return
+        if discard:
+            self._guard(lambda: self._load_upload(*upload, discard_changes=True))
+        else:
+            self._say(f"Kept your changes; {upload[1]} was not opened.")
 
     def on_upload_refused(self, name, size) -> None:
         """The page refused a file before sending it (over the size limit)."""
-        self._guard(
-            lambda: rules.check_upload(
-                str(name), None, "image", self.session.max_upload_bytes, int(size)
-            )
-        )
+        self._guard(lambda: check_upload(str(name), None, "image", self.session.limits, int(size)))
+        self.state.upload_key += 1
 
     def _on_effect(self, effect, brush, **_):
         if effect in EFFECTS:
             self._guard(lambda: self.session.set_effect(effect, brush))
+            self.state.effect_active = self.session.effect_name()
 
     def _on_window_preset(self, window_preset, **_):
+        if self.session.volume_node is not None:
+            self._guard(lambda: self._apply_window(window_preset))
+
+    def _apply_window(self, preset: str) -> None:
+        from trame_slicer.core.volume_window_level import VolumeWindowLevel
+        from trame_slicer.utils import vtk_image_to_np
+
         volume = self.session.volume_node
-        if volume is None:
+        if preset == "Auto":
+            VolumeWindowLevel.get_volume_display_node(volume).SetAutoWindowLevel(1)
             return
-
-        def action():
-            from trame_slicer.core.volume_window_level import VolumeWindowLevel
-            from trame_slicer.utils import vtk_image_to_np
-
-            if window_preset == "Auto":
-                VolumeWindowLevel.get_volume_display_node(volume).SetAutoWindowLevel(1)
-                return
-            values = vtk_image_to_np(volume.GetImageData())
-            window, level = rules.window_level(window_preset, values)
-            VolumeWindowLevel.set_volume_node_window_level(volume, window, level)
-
-        self._guard(action)
+        values = vtk_image_to_np(volume.GetImageData())
+        window, level = rules.window_level(preset, values)
+        VolumeWindowLevel.set_volume_node_window_level(volume, window, level)
 
     def _on_orientation(self, orientation, **_):
         if orientation not in ORIENTATIONS:
@@ -348,10 +448,16 @@ class WebApp:
         self._guard(action)
 
     def on_propagate(self) -> None:
-        """Start a propagation without blocking the page (Cancel stays clickable)."""
-        if self.session.running:
+        """Start a propagation without blocking the page (Cancel stays clickable). One run at a
+        time: a click while a run is in progress (a double click) changes nothing; the running
+        state belongs to the run that set it and is cleared only when that run ends."""
+        if self._run_task is not None or self.session.running:
             return
-        asyncio.get_running_loop().create_task(self._propagate())
+        self.state.running = True
+        self.state.progress = 0.0
+        self.state.progress_text = "starting"
+        self._say("Propagating...")
+        self._run_task = asyncio.get_running_loop().create_task(self._propagate())
 
     async def _propagate(self) -> None:
         loop = asyncio.get_running_loop()
@@ -360,11 +466,6 @@ class WebApp:
         def progress(fraction, text):  # worker thread -> the event loop
             loop.call_soon_threadsafe(self._set_progress, float(fraction), str(text))
 
-        with self.state:
-            self.state.running = True
-            self.state.progress = 0.0
-            self.state.progress_text = "starting"
-            self._say("Propagating...")
         try:
             axis, _ = self.session.view_position(self.view)
             report = await self.session.propagate(axis, progress)
@@ -380,6 +481,7 @@ class WebApp:
             log.exception("propagation failed")
             text, kind = f"internal error ({type(exc).__name__}: {one_line(exc)})", "error"
         with self.state:
+            self._run_task = None
             self.state.running = False
             self.state.progress_text = ""
             self._guard(self.refresh)
@@ -402,6 +504,7 @@ class WebApp:
         def action():
             path = self.session.save()
             self._say(f"Saved {path}")
+            self.refresh()
 
         self._guard(action)
 
@@ -411,6 +514,7 @@ class WebApp:
         if data is None:
             return None
         self._say(f"Downloaded {self.session.download_name()}")
+        self._guard(self.refresh)
         return self.server.protocol.addAttachment(data)
 
     # ------------------------------------------------------------------ page
@@ -428,6 +532,7 @@ class WebApp:
             show_size=True,
             disabled=("running",),
             prepend_icon="mdi-file-upload",
+            key=(f"'{kind}-' + upload_key",),  # a new key: a new, empty field
             change=(
                 "(f => { if (!f) return; "
                 f"if (f.size > max_upload_bytes) trigger('{refused}', [f.name, f.size]); "
@@ -459,6 +564,21 @@ class WebApp:
                         "'mx-4 text-body-2'",
                     ),
                 )
+            with v3.VDialog(v_model=("confirm_open",), persistent=True, max_width=520):
+                with v3.VCard(id="confirm-dialog"):
+                    v3.VCardTitle("Unsaved changes")
+                    v3.VCardText("{{ confirm_text }}", id="confirm-text")
+                    with v3.VCardActions():
+                        v3.VSpacer()
+                        v3.VBtn(
+                            "Keep my work", id="confirm-keep", click=(self.on_confirm, "[false]")
+                        )
+                        v3.VBtn(
+                            "Discard and open",
+                            id="confirm-discard",
+                            color="error",
+                            click=(self.on_confirm, "[true]"),
+                        )
             with v3.VNavigationDrawer(permanent=True, width=380, location="left"):
                 with html.Div(classes="pa-3"):
                     html.Div("Image", classes="text-overline")
@@ -519,6 +639,7 @@ class WebApp:
                         )
 
                     html.Div("Edit", classes="text-overline mt-3")
+                    html.Div(HINT, id="hint", classes="text-caption mb-1")
                     with v3.VBtnToggle(
                         id="effects",
                         v_model=("effect",),
@@ -650,24 +771,46 @@ class WebApp:
                         )
 
                     html.Div("Save", classes="text-overline mt-3")
-                    v3.VBtn(
-                        "Save",
-                        id="save",
-                        prepend_icon="mdi-content-save",
-                        disabled=("!has_volume || running",),
-                        click=(
-                            f"out_path ? trigger('{ctrl.trigger_name(self.on_save)}') : "
-                            "utils.download(download_name, "
-                            f"trigger('{ctrl.trigger_name(self.on_download)}'), "
-                            "'application/octet-stream')"
-                        ),
-                    )
+                    with html.Div(classes="d-flex ga-2"):
+                        v3.VBtn(
+                            "Save",
+                            id="save",
+                            v_if=("out_path",),
+                            prepend_icon="mdi-content-save",
+                            disabled=("!has_volume || running",),
+                            click=self.on_save,
+                        )
+                        v3.VBtn(
+                            "Download",
+                            id="download",
+                            prepend_icon="mdi-download",
+                            disabled=("!has_volume || running",),
+                            click=(
+                                "utils.download(download_name, "
+                                f"trigger('{ctrl.trigger_name(self.on_download)}'), "
+                                "'application/octet-stream')"
+                            ),
+                        )
                     html.Div(
-                        "{{ out_path ? 'to ' + out_path : 'as a download' }}",
+                        "{{ (out_path ? 'Save writes ' + out_path + '; ' : '') + "
+                        "(unsaved ? 'unsaved changes' : 'no unsaved changes') }}",
+                        id="save-state",
                         classes="text-caption text-truncate",
                         title=("out_path",),
                     )
             with v3.VMain(), html.Div(style="position: relative; height: calc(100vh - 48px);"):
+                html.Div(
+                    "{{ slice_index >= 0 ? `Slice ${slice_index} (0-${slice_count - 1})` "
+                    ": 'Outside the volume' }}",
+                    id="slice-number",
+                    v_show=("has_volume",),
+                    classes="text-body-2",
+                    style=(
+                        "position: absolute; top: 8px; right: 8px; z-index: 5; padding: 2px 8px; "
+                        "border-radius: 4px; background: rgba(0, 0, 0, 0.6); color: white; "
+                        "pointer-events: none;"
+                    ),
+                )
                 self.layout_manager.initialize_layout_grid(self.ui)
 
     # ------------------------------------------------------------------ start
@@ -677,6 +820,7 @@ class WebApp:
 
         def on_ready(**_):
             self._loop = asyncio.get_running_loop()
+            self.hosts = rules.served_hosts(host, self.server.port)
             url = self.url(host, self.server.port)
             if ready is not None:
                 ready(url)
@@ -700,14 +844,17 @@ def serve(
     host="127.0.0.1",
     port=0,
     allow_remote=False,
-    max_upload_mb=rules.DEFAULT_MAX_UPLOAD_MB,
+    max_upload_mb=DEFAULT_MAX_UPLOAD_MB,
+    max_image_mb=DEFAULT_MAX_IMAGE_MB,
+    max_voxels=DEFAULT_MAX_VOXELS,
     **options,
 ) -> int:
     """``universeg-slicer web``: check the arguments, load the files, serve the page."""
     warning = rules.check_host(host, allow_remote)
+    limits = UploadLimits.from_options(max_upload_mb, max_image_mb, max_voxels)
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Platform")
-    app = WebApp(out_path=out, max_upload_mb=max_upload_mb, **options)
+    app = WebApp(out_path=out, limits=limits, **options)
     app.load(image, labels)
 
     def ready(url):

@@ -1,44 +1,24 @@
 """Rules of the browser app that need neither Slicer nor trame (tested in plain Python).
 
-Uploads (size limit, file type by name *and* content), file names that come from the page,
-the access token, which hosts may be bound, the window/level presets and the wording of the
-status line all live here, so the app and its tests share one definition of each.
+File names that come from the page, the access token and which requests may reach the server,
+which hosts may be bound, the window/level presets and the wording of the status line all live
+here, so the app and its tests share one definition of each (what an upload may contain is
+:mod:`UniverSegLogic.web.uploads`).
 """
 
 from __future__ import annotations
 
-import gzip
 import hmac
-import io
 import ipaddress
 import re
 import secrets
-import struct
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from ..errors import InputError, UsageError
 
-#: Default upload limit in MiB (``--max-upload-mb``).
-DEFAULT_MAX_UPLOAD_MB = 512
-#: Single-file image formats the page accepts (Slicer reads them without a side file).
-IMAGE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
-#: Segmentation format the page accepts.
-SEGMENTATION_SUFFIXES = (".seg.nrrd",)
-UPLOAD_KINDS = ("image", "segmentation")
-_HEADER_PEEK = 64 * 1024  # bytes of a NRRD header searched for the segment fields
-_METAIMAGE_KEYS = (b"ObjectType", b"NDims", b"Comment", b"ObjectSubType")
-
 # ---------------------------------------------------------------------------------------------
 # file names from the page
-
-
-def _suffix(name: str, choices: Sequence[str]) -> Optional[str]:
-    low = name.lower()
-    for s in sorted(choices, key=len, reverse=True):
-        if low.endswith(s) and len(low) > len(s):
-            return s
-    return None
 
 
 def upload_name(name) -> str:
@@ -75,90 +55,6 @@ def download_name(segmentation_name: str) -> str:
             stem = stem[: -len(s)]
     stem = re.sub(r"[^\w\-. ]", "_", stem, flags=re.ASCII).strip(" .") or "segmentation"
     return stem[:200] + ".seg.nrrd"
-
-
-# ---------------------------------------------------------------------------------------------
-# uploads
-
-
-def _looks_like(suffix: str, content: bytes) -> bool:
-    if suffix in (".nrrd", ".seg.nrrd"):
-        return content[:4] == b"NRRD"
-    if suffix == ".nii":
-        return _nifti_size(content) is not None and len(content) >= _nifti_size(content)
-    if suffix == ".nii.gz":
-        if content[:2] != b"\x1f\x8b" or len(content) < 18:
-            return False
-        try:
-            with gzip.GzipFile(fileobj=io.BytesIO(content)) as f:
-                need = _nifti_size(f.read(348))
-        except (OSError, EOFError):
-            return False
-        # the gzip trailer holds the uncompressed size (mod 2**32): a cut file is refused
-        return need is not None and int.from_bytes(content[-4:], "little") == need % 2**32
-    if suffix == ".mha":  # MetaImage: a text header of "Key = Value" lines
-        return content.lstrip()[:12].startswith(_METAIMAGE_KEYS)
-    return False
-
-
-def _nifti_size(head: bytes) -> Optional[int]:
-    """Bytes a NIfTI-1 file needs (header offset + voxel data), or None if ``head`` is not one.
-    ITK's NIfTI reader loads a cut file without complaint, so the size is checked here."""
-    if len(head) < 348 or head[344:347] not in (b"n+1", b"ni1"):
-        return None
-    for order in ("little", "big"):
-        if int.from_bytes(head[:4], order) == 348:
-            break
-    else:
-        return None
-    dims = [int.from_bytes(head[40 + 2 * i : 42 + 2 * i], order, signed=True) for i in range(8)]
-    bitpix = int.from_bytes(head[72:74], order, signed=True)
-    offset = struct.unpack((">" if order == "big" else "<") + "f", head[108:112])[0]
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
-        return None
-    voxels = 1
-    for d in dims[1 : dims[0] + 1]:
-        voxels *= d
-    return int(max(offset, 348)) + voxels * bitpix // 8
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"
-
-
-def check_upload(name, content, kind: str, max_bytes: int, size=None) -> str:
-    """Check one uploaded file before anything is written or loaded; returns its safe name.
-
-    ``kind`` is ``"image"`` (``.nrrd``, ``.nii``, ``.nii.gz``, ``.mha``) or ``"segmentation"``
-    (``.seg.nrrd`` written by Slicer or slicerio). The type is checked by name *and* by the
-    first bytes of the content (a renamed file is refused). ``size`` is what the browser claimed
-    (checked too, so an oversized file is refused before its content is looked at).
-    Raises :class:`InputError` with a one-line message naming the file.
-    """
-    if kind not in UPLOAD_KINDS:
-        raise UsageError(f"unknown upload kind {kind!r}")
-    name = upload_name(name)
-    for n in (size, None if content is None else len(content)):
-        if n is not None and int(n) > max_bytes:
-            raise InputError(
-                f"{name} is {_mib(int(n))}: uploads are limited to {_mib(max_bytes)} "
-                "(--max-upload-mb)"
-            )
-    if not content:
-        raise InputError(f"{name} is empty")
-    choices = IMAGE_SUFFIXES if kind == "image" else SEGMENTATION_SUFFIXES
-    suffix = _suffix(name, choices)
-    if suffix is None:
-        raise InputError(f"{name} is not a supported {kind} file (use {', '.join(choices)})")
-    if not _looks_like(suffix, bytes(content[:_HEADER_PEEK])):
-        raise InputError(f"{name} is not a complete {suffix} file")
-    if kind == "segmentation":
-        header = bytes(content[:_HEADER_PEEK]).split(b"\n\n", 1)[0]
-        if b"Segment0_" not in header:
-            raise InputError(
-                f"{name} is a NRRD image without segment fields: not a Slicer segmentation"
-            )
-    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +100,50 @@ def check_host(host: str, allow_remote: bool) -> Optional[str]:
     )
 
 
+def served_hosts(host: str, port: int) -> Optional[FrozenSet[str]]:
+    """The ``Host`` header values of requests meant for a server bound to ``host``:``port``.
+
+    For a loopback bind: the loopback names with the port, so a page that reaches the port
+    under another name (DNS rebinding: ``evil.example`` resolving to 127.0.0.1) is refused.
+    None (any name) for another bind (``--allow-remote``), whose names (addresses, DNS names,
+    a proxy's) cannot be known; there the token and the Origin check protect the page."""
+    if not is_loopback(host):
+        return None
+    bound = host.strip().lower()
+    names = {"localhost", "127.0.0.1", "[::1]", f"[{bound.strip('[]')}]" if ":" in bound else bound}
+    hosts = {f"{n}:{port}" for n in names}
+    if port == 80:  # browsers leave the default port out
+        hosts |= names
+    return frozenset(hosts)
+
+
+def request_refusal(headers, hosts: Optional[FrozenSet[str]]) -> Optional[str]:
+    """Why a request (its ``headers``, a case-insensitive mapping) cannot come from the app's
+    own page, or None if it can.
+
+    The ``Host`` must be one of ``hosts`` (:func:`served_hosts`; None: any); an ``Origin``,
+    which browsers send with every websocket and cross-origin request, must be this server's
+    own (``http(s)://`` + Host); a ``Sec-Fetch-Site`` other than ``same-origin`` or ``none``
+    (typed URL, bookmark) is refused, except for a top-level navigation (which still needs the
+    token in its URL). A page on another port of the same machine is same-site but never
+    same-origin, so all three refuse it."""
+    host = (headers.get("Host") or "").strip().lower()
+    if not host:
+        return "the request names no Host"
+    if hosts is not None and host not in hosts:
+        return f"Host {host[:80]!r} is not this server"
+    origin = headers.get("Origin")
+    if origin is not None and origin.strip().lower() not in (f"http://{host}", f"https://{host}"):
+        return f"Origin {origin[:80]!r} is not this page"
+    site = headers.get("Sec-Fetch-Site")
+    navigation = (
+        headers.get("Sec-Fetch-Mode") == "navigate" and headers.get("Sec-Fetch-Dest") == "document"
+    )
+    if site is not None and site not in ("same-origin", "none") and not navigation:
+        return f"a {site[:20]} request from another page"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # window / level
 
@@ -235,6 +175,31 @@ def window_level(preset: str, values=None) -> Tuple[float, float]:
     lo, hi = (float(v) for v in np.percentile(np.asarray(values), [a, b]))
     window = max(hi - lo, 1e-6)
     return window, (hi + lo) / 2.0
+
+
+#: The preset a CT opens with: soft tissue (Slicer's "CT abdomen": W 350, L 40).
+CT_DEFAULT_PRESET = "CT abdomen"
+
+
+def default_window_preset(values, modality: str = "") -> str:
+    """The window a volume opens with: :data:`CT_DEFAULT_PRESET` for a CT, ``"Auto"`` (Slicer's
+    automatic window, right for MR) otherwise.
+
+    A CT is what ``modality`` says (e.g. a DICOM ``Modality`` of ``CT``); without one, an image
+    whose intensities look like Hounsfield units: air near -1000 (the minimum between -3100,
+    below which no scanner pads, and -500) and dense tissue above +100. Slicer's automatic
+    window on a CT spans air to bone and washes soft tissue out."""
+    modality = (modality or "").strip().upper()
+    if modality:
+        return CT_DEFAULT_PRESET if modality == "CT" else "Auto"
+    import numpy as np
+
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0 or not np.issubdtype(flat.dtype, np.number):
+        return "Auto"
+    sample = flat[:: max(1, flat.size // 1_000_000)]  # a million voxels tell the range
+    lo, hi = float(np.min(sample)), float(np.max(sample))
+    return CT_DEFAULT_PRESET if -3100 <= lo <= -500 and hi >= 100 else "Auto"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-DEFAULT_SEGMENT = "right lung"
-DEFAULT_K = 3
+from ..sample import DEFAULT_K, DEFAULT_SEGMENT, sample_paths
 
 
 def write_sample(
@@ -18,7 +17,6 @@ def write_sample(
     """Write ``<folder>/<segment> 3 slices.seg.nrrd``: only ``k`` axial slices of ``segment``
     of slicerio's sample segmentation (chosen as the demo and the evaluation choose them), on
     the chest CT's grid. Returns (image path, segmentation path, painted slice indices)."""
-    from ..cli.demo import sample_paths
     from ..core.geometry import SliceFrame
     from ..core.io import Segmentation, read_image, read_segmentation, write_segmentation
     from ..core.slices import evaluation_slices, slice_extent

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import Cancelled, InputError, MRMLError, OutputError, UsageError, one_line
 from . import rules
+from .uploads import IMAGE_SUFFIXES, UploadLimits, check_upload
 
 #: Colours given to new segments in turn (Slicer's first generic anatomy colours).
 PALETTE = (
@@ -32,6 +33,11 @@ PALETTE = (
     (0.56, 0.49, 0.74),
 )
 EFFECTS = ("none", "paint", "erase", "scissors")
+
+
+class UnsavedChanges(UsageError):
+    """Opening a file would replace a segmentation whose changes are not saved (nothing was
+    changed; the caller asks the user and retries with ``discard_changes=True``)."""
 
 
 def _effect_types() -> Dict[str, type]:
@@ -82,14 +88,15 @@ class AnnotationSession:
 
     ``options`` are :class:`UniverSegLogic.core.pipeline.PropagationOptions` fields (``weights``,
     ``device``, ``support_size``, ...) used for every run; ``out_path`` is the only place
-    :meth:`save` writes to (chosen on the command line, never by the page).
+    :meth:`save` writes to (chosen on the command line, never by the page); ``limits`` bound
+    what an upload may be (:class:`~UniverSegLogic.web.uploads.UploadLimits`).
     """
 
     def __init__(
         self,
         slicer_app,
         out_path=None,
-        max_upload_bytes: int = rules.DEFAULT_MAX_UPLOAD_MB * 2**20,
+        limits: Optional[UploadLimits] = None,
         engine=None,
         **options,
     ):
@@ -103,7 +110,7 @@ class AnnotationSession:
         self.out_path = Path(out_path).resolve() if out_path else None
         if self.out_path is not None and not str(self.out_path).lower().endswith(".seg.nrrd"):
             raise UsageError(f"--out {out_path}: the output must be a .seg.nrrd file")
-        self.max_upload_bytes = int(max_upload_bytes)
+        self.limits = limits or UploadLimits()
         self.engine = engine
         self.options = dict(options)
         self.volume_node = None
@@ -113,6 +120,7 @@ class AnnotationSession:
         self._upload_dir = tempfile.TemporaryDirectory(prefix="universeg-web-")
         self._cancel = threading.Event()
         self.running = False
+        self._unrecorded_changes = False  # changes that are no undo step (slice marks)
         # one Propagator per (volume, axis, options) across runs, when the bridge offers it
         params = inspect.signature(mrml.prepare_propagation).parameters
         store = getattr(mrml, "SessionStore", None)
@@ -134,13 +142,16 @@ class AnnotationSession:
     def _node_ids(self):
         return {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
 
-    def load_image(self, path) -> None:
+    def load_image(self, path, discard_changes: bool = False) -> None:
         """Load a volume (NRRD, NIfTI, MetaImage); it replaces the current volume and
-        segmentation (a new empty segmentation is created). Nothing changes if it fails."""
+        segmentation (a new empty segmentation is created). Nothing changes if it fails, and
+        :class:`UnsavedChanges` is raised instead while the segmentation has unsaved changes,
+        unless ``discard_changes``."""
         self._check_idle()
         path = Path(path)
         if not path.is_file():
             raise InputError(f"image not found: {path}")
+        self._check_saved(path.name, discard_changes)
         _preflight_image(path)
         before = self._node_ids()
         try:
@@ -165,15 +176,16 @@ class AnnotationSession:
         seg.SetName(volume.GetName() + " segmentation")
         self._activate(seg)
 
-    def load_segmentation(self, path) -> None:
+    def load_segmentation(self, path, discard_changes: bool = False) -> None:
         """Load a ``.seg.nrrd`` onto the current volume; it replaces the current segmentation.
-        Nothing changes if it fails."""
+        Nothing changes if it fails; :class:`UnsavedChanges` as for :meth:`load_image`."""
         self._check_idle()
         if self.volume_node is None:
             raise InputError("load an image before its segmentation")
         path = Path(path)
         if not path.is_file():
             raise InputError(f"segmentation not found: {path}")
+        self._check_saved(path.name, discard_changes)
         _preflight_segmentation(path)
         before = self._node_ids()
         error = None
@@ -196,20 +208,48 @@ class AnnotationSession:
         self.editor.deactivate_effect()
         self.editor.set_active_segmentation(seg, self.volume_node)
         self.editor.set_surface_representation_enabled(False)
-        self.undo_stack.clear()
+        self.undo_stack.clear()  # a cleared stack is clean: the file as loaded is saved
+        self._unrecorded_changes = False
 
-    def upload(self, kind: str, name, content, size=None) -> str:
+    # ------------------------------------------------------------------------------ unsaved work
+
+    def has_unsaved_changes(self) -> bool:
+        """True when the segmentation differs from what was last loaded, saved or downloaded:
+        an undo step since then (paint, erase, scissors, a segment added, a propagation, an
+        undo or redo past that point) or a slice marked labeled."""
+        if self.segmentation_node is None:
+            return False
+        return self._unrecorded_changes or not self.undo_stack.is_clean()
+
+    def _mark_saved(self) -> None:
+        self.undo_stack.set_clean()
+        self._unrecorded_changes = False
+
+    def _check_saved(self, replacement: str, discard_changes: bool) -> None:
+        if self.has_unsaved_changes() and not discard_changes:
+            raise UnsavedChanges(
+                f"Opening {replacement} would discard the unsaved changes to "
+                f"{self.segmentation_node.GetName()}"
+            )
+
+    def upload(self, kind: str, name, content, size=None, discard_changes: bool = False) -> str:
         """Check and load a file sent by the page (``kind`` ``image`` or ``segmentation``).
-        The file goes to this session's private folder under a checked plain name and is removed
-        after loading. Raises :class:`InputError` and changes nothing on any problem."""
+
+        The header is checked first (:func:`~UniverSegLogic.web.uploads.check_upload`: one
+        self-contained file within :attr:`limits`, complete); then, with unsaved changes and
+        without ``discard_changes``, :class:`UnsavedChanges` is raised. The file goes to this
+        session's private folder under a checked plain name and is removed after loading.
+        Raises :class:`InputError` and changes nothing on any problem."""
         self._check_idle()
-        name = rules.check_upload(name, content, kind, self.max_upload_bytes, size)
+        name = check_upload(name, content, kind, self.limits, size)
         if kind == "segmentation" and self.volume_node is None:
             raise InputError("load an image before its segmentation")
+        self._check_saved(name, discard_changes)
         path = rules.safe_path(self._upload_dir.name, name)
         try:
             path.write_bytes(bytes(content))
-            (self.load_image if kind == "image" else self.load_segmentation)(path)
+            load = self.load_image if kind == "image" else self.load_segmentation
+            load(path, discard_changes=True)  # asked above
         finally:
             if path.exists():
                 path.unlink()
@@ -276,6 +316,14 @@ class AnnotationSession:
         if brush_diameter is not None and hasattr(effect, "set_brush_diameter"):
             effect.set_brush_diameter(float(brush_diameter))
 
+    def effect_name(self) -> str:
+        """The active effect, one of :data:`EFFECTS`."""
+        active = self.editor.get_active_effect_name() or ""
+        for name, kind in _effect_types().items():
+            if active.endswith("." + kind.__name__):
+                return name
+        return "none"
+
     def undo(self) -> None:
         """Undo the last edit (paint, erase, scissors, new segment or a whole propagation)."""
         self._check_idle()
@@ -302,6 +350,18 @@ class AnnotationSession:
         except MRMLError:
             index = None
         return axis, index
+
+    def slice_count(self, axis: int) -> int:
+        """Number of volume slices along array axis ``axis`` (0 when no volume is loaded)."""
+        if self.volume_node is None or self.volume_node.GetImageData() is None:
+            return 0
+        return int(self.volume_node.GetImageData().GetDimensions()[2 - int(axis)])
+
+    def modality(self) -> str:
+        """The volume's modality when it came with one (a DICOM ``Modality``), else ``""``."""
+        if self.volume_node is None:
+            return ""
+        return self.volume_node.GetAttribute("DICOM.Modality") or ""
 
     def go_to_slice(self, view, index: int) -> None:
         """Show slice ``index`` (along the view's axis) in a trame-slicer slice view."""
@@ -336,9 +396,11 @@ class AnnotationSession:
 
         self._check_idle()
         sid = self._active_for_run()
-        return mrml.mark_slice_labeled(
+        status = mrml.mark_slice_labeled(
             self.volume_node, self.segmentation_node, sid, axis, int(index), labeled
         )
+        self._unrecorded_changes = True
+        return status
 
     def clear_predictions(self) -> List[int]:
         """Erase the untouched predicted slices of the active segment (one undo step)."""
@@ -452,17 +514,21 @@ class AnnotationSession:
         if self.out_path is None:
             raise UsageError("no --out file was given: use the download")
         self._write(self.out_path)
+        self._mark_saved()
         return self.out_path
 
     def save_bytes(self) -> bytes:
-        """The segmentation as ``.seg.nrrd`` bytes (for a browser download)."""
+        """The segmentation as ``.seg.nrrd`` bytes (for a browser download); the changes count
+        as saved once the bytes are handed over."""
         self._check_idle()
         path = Path(self._upload_dir.name) / "download.seg.nrrd"
         self._write(path)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         finally:
             path.unlink()
+        self._mark_saved()
+        return data
 
     def download_name(self) -> str:
         """File name offered for the download."""
@@ -507,7 +573,7 @@ def _has_voxels(volume) -> bool:
 
 def _stem(name: str) -> str:
     low = name.lower()
-    for s in (".seg.nrrd", ".nii.gz") + rules.IMAGE_SUFFIXES:
+    for s in (".seg.nrrd", ".nii.gz") + IMAGE_SUFFIXES:
         if low.endswith(s):
             return name[: -len(s)]
     return name

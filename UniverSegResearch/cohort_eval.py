@@ -35,9 +35,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.geometry import Volume
-from ..core.metrics import dice
-from ..errors import UsageError
+from UniverSegLogic.core.geometry import Volume
+from UniverSegLogic.core.metrics import dice
+from UniverSegLogic.errors import UsageError
 
 #: The pair of the default evaluation (TotalSegmentator CT training cases).
 DEFAULT_CASES = ("ts_ct_abdomen", "ts_ct_dicom")
@@ -120,14 +120,14 @@ def set_single_thread() -> None:
 
 
 def _settings(align: str, weights: str, device: str, structures: Sequence[str] = ()):
-    from ..cohort.case import CohortSettings
+    from UniverSegLogic.cohort.case import CohortSettings
 
     segments = tuple(structures) or None
     return CohortSettings(segments, align=align, weights=weights, device=device, threads=1)
 
 
 def _reference(scan: LabeledScan, structures: Sequence[str]):
-    from ..cohort.case import Reference
+    from UniverSegLogic.cohort.case import Reference
 
     masks = {n: scan.masks[n] for n in structures}
     return Reference(scan.name, scan.image, masks, {}, {}, "")
@@ -137,7 +137,7 @@ def run_ours(
     reference: LabeledScan, target: Volume, structures: Sequence[str], align: str, weights, device
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
     """(predicted mask by structure, timings) of cohort labeling with ``align``."""
-    from ..cohort.case import segment_masks
+    from UniverSegLogic.cohort.case import segment_masks
 
     settings = _settings(align, weights, device, structures)
     seg = segment_masks(target, [_reference(reference, structures)], settings)
@@ -152,7 +152,7 @@ def run_atlas(
     reference: LabeledScan, target: Volume, structures: Sequence[str], kind: str
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
     """(warped reference mask by structure, timings) of atlas registration ``kind``."""
-    from ..cohort.align import align_reference
+    from UniverSegLogic.cohort.align import align_reference
 
     aligned = align_reference(
         reference.image, {n: reference.masks[n] for n in structures}, target, kind
@@ -162,7 +162,7 @@ def run_atlas(
 
 def warm_up(weights: str, device: str) -> str:
     """Load the weights once (as a cohort worker does before its first task); its device."""
-    from ..cohort.case import worker_engines
+    from UniverSegLogic.cohort.case import worker_engines
 
     store = worker_engines(_settings("extent", weights, device))
     return str(store.get(weights, device).engine.device)
@@ -293,7 +293,7 @@ def summarize(payload: Dict[str, object]) -> Dict[str, object]:
 
 
 def write_json(path: str, payload: Dict[str, object]) -> None:
-    from ..core.atomic import write_text
+    from UniverSegLogic.core.atomic import write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_text(path, json.dumps(payload, indent=1) + "\n")
@@ -475,7 +475,7 @@ def command_line(args) -> str:
 
 def run_cli(args) -> int:
     """``universeg-slicer evaluate --cohort``."""
-    from ..core.io import check_output_path
+    from UniverSegLogic.core.io import check_output_path
 
     if args.mask:
         raise UsageError("--mask goes with --image, not with --cohort")
@@ -503,7 +503,7 @@ def run_cli(args) -> int:
     command = command_line(args)
     payload["command"] = command
     write_json(args.json, payload)
-    from ..core.atomic import write_text
+    from UniverSegLogic.core.atomic import write_text
 
     write_text(md_path, markdown(payload, command))
     print(table(payload))

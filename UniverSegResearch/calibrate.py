@@ -28,15 +28,16 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.fill_between import fill_between_slices, labeled_only
-from ..core.metrics import dice
-from ..core.prior import FusionParams, LogisticRule, ShapePrior, fused_probabilities
-from ..core.slices import (
+from UniverSegLogic.core.fill_between import fill_between_slices, labeled_only
+from UniverSegLogic.core.metrics import dice
+from UniverSegLogic.core.prior import FusionParams, LogisticRule, ShapePrior, fused_probabilities
+from UniverSegLogic.core.slices import (
     evaluation_slices,
     extrapolation_slices,
     prediction_targets,
     slice_extent,
 )
+
 from .evaluate import EvalCase
 
 #: Candidate feature sets (name -> features) for the rule inside the painted range.
@@ -160,7 +161,7 @@ def build_episodes(
     log: Optional[Callable[[str], None]] = None,
 ) -> List[Episode]:
     """Episodes of every structure of ``cases`` for every k (network run once, then cached)."""
-    from ..core.propagator import PropagationOptions, Propagator, SegmentInput
+    from UniverSegLogic.core.propagator import PropagationOptions, Propagator, SegmentInput
 
     out = []
     sessions: Dict[int, Propagator] = {}  # one session per case image

@@ -1,11 +1,11 @@
-"""``universeg-slicer data``: fetch labeled volumes and prepare training/evaluation data."""
+"""``python -m UniverSegResearch data``: fetch labeled volumes and prepare training/evaluation data."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from ..errors import UsageError
+from UniverSegLogic.errors import UsageError
 
 
 def register(sub) -> None:
@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..research import data
+    from .. import data
 
     sources = tuple(data.SOURCES)
     if args.sources:

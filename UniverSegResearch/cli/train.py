@@ -1,6 +1,6 @@
-"""``universeg-slicer train``: train / fine-tune UniverSeg v1 on prepared slice stacks.
+"""``python -m UniverSegResearch train``: train / fine-tune UniverSeg v1 on prepared slice stacks.
 
-Also runnable on its own (``python -m UniverSegLogic.cli.train ...``), which imports nothing but
+Also runnable on its own (``python -m UniverSegResearch.cli.train ...``), which imports nothing but
 torch and numpy -- the form used on the GPU machine.
 """
 
@@ -11,14 +11,14 @@ import sys
 from dataclasses import fields
 from typing import List, Optional
 
-from ..errors import UniverSegError, one_line
+from UniverSegLogic.errors import UniverSegError, one_line
 
 HELP = "train or fine-tune the network on prepared .npz slice stacks (GPU recommended)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The train flags (defaults come from :class:`train.TrainConfig`)."""
-    from ..research.train import TrainConfig
+    from ..train import TrainConfig
 
     d = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("data", "out")}
     p.add_argument(
@@ -83,20 +83,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """A :class:`train.TrainConfig` from parsed arguments."""
-    from ..research.train import TrainConfig
+    from ..train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.io import check_output_path
-    from ..research.train import train
+    from UniverSegLogic.core.io import check_output_path
+
+    from ..train import train
 
     check_output_path(args.out, option="--out", folder=True)  # before loading any data
     cfg = config_from_args(args)
     if cfg.minutes <= 0 and not cfg.max_steps:
-        print("universeg-slicer train: error: --minutes must be positive", file=sys.stderr)
+        print(
+            "python -m UniverSegResearch train: error: --minutes must be positive", file=sys.stderr
+        )
         return 2
     train(cfg, echo=lambda s: print(s, flush=True))
     return 0
@@ -110,13 +113,13 @@ def register(subparsers) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Stand-alone entry point (does not load the other sub-commands)."""
-    parser = argparse.ArgumentParser(prog="universeg-slicer train", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m UniverSegResearch train", description=HELP)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run(args)
     except (UniverSegError, OSError, ValueError) as exc:
-        print(f"universeg-slicer train: error: {one_line(exc)}", file=sys.stderr)
+        print(f"python -m UniverSegResearch train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

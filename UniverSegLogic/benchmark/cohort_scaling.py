@@ -1,6 +1,6 @@
 """How ``universeg-slicer cohort`` scales with Dask workers (``benchmark --cohort N``).
 
-One run times the same synthetic cohort (:func:`cohort_data.synthetic_cohort`: N resampled,
+One run times the same synthetic cohort (:func:`synthetic.synthetic_cohort`: N resampled,
 shifted, intensity-scaled copies of slicerio's chest CT, the scan itself as the reference) on a
 local Dask cluster in several configurations, each from a fresh output folder and including the
 cluster's start, and checks that every configuration wrote the same segmentations and montages.
@@ -63,7 +63,7 @@ def run_cohort_scaling(
     from ..cohort.case import CohortSettings
     from ..cohort.runner import run_cohort
     from ..core.engine import cpu_bf16_choice
-    from .cohort_data import sample_scan, synthetic_cohort
+    from .synthetic import sample_scan, synthetic_cohort
 
     tmp = None
     if folder is None:

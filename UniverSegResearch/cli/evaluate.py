@@ -1,4 +1,4 @@
-"""``universeg-slicer evaluate``: our propagation vs Fill between slices vs nearest-slice copy."""
+"""``python -m UniverSegResearch evaluate``: our propagation vs Fill between slices vs nearest-slice copy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import time
 from typing import List
 
-from ..errors import UsageError
+from UniverSegLogic.errors import UsageError
 
 
 def register(sub) -> None:
@@ -30,7 +30,7 @@ def register(sub) -> None:
         action="store_true",
         help="cohort labeling vs atlas registration: each of the two TotalSegmentator CT "
         "training cases segmented from the other as reference (Dice per structure, seconds "
-        "per case; UniverSegLogic/research/cohort_eval.py)",
+        "per case; UniverSegResearch/cohort_eval.py)",
     )
     p.add_argument(
         "--cache",
@@ -96,7 +96,7 @@ def register(sub) -> None:
         action="store_true",
         help="simulate annotation sessions instead: from the k=2 slices, paint the slice each "
         "strategy picks until Dice >= --target-dice or --max-painted slices "
-        "(UniverSegLogic/research/session_eval.py)",
+        "(UniverSegResearch/session_eval.py)",
     )
     p.add_argument(
         "--strategies",
@@ -114,7 +114,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _ints(text: str, what: str) -> List[int]:
+def parse_ints(text: str, what: str) -> List[int]:
     try:
         out = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -128,18 +128,19 @@ def _session_factory(args, axis, engine, options, fusion):
     """Propagator per case, its logits kept in ``--logit-cache`` when given (else None)."""
     if not args.logit_cache:
         return None
-    from ..research.logit_store import session_factory
+    from ..logit_store import session_factory
 
     return session_factory(args.logit_cache, args.weights, axis, engine, options, fusion)
 
 
 def run(args) -> int:
-    from ..core.geometry import resolve_axis
-    from ..core.io import check_output_path, read_image
-    from ..core.prior import FusionParams
-    from ..core.propagator import PropagationOptions
-    from ..core.slices import slice_extent
-    from ..research import evaluate as ev
+    from UniverSegLogic.core.geometry import resolve_axis
+    from UniverSegLogic.core.io import check_output_path, read_image
+    from UniverSegLogic.core.prior import FusionParams
+    from UniverSegLogic.core.propagator import PropagationOptions
+    from UniverSegLogic.core.slices import slice_extent
+
+    from .. import evaluate as ev
 
     # before anything heavy: outputs writable, none of them an input
     inputs = [args.image, args.cases, args.fusion, args.weights, *args.mask]
@@ -147,11 +148,11 @@ def run(args) -> int:
     if args.figures:
         check_output_path(args.figures, inputs, option="--figures", folder=True)
     if args.cohort:
-        from ..research import cohort_eval
+        from .. import cohort_eval
 
         return cohort_eval.run_cli(args)
     fusion = FusionParams.load(args.fusion) if args.fusion else None
-    ks = _ints(args.k, "--k")
+    ks = parse_ints(args.k, "--k")
     methods = [m for m in (args.methods or ",".join(ev.METHODS)).replace(" ", "").split(",") if m]
     bad = [m for m in methods if m not in ev.METHODS]
     if bad or not methods:
@@ -178,7 +179,7 @@ def run(args) -> int:
             if slice_extent(m.mask, axis) is None:
                 raise UsageError(f"mask {m.name!r} of {c.name} is empty")
     if args.session:
-        from ..research import session_eval
+        from .. import session_eval
 
         return session_eval.run_cli(args, cases, axis)
 
@@ -189,7 +190,7 @@ def run(args) -> int:
             raise UsageError("--support-size must be at least 1")
         options.support_size = args.support_size
     if "universeg" in methods:
-        from ..core.engines import EngineStore
+        from UniverSegLogic.core.engines import EngineStore
 
         engine = EngineStore().get(args.weights, args.device).engine
     log = None if args.quiet else (lambda s: print(s, flush=True))

@@ -32,7 +32,7 @@ from ..core.io import (
 
 def sample_scan() -> Dict[str, str]:
     """The labeled chest CT that ships inside slicerio (image and segmentation paths)."""
-    from .data import slicerio_data_dir
+    from ..sample import slicerio_data_dir
 
     folder = slicerio_data_dir()
     return {

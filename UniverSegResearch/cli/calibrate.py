@@ -1,4 +1,4 @@
-"""``universeg-slicer calibrate``: fit the network/prior fusion on validation structures."""
+"""``python -m UniverSegResearch calibrate``: fit the network/prior fusion on validation structures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from ..errors import UsageError
+from UniverSegLogic.errors import UsageError
 
 
 def register(sub) -> None:
@@ -49,13 +49,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..core.engines import EngineStore
-    from ..core.io import check_output_path
-    from ..core.propagator import PropagationOptions
-    from ..core.weights import load_weights
-    from ..research import calibrate as cal
-    from ..research.evaluate import load_manifest
-    from .evaluate import _ints
+    from UniverSegLogic.core.engines import EngineStore
+    from UniverSegLogic.core.io import check_output_path
+    from UniverSegLogic.core.propagator import PropagationOptions
+    from UniverSegLogic.core.weights import load_weights
+
+    from .. import calibrate as cal
+    from ..evaluate import load_manifest
+    from .evaluate import parse_ints
 
     inputs = [args.cases, args.weights]
     check_output_path(args.out, inputs, option="--out")  # before anything heavy
@@ -63,7 +64,7 @@ def run(args) -> int:
         if os.path.abspath(args.report) == os.path.abspath(args.out):
             raise UsageError("--report and --out name the same file")
         check_output_path(args.report, [*inputs, args.out], option="--report")
-    ks = _ints(args.k, "--k")
+    ks = parse_ints(args.k, "--k")
     support = args.support_size or PropagationOptions().support_size
     if support < 1:
         raise UsageError("--support-size must be at least 1")
@@ -81,7 +82,7 @@ def run(args) -> int:
     params.save(args.out, {"weights": desc, "support_size": support, "ks": ks})
     print(f"wrote {args.out}: {params.source}")
     if args.report:
-        from ..core.atomic import write_text
+        from UniverSegLogic.core.atomic import write_text
 
         write_text(args.report, json.dumps(report, indent=1))
     return 0

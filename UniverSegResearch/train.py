@@ -1,4 +1,4 @@
-"""Training UniverSeg v1 for the way this product uses it (``universeg-slicer train``).
+"""Training UniverSeg v1 for the way this product uses it (``python -m UniverSegResearch train``).
 
 The product propagates k painted slices (1..8) of one structure through a volume: every other
 slice between the painted range widened by one typical gap is segmented with the *bracketing*
@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..core.metrics import dice_from_counts
-from ..core.model import UniverSeg
-from ..core.slices import evaluation_slices, typical_gap
-from ..core.support import select_support
-from ..core.weights import verify_state_dict
+from UniverSegLogic.core.metrics import dice_from_counts
+from UniverSegLogic.core.model import UniverSeg
+from UniverSegLogic.core.slices import evaluation_slices, typical_gap
+from UniverSegLogic.core.support import select_support
+from UniverSegLogic.core.weights import verify_state_dict
 
 CHECKPOINT_FORMAT = "universeg-slicer-train/1"
 KIND_OWN, KIND_CROSS, KIND_SYNTHETIC = 0, 1, 2
@@ -756,13 +756,13 @@ def _to_cpu(obj):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    from ..core.atomic import write_with
+    from UniverSegLogic.core.atomic import write_with
 
     write_with(str(path), lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    from ..core.atomic import write_text
+    from UniverSegLogic.core.atomic import write_text
 
     write_text(str(path), text)
 
@@ -856,7 +856,7 @@ class TrainLog:
         ax[1].plot(steps[ok], val[ok], marker="o")
         ax[1].set(xlabel="step", ylabel="val Dice (product protocol)")
         fig.tight_layout()
-        from ..core.atomic import write_with
+        from UniverSegLogic.core.atomic import write_with
 
         write_with(str(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
         plt.close(fig)

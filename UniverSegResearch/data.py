@@ -44,9 +44,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..core.canvas import Canvas, intensity_window, scale_intensity
-from ..core.geometry import SliceFrame, Volume
-from ..core.io import InputError
+from UniverSegLogic.core.canvas import Canvas, intensity_window, scale_intensity
+from UniverSegLogic.core.geometry import SliceFrame, Volume
+from UniverSegLogic.core.io import InputError
+from UniverSegLogic.sample import slicerio_data_dir
 
 AXES: Tuple[str, ...] = ("axial", "coronal", "sagittal")
 #: Structures with fewer voxels than this (on their native grid) are dropped.
@@ -484,16 +485,6 @@ def fetch_mricron(cache: str) -> str:
     return templates
 
 
-def slicerio_data_dir() -> str:
-    """The ``data`` folder of the installed slicerio package."""
-    import slicerio
-
-    folder = os.path.join(os.path.dirname(os.path.abspath(slicerio.__file__)), "data")
-    if not os.path.exists(os.path.join(folder, "CTChest4.nrrd")):
-        raise DataError(f"slicerio's sample data not found in {folder}")
-    return folder
-
-
 # --------------------------------------------------------------------------------------------
 # Loading cases
 # --------------------------------------------------------------------------------------------
@@ -531,7 +522,7 @@ def _read_sitk(path: str):
 def _volume(image) -> Volume:
     import SimpleITK as sitk
 
-    from ..core.io import ijk_to_ras_from_sitk
+    from UniverSegLogic.core.io import ijk_to_ras_from_sitk
 
     return Volume(sitk.GetArrayFromImage(image), ijk_to_ras_from_sitk(image))
 
@@ -643,7 +634,7 @@ def load_nilearn(folder: str) -> List[LabeledCase]:
 
 def load_slicerio(folder: str) -> List[LabeledCase]:
     """slicerio's chest CT with its 7 segments (the unseen demo sample; evaluation only)."""
-    from ..core.io import read_segmentation
+    from UniverSegLogic.core.io import read_segmentation
 
     path = os.path.join(folder, "CTChest4.nrrd")
     image = _read_sitk(path)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One training session on the lent GPU machine. Run from the repository root:
 #
-#   bash UniverSegLogic/research/gpu/train_gpu.sh                 # 7 minutes, results in $OUT/train
-#   MINUTES=5 RESUME=path/to/checkpoint.pt bash UniverSegLogic/research/gpu/train_gpu.sh --lr 1e-4
+#   bash UniverSegResearch/gpu/train_gpu.sh                 # 7 minutes, results in $OUT/train
+#   MINUTES=5 RESUME=path/to/checkpoint.pt bash UniverSegResearch/gpu/train_gpu.sh --lr 1e-4
 #
 # Environment: DATA (default .data/prepared, carried with the call), OUT (the device's return
 # folder; default ./out), MINUTES (wall-clock budget of the training process, default 7),
@@ -32,6 +32,6 @@ echo "data: $(ls "$DATA"/train/*.npz | wc -l) train / $(ls "$DATA"/val/*.npz 2>/
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-exec "$PY" -m UniverSegLogic.cli.train --data "$DATA" --out "$OUTDIR" --minutes "$MINUTES" \
+exec "$PY" -m UniverSegResearch.cli.train --data "$DATA" --out "$OUTDIR" --minutes "$MINUTES" \
     --episodes 16 --targets 2 --log-every-s 20 --val-every-s 30 --checkpoint-every-s 60 \
     ${resume[@]+"${resume[@]}"} "$@"

@@ -18,7 +18,7 @@ Two kinds, both printed as tables (``docs/results/evaluation/probes_log.txt``):
 
 Run::
 
-    python -m UniverSegLogic.research.method_probes --cases .data/prepared/eval/manifest.json
+    python -m UniverSegResearch.method_probes --cases .data/prepared/eval/manifest.json
 """
 
 from __future__ import annotations
@@ -31,9 +31,15 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from ..core import prior as P
-from ..core.metrics import dice
-from ..core.slices import evaluation_slices, extrapolation_slices, prediction_targets, slice_extent
+from UniverSegLogic.core import prior as P
+from UniverSegLogic.core.metrics import dice
+from UniverSegLogic.core.slices import (
+    evaluation_slices,
+    extrapolation_slices,
+    prediction_targets,
+    slice_extent,
+)
+
 from . import calibrate as cal
 
 
@@ -125,8 +131,8 @@ def network_probes(cases, engine, k: int = 2, beyond: int = 3, log=print) -> Non
     """Voxels wrong (inside / beyond the painted range) of the network variants."""
     import torch
 
-    from ..core.propagator import _ImageStack
-    from ..core.support import select_support
+    from UniverSegLogic.core.propagator import _ImageStack
+    from UniverSegLogic.core.support import select_support
 
     acc = collections.defaultdict(lambda: np.zeros(6))
     for c in cases:
@@ -207,8 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cache", default=os.path.join(".data", "calibration"))
     p.add_argument("--skip-network", action="store_true")
     args = p.parse_args(argv)
-    from ..core.engines import EngineStore
-    from ..core.weights import load_weights
+    from UniverSegLogic.core.engines import EngineStore
+    from UniverSegLogic.core.weights import load_weights
+
     from .evaluate import load_manifest
 
     cases = load_manifest(args.cases, [r for r in args.roles.split(",") if r])

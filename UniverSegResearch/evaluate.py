@@ -26,9 +26,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.fill_between import FillBetweenUnavailable, fill_between_slices, labeled_only
-from ..core.metrics import dice, dice_unlabeled
-from ..core.slices import evaluation_slices, slice_extent
+from UniverSegLogic.core.fill_between import (
+    FillBetweenUnavailable,
+    fill_between_slices,
+    labeled_only,
+)
+from UniverSegLogic.core.metrics import dice, dice_unlabeled
+from UniverSegLogic.core.slices import evaluation_slices, slice_extent
 
 METHODS: Tuple[str, ...] = ("universeg", "fill_between_slices", "nearest_slice")
 
@@ -98,7 +102,7 @@ def run_universeg(
 ) -> np.ndarray:
     """Our propagation of ``painted`` (labeled slices only) with a
     :class:`~UniverSegLogic.core.propagator.Propagator` session -> boolean KJI mask."""
-    from ..core.propagator import SegmentInput
+    from UniverSegLogic.core.propagator import SegmentInput
 
     return session.propagate([SegmentInput(name, name, painted, list(labeled))]).segments[0].mask
 
@@ -107,7 +111,7 @@ def make_session(image, axis: int, engine=None, options=None, fusion=None):
     """A :class:`~UniverSegLogic.core.propagator.Propagator` for evaluating masks of ``image``."""
     from dataclasses import replace
 
-    from ..core.propagator import PropagationOptions, Propagator
+    from UniverSegLogic.core.propagator import PropagationOptions, Propagator
 
     opts = replace(options or PropagationOptions(), axis=int(axis))
     return Propagator(image, opts, engine=engine, fusion=fusion)
@@ -181,7 +185,7 @@ def evaluate_mask(
 def load_manifest(path: str, roles: Optional[Sequence[str]] = None) -> List[EvalCase]:
     """Cases of an ``eval/manifest.json`` (``{"cases": [{"case", "role", "image",
     "structures": [{"name", "mask"}]}]}``, paths relative to the manifest's folder)."""
-    from ..core.io import InputError, read_image
+    from UniverSegLogic.core.io import InputError, read_image
 
     if not os.path.isfile(path):
         raise InputError(f"manifest not found: {path}")
@@ -209,7 +213,7 @@ def load_manifest(path: str, roles: Optional[Sequence[str]] = None) -> List[Eval
 
 def read_mask(path: str, image) -> np.ndarray:
     """A binary mask file (any non-zero label) on the grid of ``image``."""
-    from ..core.io import read_segmentation
+    from UniverSegLogic.core.io import read_segmentation
 
     seg = read_segmentation(path, image)
     out = np.zeros(image.array.shape, dtype=bool)
@@ -303,7 +307,7 @@ def summary_table(outcomes: Sequence[Outcome], title: str = "") -> str:
 
 def write_json(path: str, outcomes: Sequence[Outcome]) -> None:
     """``{"results": [row, ...]}`` written atomically."""
-    from ..core.atomic import write_text
+    from UniverSegLogic.core.atomic import write_text
 
     write_text(path, json.dumps({"results": [o.row() for o in outcomes]}, indent=1) + "\n")
 
@@ -407,7 +411,7 @@ def write_figures(
         for m in c.masks:
             by_name[f"{c.name}/{m.name}" if len(cases) > 1 else m.name] = (c, m)
     k_show = montage_k if montage_k is not None else min(ks, key=lambda k: abs(k - 3))
-    from ..core.canvas import intensity_window, scale_intensity
+    from UniverSegLogic.core.canvas import intensity_window, scale_intensity
 
     for n in names:
         if n not in by_name:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU machine (torch + numpy only; no SimpleITK/slicerio needed: the sample
 # slices come from docs/results/benchmarks/chest_ct_slices.npz). Writes JSON + table into $OUT/.
-# Usage (repository root): OUT=/some/dir bash UniverSegLogic/research/gpu/benchmark_gpu.sh
+# Usage (repository root): OUT=/some/dir bash UniverSegResearch/gpu/benchmark_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 OUT="${OUT:-$PWD/benchmark_out}"

@@ -42,9 +42,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.fill_between import FillBetweenUnavailable, fill_between_slices, labeled_only
-from ..core.metrics import dice
-from ..core.slices import evaluation_slices, slice_extent
+from UniverSegLogic.core.fill_between import (
+    FillBetweenUnavailable,
+    fill_between_slices,
+    labeled_only,
+)
+from UniverSegLogic.core.metrics import dice
+from UniverSegLogic.core.slices import evaluation_slices, slice_extent
 
 STRATEGIES = ("ours_suggest", "ours_bisect", "fbs_bisect")
 TARGET_DICE = 0.90
@@ -138,7 +142,7 @@ def run_session(
     """Simulate one annotation session on ``truth`` (see the module docstring). ``session``: a
     :class:`~UniverSegLogic.core.propagator.Propagator` of the image along ``axis`` (for the
     ``ours_*`` strategies); ``spacing``: (k, j, i) mm, for Fill between slices."""
-    from ..core.propagator import SegmentInput
+    from UniverSegLogic.core.propagator import SegmentInput
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (use {', '.join(STRATEGIES)})")
@@ -213,7 +217,7 @@ def run_sessions(
 ) -> List[SessionTrace]:
     """:func:`run_session` for every mask of every case and every strategy (mask names become
     ``case/name`` when there is more than one case). ``session_factory(case)`` may supply the
-    Propagator of a case (default: :func:`~UniverSegLogic.research.evaluate.make_session`)."""
+    Propagator of a case (default: :func:`~UniverSegResearch.evaluate.make_session`)."""
     from .evaluate import make_session
 
     out: List[SessionTrace] = []
@@ -328,7 +332,7 @@ def write_json(
     max_painted: int = MAX_PAINTED,
 ) -> None:
     """``{"protocol", "summary": {role: {strategy: ...}}, "sessions": [row, ...]}`` (atomic)."""
-    from ..core.atomic import write_text
+    from UniverSegLogic.core.atomic import write_text
 
     roles: Dict[str, List[SessionTrace]] = {}
     for t in traces:
@@ -431,11 +435,11 @@ def write_figures(
 
 
 def run_cli(args, cases, axis: int) -> int:
-    """``universeg-slicer evaluate --session``: the sessions of every mask of ``cases``, their
+    """``python -m UniverSegResearch evaluate --session``: the sessions of every mask of ``cases``, their
     JSON (``--json``), tables per case role, and figures (``--figures``)."""
-    from ..core.prior import FusionParams
-    from ..core.propagator import PropagationOptions
-    from ..errors import UsageError
+    from UniverSegLogic.core.prior import FusionParams
+    from UniverSegLogic.core.propagator import PropagationOptions
+    from UniverSegLogic.errors import UsageError
 
     strategies = [s for s in args.strategies.replace(" ", "").split(",") if s]
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -455,7 +459,7 @@ def run_cli(args, cases, axis: int) -> int:
         options.support_size = args.support_size
     engine, fusion = None, None
     if any(s.startswith("ours") for s in strategies):
-        from ..core.engines import EngineStore
+        from UniverSegLogic.core.engines import EngineStore
 
         engine = EngineStore().get(args.weights, args.device).engine
         if args.fusion:

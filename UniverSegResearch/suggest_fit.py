@@ -14,7 +14,7 @@ printed as the constants of :mod:`~UniverSegLogic.core.suggest` and written as J
 
 Run (validation role only; the unseen chest CT is never used)::
 
-    python -m UniverSegLogic.research.suggest_fit --cases .data/prepared/eval/manifest.json \\
+    python -m UniverSegResearch.suggest_fit --cases .data/prepared/eval/manifest.json \\
         --json docs/results/session/uncertainty_fit.json
 """
 
@@ -27,9 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core import suggest
-from ..core.prior import FusionParams, ShapePrior, fused_probabilities
-from ..core.slices import extrapolation_slices, prediction_targets
+from UniverSegLogic.core import suggest
+from UniverSegLogic.core.prior import FusionParams, ShapePrior, fused_probabilities
+from UniverSegLogic.core.slices import extrapolation_slices, prediction_targets
+
 from . import calibrate as cal
 
 
@@ -183,9 +184,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cache", default=os.path.join(".data", "calibration"))
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from ..core.engines import EngineStore
-    from ..core.prior import fusion_for
-    from ..core.weights import load_weights
+    from UniverSegLogic.core.engines import EngineStore
+    from UniverSegLogic.core.prior import fusion_for
+    from UniverSegLogic.core.weights import load_weights
+
     from .evaluate import load_manifest
 
     cases = load_manifest(args.cases, [r for r in args.roles.split(",") if r])
@@ -200,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("BEYOND =", result["beyond"])
     print(json.dumps(result["stats"], indent=1))
     if args.json:
-        from ..core.atomic import write_text
+        from UniverSegLogic.core.atomic import write_text
 
         result["cases"] = sorted({c.name for c in cases})
         result["fusion"] = fusion.source

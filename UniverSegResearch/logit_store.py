@@ -102,7 +102,8 @@ def install(session, root: str, weights_tag: str) -> DiskLogits:
 def session_factory(root: str, weights: str, axis: int, engine, options=None, fusion=None):
     """``factory(case)`` -> a Propagator of ``case.image`` (as the evaluation makes it) whose
     logits are kept under ``root``; ``weights``: the weights source the engine was loaded from."""
-    from ..core.weights import load_weights
+    from UniverSegLogic.core.weights import load_weights
+
     from .calibrate import weights_key
     from .evaluate import make_session
 
