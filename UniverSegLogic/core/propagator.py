@@ -525,6 +525,8 @@ class Propagator:
             canvas_footprints(cols, canvas.inner[1]),
         )
         self._fbs_gaps = _LRU()
+        self._pending: Dict[tuple, object] = {}  # Fill between slices computing in the worker
+        self._executor = None
         self._support_volumes = list(support_volumes)
         self._support_stacks: Dict[int, _ImageStack] = {}
         self._external: Dict[str, Optional[ExternalSupport]] = {}
@@ -559,24 +561,11 @@ class Propagator:
 
         tick("starting", 0)
         results = []
-        for plan in plans:
-            probs, priors = self._segment_probabilities(plan, tick, state)
-            tick(f"{plan.seg.name}: restacking", 0)
-            mask = assemble_mask(self.frame, plan.seg.mask, plan.labeled, probs)
-            planes = {t: p for t, (_, p) in probs.items()}
-            results.append(
-                SegmentResult(
-                    plan.seg.key,
-                    plan.seg.name,
-                    mask,
-                    list(plan.labeled),
-                    sorted(probs),
-                    slice_uncertainty(planes, plan.mask_stack, plan.labeled, priors),
-                    probs,
-                    self.frame,
-                    plan.seg.mask,
-                )
-            )
+        try:
+            self._prefetch_fill_between(plans)
+            results = self._results(plans, tick, state)
+        finally:
+            self._stop_prefetch()
         for cache in (self._logits, self._gaps, self._fbs_gaps):
             cache.trim(max(MIN_CACHE_BYTES, 2 * cache.used_this_call))
         live = {fp for plan in plans for fp in plan.fingerprints.values()}
@@ -597,6 +586,68 @@ class Propagator:
             getattr(self.engine, "precision", "fp32"),
             getattr(self.engine, "precision_reason", "test double"),
         )
+
+    def _results(self, plans: List[_Plan], tick, state: Dict) -> List[SegmentResult]:
+        """Propagate, restack and score every segment."""
+        results = []
+        for plan in plans:
+            probs, priors = self._segment_probabilities(plan, tick, state)
+            tick(f"{plan.seg.name}: restacking", 0)
+            mask = assemble_mask(self.frame, plan.seg.mask, plan.labeled, probs)
+            planes = {t: p for t, (_, p) in probs.items()}
+            results.append(
+                SegmentResult(
+                    plan.seg.key,
+                    plan.seg.name,
+                    mask,
+                    list(plan.labeled),
+                    sorted(probs),
+                    slice_uncertainty(planes, plan.mask_stack, plan.labeled, priors),
+                    probs,
+                    self.frame,
+                    plan.seg.mask,
+                )
+            )
+        return results
+
+    def _fbs_key(self, plan: _Plan, lo: int, hi: int) -> tuple:
+        return (plan.fingerprints[lo], plan.fingerprints[hi], hi - lo, self.frame.spacing)
+
+    def _prefetch_fill_between(self, plans: List[_Plan]) -> None:
+        """Start Fill between slices of every gap not cached yet in a worker thread: it runs
+        while the network runs (the filter is mostly one thread and releases the GIL; on 2 cores
+        that hid about half of its time)."""
+        from . import fill_between
+
+        if not (self.options.use_prior and self.fusion.uses_fbs()):
+            return
+        if not fill_between.available():
+            return
+        jobs = []
+        for plan in plans:
+            if not plan.labeled:
+                continue
+            for lo, hi, _ in gaps_of(plan.labeled, plan.targets):
+                key = self._fbs_key(plan, lo, hi)
+                if key not in self._pending and self._fbs_gaps.get(key) is None:
+                    self._pending[key] = None
+                    jobs.append((key, plan.mask_stack, lo, hi))
+        if not jobs:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="universeg-fbs")
+        for key, stack, lo, hi in jobs:
+            self._pending[key] = self._executor.submit(
+                fill_between.fill_between_gap, stack, lo, hi, self.frame.spacing
+            )
+
+    def _stop_prefetch(self) -> None:
+        """Wait for the worker (a filter run cannot be interrupted) and drop what is left."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._pending.clear()
 
     def suggest_slices(self, result, n: int = 1):
         """Slices to paint next: for a :class:`SegmentResult`, up to ``n`` slice numbers (best
@@ -868,12 +919,16 @@ class Propagator:
         ``"refused"`` for a painting the filter cannot take (and a note)."""
         from . import fill_between
 
-        key = (plan.fingerprints[lo], plan.fingerprints[hi], hi - lo, self.frame.spacing)
+        key = self._fbs_key(plan, lo, hi)
         hit = self._fbs_gaps.get(key)
         if hit is not None:
             return hit[0]
         try:
-            result = fill_between.fill_between_gap(plan.mask_stack, lo, hi, self.frame.spacing)
+            future = self._pending.pop(key, None)
+            if future is not None:
+                result = future.result()
+            else:
+                result = fill_between.fill_between_gap(plan.mask_stack, lo, hi, self.frame.spacing)
         except fill_between.FillBetweenUnavailable as exc:
             note = f"{plan.seg.name}: {exc}; the shape prior uses the interpolated distance only"
             if note not in self.notes:
