@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -327,7 +326,7 @@ def _run_child(kind: str, spec: Dict, timeout: float = 3600) -> Dict:
         os.remove(answer)
 
 
-def _run_cli(work: Path, names: Sequence[str], spec: Dict, timeout: float = 3600) -> Dict:
+def _run_cli(work: Path, names: Sequence[str], spec: Dict) -> Dict:
     """``universeg-slicer propagate`` on the case's files: wall time and peak memory."""
     cmd = [
         sys.executable,
@@ -349,18 +348,23 @@ def _run_cli(work: Path, names: Sequence[str], spec: Dict, timeout: float = 3600
     env = dict(os.environ)
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"propagate failed: {proc.stderr.strip()[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+        except BaseException:
+            proc.kill()
+            raise
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"propagate failed: {err.read().strip()[-2000:]}")
+    peak = usage.ru_maxrss  # KiB on Linux
     return {
         "wall_s": wall,
-        # ru_maxrss of all children so far: exact when this is the largest child (it is: the
-        # others hold no more than the same volume and session)
-        "peak_rss_mb": peak / 1024 if peak > before else -1.0,
+        "peak_rss_mb": peak / 1024,
         "command": "universeg-slicer propagate --image image.nrrd --labels painted.seg.nrrd "
         f"--segments {','.join(names)!r} --out out.seg.nrrd --precision {spec['precision']}",
     }

@@ -886,10 +886,10 @@ class Propagator:
                 priors.by_slice[t] = gap.prior
         for end, side in outside_sides(plan.labeled, plan.targets):
             if side:
-                region, side_probs, prior = self._side(plan, end, side, network, tick)
-                for t, p in side_probs.items():
-                    probs[t] = (region, p)
-                    priors.by_slice[t] = prior
+                fused = self._side(plan, end, side, network, tick, state)
+                for t, p in fused.probs.items():
+                    probs[t] = (fused.region, p)
+                    priors.by_slice[t] = fused.prior
         return probs, priors
 
     def _prior(self, plan: _Plan, region: Region, fbs=None) -> ShapePrior:
@@ -1022,10 +1022,24 @@ class Propagator:
                 return False
         return True
 
-    def _side(self, plan: _Plan, end: int, side: List[int], network, tick):
-        """(region, fused probabilities, prior) of the targets beyond painted ``end``: in a
-        region around the end slice, again on the whole slice when a slice came out foreground
-        on an inner side of the region (where it may go on outside it)."""
+    def _side(self, plan: _Plan, end: int, side: List[int], network, tick, state) -> _Fused:
+        """The fused targets beyond painted ``end`` (cached like a gap): in a region around the
+        end slice, again on the whole slice when a slice came out foreground on an inner side
+        of the region (where it may go on outside it)."""
+        key = (
+            "side",
+            end,
+            plan.fingerprints[end],
+            tuple(side),
+            self._logit_keys(plan, side),
+            id(self.fusion.outside),
+            self.step,
+        )
+        cached = self._gaps.get(key)
+        if cached is not None:
+            state["reused"] += len(side) * self.options.ensemble
+            tick("", len(side) * self.options.ensemble)
+            return cached
         region = self._full
         if self._regions:
             box = bounding_box([plan.mask_stack[end]])
@@ -1047,5 +1061,8 @@ class Propagator:
                 lambda k: tick("", k * self.options.ensemble),
             )
             if not result.touched or region.is_full:
-                return region, result.probs, prior
+                break
             region = self._full
+        fused = _Fused(region, result.probs, prior)
+        self._gaps.put(key, fused)
+        return fused
