@@ -128,8 +128,8 @@ class PropagationOptions:
     use_prior: bool = True
     seed: int = 0
     #: run the network on every N-th slice and interpolate its logits in between: None = the
-    #: slices that fit in one pixel of its canvas (:func:`~UniverSegLogic.core.slices
-    #: .network_step`; 1 on slices as thick as a canvas pixel or thicker), 1 = every slice
+    #: slices that fit in 1.2 pixels of its canvas (:func:`~UniverSegLogic.core.slices
+    #: .network_step`; 1 on slices about as thick as a canvas pixel or thicker), 1 = every slice
     network_step: Optional[int] = None
     #: the engine's numeric precision on the CPU: ``auto`` (the machine's rule, never a timing:
     #: :func:`~UniverSegLogic.core.engine.resolve_precision`; ``UNIVERSEG_CPU_BF16=0/1`` sets
