@@ -1006,8 +1006,9 @@ class Propagator:
         sp = prior.in_plane
         dist = box_distance_mm((fr0[:, None], fr1[:, None], fc0[None, :], fc1[None, :]), box, sp)
         dist = np.minimum(dist - 0.25 * (sp[0] + sp[1]), EMPTY_DISTANCE_MM).astype(np.float32)
+        dist = dist[outside]  # only the canvas pixels that reach outside the region
         painted_nb = np.where(dist > 0, -MODEL_CLIP, MODEL_CLIP).astype(np.float32)
-        tops = {t: max_filter3(np.clip(logits[t], -MODEL_CLIP, MODEL_CLIP)) for t in ts}
+        tops = {t: max_filter3(np.clip(logits[t], -MODEL_CLIP, MODEL_CLIP))[outside] for t in ts}
         labeled = set(prior.labeled)
         for t in ts:
             scale = prior.distance_scale(t, lo, hi)
@@ -1015,10 +1016,19 @@ class Propagator:
                 return False
             _, r, gap, gap_r = prior.gap_scalars(t, lo, hi)
             nbs = [painted_nb if u in labeled else tops.get(u, tops[t]) for u in (t - 1, t + 1)]
-            bound = inside_upper_bound(
-                rule, tops[t], (nbs[0] + nbs[1]) / np.float32(2.0), scale * dist / r, gap, gap_r
+            args = (tops[t], (nbs[0] + nbs[1]) / np.float32(2.0), scale * dist / r)
+            # the largest logit, the largest neighbours' and the smallest distance together
+            # first: when even that bound is negative, no pixel needs looking at
+            whole = inside_upper_bound(
+                rule,
+                *(np.float32(a.max()) for a in args[:2]),
+                np.float32(args[2].min()),
+                gap,
+                gap_r,
             )
-            if bool((bound[outside] >= -BOUND_SLACK).any()):
+            if float(whole) < -BOUND_SLACK:
+                continue
+            if bool((inside_upper_bound(rule, *args, gap, gap_r) >= -BOUND_SLACK).any()):
                 return False
         return True
 
