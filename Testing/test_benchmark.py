@@ -90,6 +90,7 @@ def test_clinical_benchmark_quick_variant_writes_every_documented_field(tmp_path
     assert r["volume"]["shape_kji"] == [24, 48, 48] and r["volume"]["dtype"] == "int16"
     one, three = r["cases"]
     assert one["segments"] == ["right lung"] and len(three["segments"]) == 3
+    assert len(one["first_run_s_each"]) == 2 and len(one["fill_between_slices_s_each"]) == 2
     for case in (one, three):
         for key in (
             "first_run_s",
@@ -115,5 +116,7 @@ def test_clinical_benchmark_quick_variant_writes_every_documented_field(tmp_path
             for value in case["dice"][name].values():
                 assert 0.0 < value <= 1.0
         assert case["network_runs"]["rerun"] < case["network_runs"]["first"]
+        assert case["repeats_identical"] is True  # the same masks in every timed run
+        assert case["first_run_cpu_s"] > 0 and case["fill_between_slices_cpu_s"] > 0
     assert r["cli"]["wall_s"] > 0 and "universeg-slicer propagate" in r["cli"]["command"]
     assert r["annotation_loop_256"]["rerun_identical_to_fresh"] is True

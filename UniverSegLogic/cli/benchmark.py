@@ -158,7 +158,9 @@ def _clinical(args: argparse.Namespace) -> int:
         from ..errors import UsageError
 
         raise UsageError("--clinical: --precision must be auto, fp32 or bf16")
-    result = run_clinical(quick=args.quick, precision=args.precision, threads=args.threads)
+    result = run_clinical(
+        quick=args.quick, precision=args.precision, threads=args.threads, repeats=args.repeats
+    )
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
