@@ -561,6 +561,9 @@ def _cpu_name() -> str:
 
 
 def _child_main(argv: List[str]) -> int:
+    from ..core.engines import torch_environment
+
+    torch_environment()
     kind, spec, answer = argv[0], json.loads(argv[1]), argv[2]
     steps = {"propagation": _child_propagation, "fill_between": _child_fill_between}
     out = steps[kind](spec)

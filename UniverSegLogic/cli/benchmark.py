@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise output_error(exc, args.json) from None
         check_output_path(args.json, [args.sample], option="--json")
+    from ..core.engines import torch_environment
+
+    torch_environment()
     if args.cohort is not None:
         return _cohort(args)
     if args.clinical:

@@ -242,6 +242,9 @@ def run(args) -> int:
             raise UsageError("--report must not be the --out file")
         check_output_path(args.report, inputs_given)
     options = options_from_args(args)
+    from ..core.engines import torch_environment
+
+    torch_environment()
     from ..core.engine import resolve_device
 
     resolve_device(options.device)  # --device cuda without CUDA: say so before reading anything

@@ -17,6 +17,24 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
 
+#: Environment defaults PyTorch reads once, when it is first imported (a caller's own values
+#: win): unsupported Apple-GPU operations run on the CPU instead of failing; OpenMP threads wait
+#: for work asleep instead of spinning -- on a shared CPU (Slicer, other processes) a spinning
+#: thread burns the core its partner needs: 16 targets at S=2 took 6.29 s with a busy process
+#: beside and 2.08 s without it spinning, 2.12 s and 1.37 s asleep (same run, 2-core AMD EPYC).
+TORCH_ENVIRONMENT = {"PYTORCH_ENABLE_MPS_FALLBACK": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def torch_environment() -> bool:
+    """Set :data:`TORCH_ENVIRONMENT` (where not set) if torch is not imported yet; True if it
+    was in time. Call it before the first ``import torch`` of a process."""
+    if "torch" in sys.modules:
+        return False
+    for key, value in TORCH_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    return True
+
+
 @dataclass
 class LoadedEngine:
     """An engine and a description of its weights (for messages and result files)."""
@@ -77,8 +95,7 @@ class EngineStore:
                 progress(0.0, message)
 
         if "torch" not in sys.modules:
-            # unsupported Apple-GPU operations run on the CPU instead of failing (read at import)
-            os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+            torch_environment()
             step("Loading PyTorch (first run only)...")
         dev = self.device_for(device)
         key = (str(weights), dev, str(precision))
