@@ -61,6 +61,45 @@ class ConstantLogitEngineDouble:
         return torch.full((targets.shape[0], 1) + tuple(targets.shape[-2:]), 8.0)
 
 
+class EngineStoreDouble:
+    """Test double for :class:`~UniverSegLogic.core.engines.EngineStore`: hands out ``engine``
+    (an engine double, or a real engine loaded once) for any weights and device, so a run through
+    :class:`~UniverSegLogic.mrml.Runner` -- the path the Slicer module, its effect and the
+    browser app take -- computes with it."""
+
+    def __init__(self, engine, description="engine test double"):
+        self.engine, self.description = engine, description
+        self.mps_failed = False
+        self.requests = []  # (weights, device) of every get
+
+    def device_for(self, requested):
+        return self.engine.device
+
+    def get(
+        self, weights="starter", device="auto", progress=None, cancel=None, *, precision="auto"
+    ):
+        from UniverSegLogic.core.engines import LoadedEngine
+
+        given = getattr(self.engine, "precision", "fp32")  # an engine double computes in fp32
+        if precision not in ("auto", given):
+            raise AssertionError(f"the double's engine computes in {given}, not {precision}")
+        self.requests.append((weights, device))
+        return LoadedEngine(self.engine, self.description, "double", "")
+
+    def clear(self):
+        pass
+
+    def __len__(self):
+        return 1
+
+
+def runner_with(engine, **kwargs):
+    """The shipped run path (:class:`UniverSegLogic.mrml.Runner`) computing with ``engine``."""
+    from UniverSegLogic.mrml import Runner
+
+    return Runner(engines=EngineStoreDouble(engine), **kwargs)
+
+
 def oblique_phantom(shape=(18, 26, 34), spacing=(0.9, 1.4, 2.5)):
     """Oblique, anisotropic, left-handed volume with non-zero origin holding an off-centre
     ellipsoid whose cross-section changes from slice to slice along every axis; (volume, mask)."""

@@ -456,3 +456,154 @@ def test_help_imports_neither_torch_nor_the_research_code():
     assert p.returncode == 0, p.stderr
     assert "HEAVY []" in p.stdout, p.stdout
     assert "propagate" in p.stdout and "benchmark" in p.stdout
+
+
+# ------------------------------------------------------------------- the same rules everywhere
+
+
+def _labels(d, folder, name, segments):
+    """A .seg.nrrd in ``folder`` of ``segments`` ((name, mask) pairs) on the case's image grid."""
+    ref = read_image(str(d / "image.nrrd"))
+    colors = [(0.9, 0.1, 0.1), (0.1, 0.2, 0.9), (0.2, 0.8, 0.2)]
+    path = folder / f"{name}.seg.nrrd"
+    write_segmentation(
+        str(path),
+        Segmentation(
+            ref,
+            [Segment(n, m, colors[i % 3], f"{n}_id", {}) for i, (n, m) in enumerate(segments)],
+        ),
+    )
+    return path
+
+
+def _propagate(d, labels, out, *extra, weights="starter"):
+    return [
+        "propagate",
+        "--image",
+        str(d / "image.nrrd"),
+        "--labels",
+        str(labels),
+        "--out",
+        str(out),
+        "--weights",
+        weights if weights == "starter" else str(d / weights),
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
+
+
+def _masks(path):
+    seg = slicerio.read_segmentation(str(path))
+    return seg, {
+        s["name"]: slicerio.segment_mask(seg, s["name"]).transpose(2, 1, 0) > 0
+        for s in seg["segments"]
+    }
+
+
+def _slices(mask, axis, idx):
+    out = np.zeros_like(mask)
+    take = [slice(None)] * 3
+    for t in idx:
+        take[axis] = t
+        out[tuple(take)] = mask[tuple(take)]
+    return out
+
+
+def test_axis_auto_is_the_axis_the_painted_slices_lie_on(case, capsys, tmp_path):
+    d, ball, box = case
+    painted = _slices(ball, 1, [5, 9, 13])  # coronal slices
+    labels = _labels(d, tmp_path, "coronal", [("ball", painted)])
+    out = tmp_path / "out.seg.nrrd"
+    code, stdout, err = _run(_propagate(d, labels, out, weights="weights.pt"), capsys)
+    assert code == 0, err
+    assert "axis: coronal (array axis 1)" in stdout
+    mask = _masks(out)[1]["ball"]
+    for t in (5, 9, 13):
+        assert np.array_equal(mask[:, t], ball[:, t])
+    assert "predicted 1 slices" not in stdout and "predicted" in stdout
+
+
+def test_segments_painted_on_two_axes_are_one_line_and_write_nothing(case, capsys, tmp_path):
+    d, ball, box = case
+    labels = _labels(
+        d,
+        tmp_path,
+        "two",
+        [("ball", _slices(ball, 0, [4, 7, 10])), ("box", _slices(box, 2, [3, 5]))],
+    )
+    out = tmp_path / "out.seg.nrrd"
+    code, stdout, err = _run(_propagate(d, labels, out, weights="weights.pt"), capsys)
+    assert code == 2 and not out.exists()
+    assert err.count("\n") == 1 and "more than one axis" in err
+    assert "'ball'" in err and "'box'" in err
+
+
+def test_a_segment_without_labeled_slice_is_skipped_with_a_note(case, capsys, tmp_path):
+    d, ball, box = case
+    painted = _slices(ball, 0, [4, 7, 10])
+    labels = _labels(d, tmp_path, "fresh", [("ball", painted), ("fresh", np.zeros_like(ball))])
+    out = tmp_path / "out.seg.nrrd"
+    code, stdout, err = _run(_propagate(d, labels, out, weights="weights.pt"), capsys)
+    assert code == 0, err
+    assert "note: fresh: no labeled slice along the axial axis: skipped" in err
+    masks = _masks(out)[1]
+    assert set(masks) == {"ball", "fresh"} and not masks["fresh"].any()
+    empty = _labels(d, tmp_path, "empty", [("fresh", np.zeros_like(ball))])
+    code, _, err = _run(_propagate(d, empty, tmp_path / "none.seg.nrrd"), capsys)
+    assert code == 2 and "no labeled slice in any segment" in err and err.count("\n") == 1
+
+
+def test_a_fully_labeled_run_is_written_back_bit_for_bit(case, capsys, tmp_path):
+    d, ball, box = case
+    labels = _labels(d, tmp_path, "full", [("ball", ball), ("box", _slices(box, 0, [3, 9]))])
+    out = tmp_path / "out.seg.nrrd"
+    code, stdout, err = _run(_propagate(d, labels, out), capsys)
+    assert code == 0, err
+    assert "ball: labeled slices" in stdout and "predicted 0 slices" in stdout
+    assert np.array_equal(_masks(out)[1]["ball"], ball)
+
+
+def test_predicted_segments_do_not_overlap_and_a_single_layer_stays_single(case, capsys, tmp_path):
+    d, ball, box = case
+    # two segments painted on different slices of one structure: both predict all of it
+    first, second = _slices(ball, 0, [3, 11]), _slices(ball, 0, [7])
+    labels = _labels(d, tmp_path, "halves", [("first", first), ("second", second)])
+    assert slicerio.read_segmentation(str(labels))["voxels"].ndim == 3  # one layer in
+    out = tmp_path / "out.seg.nrrd"
+    code, stdout, err = _run(_propagate(d, labels, out), capsys)
+    assert code == 0, err
+    seg, masks = _masks(out)
+    assert seg["voxels"].ndim == 3  # one layer out
+    a, b = masks["first"], masks["second"]
+    assert not (a & b).any() and a[[4, 5, 8, 9]].any()
+    assert np.array_equal(a[[3, 11]], first[[3, 11]]) and np.array_equal(b[7], second[7])
+    # a segment that is not propagated keeps every voxel: predictions never take them
+    out2 = tmp_path / "first_only.seg.nrrd"
+    code, _, err = _run(_propagate(d, labels, out2, "--segments", "first"), capsys)
+    assert code == 0, err
+    seg, masks = _masks(out2)
+    assert seg["voxels"].ndim == 3
+    assert np.array_equal(masks["second"], second) and not (masks["first"] & second).any()
+
+
+def test_device_mps_is_accepted_and_refused_in_one_line_without_an_apple_gpu(
+    case, capsys, tmp_path
+):
+    d, ball, box = case
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    args = _propagate(d, d / "labels.seg.nrrd", tmp_path / "o.seg.nrrd", weights="weights.pt")
+    args[args.index("--device") + 1] = "mps"
+    code, _, err = _run(args, capsys)
+    assert code == 2 and "Apple GPU (MPS)" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [None, "propagate", "demo", "cohort", "benchmark", "web"])
+def test_help_texts_show_no_markup(command, capsys):
+    with pytest.raises(SystemExit):
+        main(([command] if command else []) + ["--help"])
+    text = capsys.readouterr().out
+    assert "usage: universeg-slicer" in text
+    assert "``" not in text and ":func:" not in text and "universeg-slicer[" not in text

@@ -23,11 +23,13 @@ import pytest
 import slicer
 import torch
 import vtk
+from conftest import runner_with
 
 from UniverSegLogic import mrml
+from UniverSegLogic.core.propagator import PropagationOptions
 from UniverSegLogic.core.slices import nonempty_slices
 from UniverSegLogic.mrml import effect
-from UniverSegLogic.mrml.vtkglue import _np_from_vtk_matrix, _oriented_image, _scalars
+from UniverSegLogic.mrml.vtkglue import image_scalars, np_from_vtk_matrix, oriented_image
 
 SHAPE = (16, 20, 24)  # K, J, I
 LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
@@ -50,15 +52,15 @@ class HalfPlaneEngine:
 
 def _paint(seg_node, segment_id, mask, ijk_to_ras):
     extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
-    image = _oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
+    image = oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg_node, segment_id, LOGIC.MODE_REPLACE)
 
 
 def stored(seg_node, segment_id):
     """A segment exactly as stored: its foreground voxels as world-grid (I, J, K) indices."""
     lm = seg_node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    values = _scalars(lm)
-    if values is None or mrml.vtkglue._extent_empty(lm.GetExtent()):
+    values = image_scalars(lm)
+    if values is None or mrml.vtkglue.extent_empty(lm.GetExtent()):
         return frozenset()
     label = seg_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     m = vtk.vtkMatrix4x4()
@@ -66,7 +68,7 @@ def stored(seg_node, segment_id):
     e = lm.GetExtent()
     kji = np.argwhere(values == label) + np.array([e[4], e[2], e[0]])
     ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
-    ras = (_np_from_vtk_matrix(m) @ ijk1.T)[:3].T
+    ras = (np_from_vtk_matrix(m) @ ijk1.T)[:3].T
     return frozenset(map(tuple, np.round(ras, 4)))
 
 
@@ -77,7 +79,7 @@ def state(seg_node):
     for n in range(segmentation.GetNumberOfSegments()):
         sid = segmentation.GetNthSegmentID(n)
         segment = segmentation.GetSegment(sid)
-        tags = mrml.record._tags_of(segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED))
+        tags = mrml.record.tags_of(segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED))
         out.append((sid, segment.GetName(), tuple(segment.GetColor()), stored(seg_node, sid), tags))
     return out
 
@@ -93,7 +95,7 @@ def case():
     image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
     image.AllocateScalars(vtk.VTK_SHORT, 1)
     k, j, i = np.indices(SHAPE)
-    _scalars(image)[...] = (10 * i + 3 * j + k).astype(np.int16)  # intensity ramp along I
+    image_scalars(image)[...] = (10 * i + 3 * j + k).astype(np.int16)  # intensity ramp along I
     volume.SetAndObserveImageData(image)
     c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
     ijk_to_ras = np.array(
@@ -104,7 +106,7 @@ def case():
             [0, 0, 0, 1],
         ]
     )
-    volume.SetIJKToRASMatrix(mrml.vtkglue._vtk_matrix(ijk_to_ras))
+    volume.SetIJKToRASMatrix(mrml.vtkglue.vtk_matrix(ijk_to_ras))
 
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
     seg.CreateDefaultDisplayNodes()
@@ -144,19 +146,17 @@ def case():
         user=user,
         other=other,
         third=third,
-        intensity=_scalars(image).copy(),
+        intensity=image_scalars(image).copy(),
         ijk_to_ras=ijk_to_ras,
     )
 
 
 def compute(case, segment_ids=None):
-    return effect.preview_propagation(
+    return runner_with(HalfPlaneEngine()).preview(
         case.volume,
         case.seg,
         segment_ids or [case.ids.target],
-        engine=HalfPlaneEngine(),
-        axis="axial",
-        use_prior=False,
+        PropagationOptions(axis="axial", use_prior=False),
     )
 
 
@@ -241,7 +241,7 @@ def test_edit_after_the_preview_is_refused_and_nothing_written(case):
 def test_failure_while_writing_restores_every_segment(case, monkeypatch):
     before = state(case.seg)
     preview = compute(case)
-    real = effect._store
+    real = effect.store_labelmap
     calls = []
 
     def failing(node, sid, *args):
@@ -250,11 +250,11 @@ def test_failure_while_writing_restores_every_segment(case, monkeypatch):
             raise mrml.MRMLError("simulated failure")
         real(node, sid, *args)
 
-    monkeypatch.setattr(effect, "_store", failing)
+    monkeypatch.setattr(effect, "store_labelmap", failing)
     with pytest.raises(mrml.MRMLError, match="simulated"):
         preview.apply(effect.EditMask(overwrite="all"))
     assert len(calls) == 2
-    monkeypatch.setattr(effect, "_store", real)
+    monkeypatch.setattr(effect, "store_labelmap", real)
     assert state(case.seg) == before
 
 
@@ -291,11 +291,11 @@ def slicer_editor_result(case, final_target, mask, seg=None, extent=None, grid=N
     logic.SetMRMLScene(case.scene)
     logic.SetSegmentEditorNode(editor)
     assert logic.ResetModifierLabelmapToDefault()
-    modifier = _oriented_image(final_target.astype(np.uint8), extent, grid)
+    modifier = oriented_image(final_target.astype(np.uint8), extent, grid)
     logic.ModifySegmentByLabelmap(
         copy, case.ids.target, modifier, logic.ModificationModeSet, False, False
     )
-    out = mrml.writing._segment_values(copy, case.ids.target, extent)
+    out = mrml.writing.segment_values(copy, case.ids.target, extent)
     case.scene.RemoveNode(copy)
     case.scene.RemoveNode(editor)
     return out
@@ -357,13 +357,13 @@ def test_intensity_mask_reads_the_first_component_of_an_rgb_source(case):
     rgb = vtk.vtkImageData()
     rgb.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
     rgb.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
-    values = _scalars(rgb)
+    values = image_scalars(rgb)
     values[..., 0] = np.clip(case.intensity, 0, 255)
     values[..., 1] = 255 - values[..., 0]
     values[..., 2] = 7
     source = case.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
     source.SetAndObserveImageData(rgb)
-    source.SetIJKToRASMatrix(mrml.vtkglue._vtk_matrix(case.ijk_to_ras))
+    source.SetIJKToRASMatrix(mrml.vtkglue.vtk_matrix(case.ijk_to_ras))
     mask = effect.EditMask(intensity_range=(80, 150))
     preview = compute(case)
     region, predicted = region_of(preview)
@@ -459,15 +459,23 @@ def test_edit_mask_reads_the_segment_editor_node(case):
         effect.EditMask(overwrite="some")
 
 
-def test_effect_segments_are_the_visible_labeled_ones(case):
+def test_effect_segments_are_the_visible_ones_and_unpainted_ones_are_skipped_with_a_note(case):
     ids, statuses = effect.effect_segments(case.volume, case.seg, "axial")
     assert ids == [case.ids.target, case.ids.other, case.ids.third]
     case.seg.GetDisplayNode().SetSegmentVisibility(case.ids.third, False)
     empty = case.seg.GetSegmentation().AddEmptySegment("", "empty")
     ids, statuses = effect.effect_segments(case.volume, case.seg, "axial")
-    assert ids == [case.ids.target, case.ids.other]
+    assert ids == [case.ids.target, case.ids.other, empty]
     assert [s.segment_id for s in statuses] == [case.ids.target, case.ids.other, empty]
     assert statuses[0].labeled == case.labeled
+    preview = compute(case, ids)  # what the effect's Initialize runs
+    assert preview.segment_ids == [case.ids.target, case.ids.other]
+    assert any(n.startswith("empty: no labeled slice") for n in preview.notes)
+    assert preview.apply().skipped_ids == [empty]
+    assert not mask_of(case, empty).any()
+    for sid in (case.ids.target, case.ids.other):
+        case.seg.GetSegmentation().RemoveSegment(sid)
+    assert effect.effect_segments(case.volume, case.seg, "axial")[0] == []  # nothing painted
 
 
 def test_masking_on_an_oversampled_segmentation_works_on_its_own_grid(case):
@@ -484,7 +492,7 @@ def test_masking_on_an_oversampled_segmentation_works_on_its_own_grid(case):
     seg.GetSegmentation().SetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
         slicer.vtkSegmentationConverter.SerializeImageGeometry(
-            mrml.vtkglue._geometry_image(full, fine)
+            mrml.vtkglue.geometry_image(full, fine)
         ),
     )
     up = lambda m: m.repeat(2, 0).repeat(2, 1).repeat(2, 2)  # noqa: E731
@@ -493,19 +501,19 @@ def test_masking_on_an_oversampled_segmentation_works_on_its_own_grid(case):
     _paint(seg, target, up(case.user), fine)
     other_fine = np.roll(up(case.other), 1, axis=2)
     _paint(seg, other, other_fine, fine)
-    preview = effect.preview_propagation(
-        case.volume, seg, [target], engine=HalfPlaneEngine(), axis="axial", use_prior=False
+    preview = runner_with(HalfPlaneEngine()).preview(
+        case.volume, seg, [target], PropagationOptions(axis="axial", use_prior=False)
     )
     mask = effect.EditMask(3)
     (plain,), _ = preview.plans(effect.EditMask())
     (masked,), _ = preview.plans(mask)
     assert masked.extent == plain.extent and np.allclose(masked.grid, fine)
-    current = mrml.writing._segment_values(seg, target, plain.extent)
-    blocked = effect._place(other_fine.astype(np.uint8), full, plain.extent) > 0
+    current = mrml.writing.segment_values(seg, target, plain.extent)
+    blocked = effect.place_values(other_fine.astype(np.uint8), full, plain.extent) > 0
     expected = np.where(blocked, current, plain.final)
     reference = slicer_editor_result(case, plain.final, mask, seg, plain.extent, fine)
     preview.apply(mask)
-    after = mrml.writing._segment_values(seg, target, plain.extent)
+    after = mrml.writing.segment_values(seg, target, plain.extent)
     assert np.array_equal(after, expected)
     assert np.array_equal(after, reference)
     assert (blocked & (plain.final != current)).any()  # the mask did keep something

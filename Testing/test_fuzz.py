@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
-from conftest import ThresholdEngineDouble, rotation
+from conftest import ThresholdEngineDouble, rotation, runner_with
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -34,6 +34,7 @@ from UniverSegLogic import mrml
 from UniverSegLogic.cli import main
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
 from UniverSegLogic.core.io import Segment, Segmentation, read_segmentation, write_segmentation
+from UniverSegLogic.core.propagator import PropagationOptions
 from UniverSegLogic.errors import UniverSegError
 
 SEED = int(os.environ.get("UNIVERSEG_FUZZ_SEED", "20260901"))
@@ -60,23 +61,23 @@ def _vol_node(scene, array, ijk_to_ras):
     image = vtk.vtkImageData()
     image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
     image.AllocateScalars(vtk.VTK_SHORT, 1)
-    mrml.vtkglue._scalars(image)[...] = array
+    mrml.vtkglue.image_scalars(image)[...] = array
     node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(mrml.vtkglue._vtk_matrix(ijk_to_ras))
+    node.SetIJKToRASMatrix(mrml.vtkglue.vtk_matrix(ijk_to_ras))
     return node
 
 
 def _paint(seg_node, segment_id, mask, extent, grid):
-    image = mrml.vtkglue._oriented_image(mask.astype(np.uint8), extent, grid)
+    image = mrml.vtkglue.oriented_image(mask.astype(np.uint8), extent, grid)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg_node, segment_id, LOGIC.MODE_REPLACE)
 
 
 def _stored(seg_node, segment_id, grid0):
     """Painted voxels of a segment as a set of (I, J, K) indices of the original grid ``grid0``."""
     lm = seg_node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    if lm is None or mrml.vtkglue._extent_empty(lm.GetExtent()):
+    if lm is None or mrml.vtkglue.extent_empty(lm.GetExtent()):
         return frozenset()
-    values = mrml.vtkglue._scalars(lm)
+    values = mrml.vtkglue.image_scalars(lm)
     if values is None:
         return frozenset()
     label = seg_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
@@ -84,7 +85,7 @@ def _stored(seg_node, segment_id, grid0):
     lm.GetImageToWorldMatrix(m)
     e = lm.GetExtent()
     ijk = (np.argwhere(values == label) + np.array([e[4], e[2], e[0]]))[:, ::-1]
-    to0 = np.linalg.solve(grid0, mrml.vtkglue._np_from_vtk_matrix(m))
+    to0 = np.linalg.solve(grid0, mrml.vtkglue.np_from_vtk_matrix(m))
     idx = (to0[:3, :3] @ ijk.T + to0[:3, 3:4]).T
     rounded = np.round(idx)
     assert np.allclose(idx, rounded, atol=1e-4), "a segment was moved off its own grid"
@@ -101,7 +102,7 @@ def _tags(seg_node):
             (
                 segmentation.GetNthSegmentID(n),
                 segment.GetName(),
-                tuple(sorted(mrml.record._tags_of(segment, names).items())),
+                tuple(sorted(mrml.record.tags_of(segment, names).items())),
             )
         )
     return out
@@ -202,7 +203,7 @@ def _build(case):
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     if case["moved"] is not None:
         t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "T")
-        t.SetMatrixTransformToParent(mrml.vtkglue._vtk_matrix(case["moved"]))
+        t.SetMatrixTransformToParent(mrml.vtkglue.vtk_matrix(case["moved"]))
         seg.SetAndObserveTransformNodeID(t.GetID())
     sshape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
     sk, sj, si = np.indices(sshape)
@@ -267,16 +268,17 @@ def _check_run(case, volume, seg, target, other, S, axis_arg, counter):
     read_before = mrml.segment_mask(volume, seg, target)
     status = mrml.slice_status(volume, seg, target, axis_arg)
     try:
-        result = mrml.propagate_segmentation(
+        result = runner_with(ThresholdEngineDouble()).propagate(
             volume,
             seg,
             [target],
+            PropagationOptions(
+                axis=axis_arg,
+                support_size=case["support_size"],
+                max_extrapolation=case["max_extrapolation"],
+                use_prior=case["use_prior"],
+            ),
             mode=case["mode"],
-            engine=ThresholdEngineDouble(),
-            axis=axis_arg,
-            support_size=case["support_size"],
-            max_extrapolation=case["max_extrapolation"],
-            use_prior=case["use_prior"],
         )
     except UniverSegError as exc:  # the only kind of error allowed: then nothing changed
         counter["error: " + type(exc).__name__] += 1
@@ -299,7 +301,7 @@ def _check_run(case, volume, seg, target, other, S, axis_arg, counter):
         result.labeled_slices[target]
     )
     vol_ijk_to_seg = (
-        np.linalg.inv(_parent(seg)) @ _parent(volume) @ mrml.nodes._local_ijk_to_ras(volume)
+        np.linalg.inv(_parent(seg)) @ _parent(volume) @ mrml.nodes.local_ijk_to_ras(volume)
     )
     changed = sorted(before_target ^ after_target)
     if changed:
@@ -319,7 +321,7 @@ def _check_run(case, volume, seg, target, other, S, axis_arg, counter):
 
 
 def _parent(node):
-    return mrml.nodes._parent_to_world(node)
+    return mrml.nodes.parent_to_world(node)
 
 
 def _erase_slab(seg, segment_id, volume, axis, t):
@@ -327,13 +329,13 @@ def _erase_slab(seg, segment_id, volume, axis, t):
     lm = seg.GetBinaryLabelmapInternalRepresentation(segment_id)
     m = vtk.vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
-    grid = mrml.vtkglue._np_from_vtk_matrix(m)
+    grid = mrml.vtkglue.np_from_vtk_matrix(m)
     e = lm.GetExtent()
     label = seg.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-    values = mrml.vtkglue._scalars(lm) == label
+    values = mrml.vtkglue.image_scalars(lm) == label
     kji = np.argwhere(np.ones(values.shape, bool)) + np.array([e[4], e[2], e[0]])
     vol_ijk_to_seg = (
-        np.linalg.inv(_parent(seg)) @ _parent(volume) @ mrml.nodes._local_ijk_to_ras(volume)
+        np.linalg.inv(_parent(seg)) @ _parent(volume) @ mrml.nodes.local_ijk_to_ras(volume)
     )
     cells = _volume_cells(grid, vol_ijk_to_seg, kji[:, ::-1])
     values[(cells[:, 2 - axis] == t).reshape(values.shape)] = False

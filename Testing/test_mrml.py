@@ -19,12 +19,12 @@ import slicer
 import slicerio
 import torch
 import vtk
-from conftest import ConstantLogitEngineDouble
+from conftest import ConstantLogitEngineDouble, runner_with
 
 from UniverSegLogic import mrml
 from UniverSegLogic.core.engine import Cancelled, InferenceEngine
 from UniverSegLogic.core.model import UniverSeg
-from UniverSegLogic.core.propagator import TAG_DEVICE, TAG_PRECISION
+from UniverSegLogic.core.propagator import TAG_DEVICE, TAG_PRECISION, PropagationOptions
 from UniverSegLogic.core.slices import nonempty_slices
 
 SHAPE = (16, 20, 24)  # K, J, I: a 24 x 20 x 16 volume
@@ -46,7 +46,7 @@ def _ras_of_voxels(ijk_to_ras, shape):
 def _paint(seg_node, segment_id, mask, ijk_to_ras):
     """Store ``mask`` (on the grid ``ijk_to_ras``) as the segment's content, as an editor would."""
     extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
-    image = mrml.vtkglue._oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
+    image = mrml.vtkglue.oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg_node, segment_id, LOGIC.MODE_REPLACE)
 
 
@@ -57,15 +57,15 @@ def _slices(mask, axis, indices):
 def stored(seg_node, segment_id):
     """A segment exactly as stored: grid matrix and sorted foreground voxel indices (I, J, K)."""
     lm = seg_node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    values = mrml.vtkglue._scalars(lm)
-    if values is None or mrml.vtkglue._extent_empty(lm.GetExtent()):
+    values = mrml.vtkglue.image_scalars(lm)
+    if values is None or mrml.vtkglue.extent_empty(lm.GetExtent()):
         return None, np.zeros((0, 3), int)
     m = vtk.vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
     label = seg_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     e = lm.GetExtent()
     kji = np.argwhere(values == label) + np.array([e[4], e[2], e[0]])
-    return np.round(mrml.vtkglue._np_from_vtk_matrix(m), 9), kji[:, ::-1]
+    return np.round(mrml.vtkglue.np_from_vtk_matrix(m), 9), kji[:, ::-1]
 
 
 def state(seg_node):
@@ -76,9 +76,7 @@ def state(seg_node):
         sid = segmentation.GetNthSegmentID(n)
         segment = segmentation.GetSegment(sid)
         matrix, voxels = stored(seg_node, sid)
-        tags = mrml.record._tags_of(
-            segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED, mrml.TAG_SOURCE)
-        )
+        tags = mrml.record.tags_of(segment, (mrml.TAG_LABELED, mrml.TAG_PREDICTED, mrml.TAG_SOURCE))
         out.append(
             (
                 sid,
@@ -131,7 +129,7 @@ def case(tmp_path):
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
 
-    ijk_to_ras = mrml.nodes._local_ijk_to_ras(volume)
+    ijk_to_ras = mrml.nodes.local_ijk_to_ras(volume)
     ras = _ras_of_voxels(ijk_to_ras, SHAPE)
     center = ijk_to_ras @ np.array([11.5, 9.5, 7.5, 1.0])
     axis = mrml.array_axis(volume, "axial")
@@ -173,16 +171,12 @@ def case(tmp_path):
 def run(case, mode="fill", engine=None, **options):
     """prepare + run + apply, returning (job, result) so tests see the pipeline's own result."""
     options.setdefault("use_prior", False)
-    job = mrml.prepare_propagation(
-        case.volume,
-        case.seg,
-        [case.target],
-        mode=mode,
-        engine=engine or ConstantLogitEngineDouble(),
-        **options,
+    runner = runner_with(engine or ConstantLogitEngineDouble())
+    job = runner.prepare(
+        case.volume, case.seg, [case.target], PropagationOptions(**options), mode=mode
     )
-    job.run()
-    return job, job.apply()
+    runner.run(job)
+    return job, runner.apply(job)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,12 +295,11 @@ def test_annotation_loop_corrected_slices_become_labeled_untouched_ones_never(ca
     }
 
     engine = ConstantLogitEngineDouble()
-    job = mrml.prepare_propagation(
-        case.volume, case.seg, [case.target], engine=engine, use_prior=False
-    )
+    runner = runner_with(engine)
+    job = runner.prepare(case.volume, case.seg, [case.target], PropagationOptions(use_prior=False))
     assert job.inputs[0].labeled_slices == sorted(case.labeled + [corrected])
-    job.run()
-    job.apply()
+    runner.run(job)
+    runner.apply(job)
     after = mrml.segment_mask(case.volume, case.seg, case.target)
     assert np.array_equal(after[tuple(take)], plane)  # the correction is kept
     assert max(engine.support_counts) <= len(case.labeled) + 1  # untouched slices: no support
@@ -351,45 +344,39 @@ def test_cancel_mid_run_leaves_the_segmentation_identical(case, mode):
         return len(calls) > 2  # after the first batches have run
 
     with pytest.raises(Cancelled):
-        mrml.propagate_segmentation(
+        runner_with(ConstantLogitEngineDouble()).propagate(
             case.volume,
             case.seg,
             [case.target],
+            PropagationOptions(use_prior=False, batch_size=2),
             mode=mode,
             cancel=cancel,
-            engine=ConstantLogitEngineDouble(),
-            use_prior=False,
-            batch_size=2,
         )
     assert len(calls) > 2
     assert state(case.seg) == before
 
 
 def test_edit_during_the_run_is_not_overwritten(case):
-    job = mrml.prepare_propagation(
-        case.volume, case.seg, [case.target], engine=ConstantLogitEngineDouble(), use_prior=False
-    )
-    job.run()
+    runner = runner_with(ConstantLogitEngineDouble())
+    job = runner.prepare(case.volume, case.seg, [case.target], PropagationOptions(use_prior=False))
+    runner.run(job)
     edited = case.user.copy()
     edited[tuple(np.argwhere(~case.user)[0])] = True  # the user paints one voxel meanwhile
     _paint(case.seg, case.target, edited, case.ijk_to_ras)
     before = state(case.seg)
     with pytest.raises(mrml.MRMLError, match="edited during the run"):
-        job.apply()
+        runner.apply(job)
     assert state(case.seg) == before
 
 
 def test_failure_while_writing_restores_what_was_written(case, monkeypatch):
     before = state(case.seg)
-    job = mrml.prepare_propagation(
-        case.volume,
-        case.seg,
-        [case.target, case.other_id],
-        engine=ConstantLogitEngineDouble(),
-        use_prior=False,
+    runner = runner_with(ConstantLogitEngineDouble())
+    job = runner.prepare(
+        case.volume, case.seg, [case.target, case.other_id], PropagationOptions(use_prior=False)
     )
-    job.run()
-    real = mrml.writing._write_segment
+    runner.run(job)
+    real = mrml.writing.write_segment
     written = []
 
     def fail_on_second(seg_node, volume_node, w, segment_id, *args):
@@ -398,9 +385,9 @@ def test_failure_while_writing_restores_what_was_written(case, monkeypatch):
         written.append(segment_id)
         return real(seg_node, volume_node, w, segment_id, *args)
 
-    monkeypatch.setattr(mrml.writing, "_write_segment", fail_on_second)
+    monkeypatch.setattr(mrml.writing, "write_segment", fail_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
-        job.apply()
+        runner.apply(job)
     assert written == [case.target]
     assert [(s[0], s[1], s[4], s[5]) for s in state(case.seg)] == [
         (s[0], s[1], s[4], s[5]) for s in before
@@ -422,9 +409,10 @@ def test_bad_input_gives_one_line_error_and_changes_nothing(case, kwargs, messag
     before = state(case.seg)
     kwargs = dict(kwargs)
     ids = kwargs.pop("segmentIds", [case.target])
+    mode = kwargs.pop("mode", "fill")
     with pytest.raises(ValueError, match=message) as info:
-        mrml.propagate_segmentation(
-            case.volume, case.seg, ids, engine=ConstantLogitEngineDouble(), **kwargs
+        runner_with(ConstantLogitEngineDouble()).propagate(
+            case.volume, case.seg, ids, PropagationOptions.from_mapping(kwargs), mode=mode
         )
     assert "\n" not in str(info.value)
     assert state(case.seg) == before
@@ -432,9 +420,13 @@ def test_bad_input_gives_one_line_error_and_changes_nothing(case, kwargs, messag
 
 def test_wrong_nodes_are_refused(case):
     with pytest.raises(mrml.MRMLError, match="no input volume"):
-        mrml.propagate_segmentation(None, case.seg, engine=ConstantLogitEngineDouble())
+        runner_with(ConstantLogitEngineDouble()).propagate(
+            None, case.seg, None, PropagationOptions()
+        )
     with pytest.raises(mrml.MRMLError, match="not a segmentation"):
-        mrml.propagate_segmentation(case.volume, case.volume, engine=ConstantLogitEngineDouble())
+        runner_with(ConstantLogitEngineDouble()).propagate(
+            case.volume, case.volume, None, PropagationOptions()
+        )
 
 
 def test_closed_surface_segmentation_is_refused(case):
@@ -450,13 +442,15 @@ def test_closed_surface_segmentation_is_refused(case):
     segment.AddRepresentation(closed, sphere.GetOutput())
     seg.GetSegmentation().AddSegment(segment)
     with pytest.raises(mrml.MRMLError, match="source representation"):
-        mrml.propagate_segmentation(case.volume, seg, ["ball"], engine=ConstantLogitEngineDouble())
+        runner_with(ConstantLogitEngineDouble()).propagate(
+            case.volume, seg, ["ball"], PropagationOptions()
+        )
     assert seg.GetSegmentation().GetSourceRepresentationName() == closed
 
 
 def _linear_transform(scene, matrix):
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "T")
-    node.SetMatrixTransformToParent(mrml.vtkglue._vtk_matrix(matrix))
+    node.SetMatrixTransformToParent(mrml.vtkglue.vtk_matrix(matrix))
     return node
 
 
@@ -469,16 +463,12 @@ def test_common_parent_transform_is_handled_in_world_space(case):
     case.seg.SetAndObserveTransformNodeID(t.GetID())
     other_before = stored(case.seg, case.other_id)
     assert mrml.array_axis(case.volume, "coronal") == case.axis  # world orientation is used
-    job = mrml.prepare_propagation(
-        case.volume,
-        case.seg,
-        [case.target],
-        axis="coronal",
-        engine=ConstantLogitEngineDouble(),
-        use_prior=False,
+    runner = runner_with(ConstantLogitEngineDouble())
+    job = runner.prepare(
+        case.volume, case.seg, [case.target], PropagationOptions(axis="coronal", use_prior=False)
     )
-    job.run()
-    job.apply()
+    runner.run(job)
+    runner.apply(job)
     after = mrml.segment_mask(case.volume, case.seg, case.target)
     res = job.result.segments[0]
     assert res.labeled_slices == case.labeled
@@ -529,15 +519,24 @@ def test_record_is_not_trusted_after_the_segmentation_moved(case):
     assert status.note == "" and status.predicted == predicted
 
 
-def test_default_selection_is_the_labeled_segments_that_are_not_review_outputs(case):
-    case.seg.GetSegmentation().AddEmptySegment("", "unpainted")
+def test_default_selection_skips_unpainted_segments_with_a_note_and_review_outputs(case):
+    unpainted = case.seg.GetSegmentation().AddEmptySegment("", "unpainted")
     run(case, "new")
-    job = mrml.prepare_propagation(case.volume, case.seg, None, engine=ConstantLogitEngineDouble())
-    assert job.source_ids == [case.target, case.other_id]
+    runner = runner_with(ConstantLogitEngineDouble())
+    job = runner.prepare(case.volume, case.seg, None, PropagationOptions(use_prior=False))
+    assert job.source_ids == [case.target, case.other_id, unpainted]  # no review output
+    before = stored(case.seg, unpainted)
+    result = runner.apply(runner.run(job))
+    assert result.source_ids == [case.target, case.other_id]
+    assert result.skipped_ids == [unpainted]
+    assert any(n.startswith("unpainted: no labeled slice") for n in result.notes)
+    assert_same_stored(case.seg, unpainted, before)
     for sid in (case.target, case.other_id):
         case.seg.GetSegmentation().RemoveSegment(sid)
-    with pytest.raises(mrml.MRMLError, match="no segment of Segmentation has a labeled slice"):
-        mrml.prepare_propagation(case.volume, case.seg, None, engine=ConstantLogitEngineDouble())
+    with pytest.raises(mrml.MRMLError, match="no labeled slice in any segment of Segmentation"):
+        runner_with(ConstantLogitEngineDouble()).prepare(
+            case.volume, case.seg, None, PropagationOptions()
+        )
 
 
 def test_non_linear_transform_is_refused_with_a_clear_message(case):
@@ -548,14 +547,14 @@ def test_non_linear_transform_is_refused_with_a_clear_message(case):
     image.SetOrigin(-100, -100, -100)
     image.SetSpacing(100, 100, 100)
     image.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    mrml.vtkglue._scalars(image)[...] = 1.0
+    mrml.vtkglue.image_scalars(image)[...] = 1.0
     displacement.SetDisplacementGridData(image)
     grid.SetAndObserveTransformFromParent(displacement)
     case.seg.SetAndObserveTransformNodeID(grid.GetID())
     before = state(case.seg)
     with pytest.raises(mrml.MRMLError, match="non-linear transform .*harden"):
-        mrml.propagate_segmentation(
-            case.volume, case.seg, [case.target], engine=ConstantLogitEngineDouble()
+        runner_with(ConstantLogitEngineDouble()).propagate(
+            case.volume, case.seg, [case.target], PropagationOptions()
         )
     assert state(case.seg) == before
 
@@ -568,7 +567,7 @@ def test_oversampled_segmentation_keeps_its_stored_labels_bit_for_bit(case):
     fine[:3, :3] /= 2.0
     fine[:3, 3] -= case.ijk_to_ras[:3, :3] @ np.array([0.25, 0.25, 0.25])
     fine_shape = tuple(2 * s for s in SHAPE)
-    geometry = mrml.vtkglue._geometry_image(
+    geometry = mrml.vtkglue.geometry_image(
         (0, fine_shape[2] - 1, 0, fine_shape[1] - 1, 0, fine_shape[0] - 1), fine
     )
     seg.GetSegmentation().SetConversionParameter(
@@ -587,11 +586,10 @@ def test_oversampled_segmentation_keeps_its_stored_labels_bit_for_bit(case):
     detail[tuple(take)] = detail_plane
     _paint(seg, sid, labels | detail, fine)
     before = stored(seg, sid)
-    job = mrml.prepare_propagation(
-        case.volume, seg, [sid], engine=ConstantLogitEngineDouble(), use_prior=False
-    )
-    job.run()
-    job.apply()
+    runner = runner_with(ConstantLogitEngineDouble())
+    job = runner.prepare(case.volume, seg, [sid], PropagationOptions(use_prior=False))
+    runner.run(job)
+    runner.apply(job)
     res = job.result.segments[0]
     after = stored(seg, sid)
     # fine voxels whose coarse slice was not predicted are unchanged
@@ -636,14 +634,13 @@ def test_one_undo_step_restores_the_segmentation(case):
     history.SetSegmentation(case.seg.GetSegmentation())
     history.SetMaximumNumberOfStates(10)
     before = state(case.seg)
-    mrml.propagate_segmentation(
+    runner_with(ConstantLogitEngineDouble()).propagate(
         case.volume,
         case.seg,
         [case.target],
+        PropagationOptions(use_prior=False),
         mode="new",
-        engine=ConstantLogitEngineDouble(),
         undo=history,
-        use_prior=False,
     )
     assert history.GetNumberOfStates() == 1
     assert state(case.seg) != before
@@ -652,12 +649,8 @@ def test_one_undo_step_restores_the_segmentation(case):
         (s[0], s[1], s[4], s[5]) for s in before
     ]
     calls = []
-    mrml.propagate_segmentation(
-        case.volume,
-        case.seg,
-        [case.target],
-        engine=ConstantLogitEngineDouble(),
-        undo=lambda: calls.append(1),
+    runner_with(ConstantLogitEngineDouble()).propagate(
+        case.volume, case.seg, [case.target], PropagationOptions(), undo=lambda: calls.append(1)
     )
     assert calls == [1]
 
@@ -718,21 +711,25 @@ def test_other_loaded_pair_serves_as_support(case):
     # the target segment of the first pair is empty: support comes from the other pair only
     empty_id = case.seg.GetSegmentation().AddEmptySegment("", "target")
     engine = ConstantLogitEngineDouble()
-    job = mrml.prepare_propagation(
+    runner = runner_with(engine)
+    job = runner.prepare(
         case.volume,
         case.seg,
         [empty_id],
+        PropagationOptions(use_prior=False),
         supportPairs=[(volume2, seg2)],
-        engine=engine,
-        use_prior=False,
     )
-    job.run()
-    result = job.apply()
+    runner.run(job)
+    result = runner.apply(job)
     assert result.predicted_slices[empty_id]
     assert mrml.segment_mask(case.volume, case.seg, empty_id).any()
     with pytest.raises(mrml.MRMLError, match="no segment named 'other'"):
-        mrml.prepare_propagation(
-            case.volume, case.seg, [case.other_id], supportPairs=[(volume2, seg2)], engine=engine
+        runner_with(engine).prepare(
+            case.volume,
+            case.seg,
+            [case.other_id],
+            PropagationOptions(),
+            supportPairs=[(volume2, seg2)],
         )
 
 
@@ -740,21 +737,16 @@ def test_another_axis_needs_the_prediction_cleared_first(case):
     run(case, "fill")
     before = state(case.seg)
     with pytest.raises(mrml.MRMLError, match="clear the prediction"):
-        mrml.propagate_segmentation(
-            case.volume,
-            case.seg,
-            [case.target],
-            axis="sagittal",
-            engine=ConstantLogitEngineDouble(),
+        runner_with(ConstantLogitEngineDouble()).propagate(
+            case.volume, case.seg, [case.target], PropagationOptions(axis="sagittal")
         )
     assert state(case.seg) == before
     assert mrml.slice_status(case.volume, case.seg, case.target, "sagittal").conflict
     erased = mrml.clear_predictions(case.volume, case.seg, case.target)
     assert erased and not set(erased) & set(case.labeled)
     assert np.array_equal(mrml.segment_mask(case.volume, case.seg, case.target), case.user)
-    job = mrml.prepare_propagation(
-        case.volume, case.seg, [case.target], axis="sagittal", engine=ConstantLogitEngineDouble()
-    )
+    runner = runner_with(ConstantLogitEngineDouble())
+    job = runner.prepare(case.volume, case.seg, [case.target], PropagationOptions(axis="sagittal"))
     assert job.axis != case.axis
 
 
@@ -762,11 +754,15 @@ def test_real_network_writes_only_predicted_slices(case):
     torch.manual_seed(0)
     engine = InferenceEngine(UniverSeg(), "cpu")
     other_before = stored(case.seg, case.other_id)
-    job = mrml.prepare_propagation(
-        case.volume, case.seg, [case.target], engine=engine, support_size=2, max_extrapolation=0
+    runner = runner_with(engine)
+    job = runner.prepare(
+        case.volume,
+        case.seg,
+        [case.target],
+        PropagationOptions(support_size=2, max_extrapolation=0),
     )
-    job.run()
-    result = job.apply()
+    runner.run(job)
+    result = runner.apply(job)
     res = job.result.segments[0]
     predicted = result.predicted_slices[case.target]
     assert predicted and all(case.labeled[0] < t < case.labeled[-1] for t in predicted)
@@ -799,3 +795,43 @@ def test_view_helpers_find_the_axis_and_slice_of_a_slice_view(case):
     with pytest.raises(mrml.MRMLError, match="outside the volume"):
         mrml.slice_index_at(case.volume, "axial", vol.ijk_to_ras @ np.array([0, 0, -5.0, 1]))
     assert mrml.format_slices([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+
+
+# --------------------------------------------------------------------------------------------
+# the same rules as every surface (CLI, module, effect, browser app), on real MRML
+
+
+def test_auto_axis_fully_labeled_runs_and_exclusive_predictions(case):
+    """The runner's default axis is ``auto``; 'other' (a block on every slice: a fully labeled
+    run) is left bit for bit; the target's prediction never takes other's painted voxels."""
+    other_before = stored(case.seg, case.other_id)
+    target_before = stored(case.seg, case.target)
+    runner = runner_with(ConstantLogitEngineDouble())  # foreground everywhere
+    options = PropagationOptions(axis="auto", use_prior=False)
+    result = runner.propagate(case.volume, case.seg, None, options)
+    assert result.axis == case.axis and result.axis_name == "axial"
+    assert result.source_ids == [case.target, case.other_id]
+    assert result.predicted_slices[case.other_id] == []
+    assert_same_stored(case.seg, case.other_id, other_before)
+    target = mrml.segment_mask(case.volume, case.seg, case.target)
+    predicted = result.predicted_slices[case.target]
+    on_predicted = _slices(target, case.axis, predicted)
+    assert predicted and on_predicted.any()
+    assert not (on_predicted & _slices(case.other, case.axis, predicted)).any()
+    assert set(map(tuple, target_before[1])) <= set(map(tuple, stored(case.seg, case.target)[1]))
+
+
+def test_segments_painted_on_two_axes_are_one_line_and_nothing_changes(case):
+    sid = case.seg.GetSegmentation().AddEmptySegment("", "sideways")
+    sideways = np.zeros(SHAPE, bool)
+    take = [slice(4, 12), slice(5, 15), slice(6, 18)]
+    other_axis = (case.axis + 1) % 3
+    for t in (8, 12):
+        take[other_axis] = t
+        sideways[tuple(take)] = True
+    _paint(case.seg, sid, sideways, case.ijk_to_ras)
+    before = state(case.seg)
+    with pytest.raises(mrml.MRMLError, match="more than one axis") as info:
+        runner_with(ConstantLogitEngineDouble()).propagate(case.volume, case.seg)
+    assert "\n" not in str(info.value) and "'sideways'" in str(info.value)
+    assert state(case.seg) == before

@@ -232,3 +232,61 @@ def test_notes_for_hand_set_fusion_are_given_once(tmp_path):
     first = session.propagate([_seg("a", painted)])
     assert any("hand-set defaults" in n for n in first.notes)
     assert session.propagate([_seg("a", painted)]).notes == []
+
+
+# ------------------------------------------------------------------- the same rules everywhere
+
+
+def test_a_segment_without_a_labeled_slice_is_skipped_with_a_note():
+    vol, truth = oblique_phantom()
+    user = labeled_only(truth, 0, [5, 10])
+    session = Propagator(vol, PropagationOptions(axis=0), engine=ThresholdEngineDouble())
+    res = session.propagate([_seg("fresh", np.zeros_like(truth)), _seg("blob", user)])
+    assert [s.key for s in res.segments] == ["blob"] and res.skipped == ["fresh"]
+    assert any(n.startswith("fresh: no labeled slice") and "skipped" in n for n in res.notes)
+    with pytest.raises(KeyError):
+        res.get("fresh")
+
+
+def test_a_fully_labeled_run_is_left_bit_for_bit():
+    vol, truth = oblique_phantom()
+    a = 0
+    extent = nonempty_slices(truth, a)
+    run = labeled_only(truth, a, extent)  # every slice of the structure labeled
+    session = Propagator(vol, PropagationOptions(axis=a), engine=ThresholdEngineDouble())
+    r = session.propagate([_seg("spine", run)]).segments[0]
+    assert r.predicted_slices == [] and np.array_equal(r.mask, run)
+    # a gap inside the run, or an explicit extrapolation, is still predicted
+    gap = labeled_only(truth, a, [t for t in extent if t != extent[3]])
+    assert extent[3] in session.propagate([_seg("spine", gap)]).segments[0].predicted_slices
+    wide = Propagator(
+        vol, PropagationOptions(axis=a, max_extrapolation=1), engine=ThresholdEngineDouble()
+    )
+    assert wide.propagate([_seg("spine", run)]).segments[0].predicted_slices
+
+
+def test_predicted_segments_do_not_overlap_and_painted_voxels_stay():
+    vol, truth = oblique_phantom()
+    # two segments painted on different slices of the same structure: both predict it
+    first = labeled_only(truth, 0, [3, 9])
+    second = labeled_only(truth, 0, [6, 12])
+    session = Propagator(
+        vol, PropagationOptions(axis=0, use_prior=False), engine=ThresholdEngineDouble()
+    )
+    res = session.propagate([_seg("first", first), _seg("second", second)])
+    a, b = res.get("first").mask, res.get("second").mask
+    assert not (a & b).any()
+    assert np.array_equal(a[[3, 9]], first[[3, 9]]) and np.array_equal(b[[6, 12]], second[[6, 12]])
+    assert a.any() and b.any() and (a | b)[7].sum() == truth[7].sum()
+
+
+def test_the_device_comes_from_one_place():
+    vol, _ = oblique_phantom()
+    with pytest.raises(UsageError, match="one device"):
+        Propagator(vol, PropagationOptions(axis=0, device="cuda"), engine=ThresholdEngineDouble())
+    from UniverSegLogic.core.engines import EngineStore
+
+    with pytest.raises(UsageError, match="not both"):
+        Propagator(
+            vol, PropagationOptions(axis=0), engine=ThresholdEngineDouble(), engines=EngineStore()
+        )

@@ -1,5 +1,6 @@
 """The rules defined once in core/: the evaluation's slice rule, Dice, non-empty slices and
-extents, the typical gap, prediction targets, and atomic output."""
+extents, the typical gap, prediction targets, a fully labeled run, the axis ``auto`` means,
+exclusive predictions, and atomic output."""
 
 import os
 import stat
@@ -9,15 +10,19 @@ import pytest
 
 from UniverSegLogic.core.atomic import atomic_output, temporary_name, write_text
 from UniverSegLogic.core.metrics import dice, dice_unlabeled
+from UniverSegLogic.core.restack import resolve_overlaps
 from UniverSegLogic.core.slices import (
+    auto_axis,
     evaluation_slices,
     extrapolation_slices,
+    labeled_run,
     nonempty_slices,
     prediction_targets,
     slice_extent,
+    slice_wise_axis,
     typical_gap,
 )
-from UniverSegLogic.errors import OutputError
+from UniverSegLogic.errors import GeometryError, OutputError
 
 # ----------------------------------------------------------------------- the slice rule
 
@@ -135,3 +140,85 @@ def test_atomic_output_handles_long_names_and_reports_os_errors_in_one_line(tmp_
         os.chmod(ro, 0o500)
         with pytest.raises(OutputError, match="permission denied"):
             write_text(str(ro / "a.json"), "x")
+
+
+# ----------------------------------------------------------------------- a fully labeled run
+
+
+@pytest.mark.parametrize(
+    "labeled,run",
+    [([4, 5, 6, 7], True), ([7, 6], True), ([4], False), ([4, 6], False), ([4, 5, 7], False)],
+)
+def test_a_fully_labeled_run_is_adjacent_labeled_slices_without_a_gap(labeled, run):
+    assert labeled_run(labeled) is run
+
+
+# ----------------------------------------------------------------------- axis "auto"
+
+
+def _slabs(axis, slices, shape=(20, 22, 24), box=(slice(5, 15), slice(6, 16), slice(4, 18))):
+    mask = np.zeros(shape, bool)
+    for t in slices:
+        take = list(box)
+        take[axis] = t
+        mask[tuple(take)] = True
+    return mask
+
+
+def test_auto_axis_is_the_axis_the_painted_slices_lie_on():
+    assert auto_axis({"a": _slabs(1, [7, 10, 13]), "b": _slabs(1, [9])}) == 1
+    assert slice_wise_axis(_slabs(2, [8, 12])) == 2
+    assert auto_axis({}) is None and auto_axis({"a": np.zeros((4, 4, 4), bool)}) is None
+
+
+def test_auto_axis_on_two_axes_is_one_line_naming_the_segments():
+    names = {0: "axial", 1: "coronal", 2: "sagittal"}
+    with pytest.raises(GeometryError) as err:
+        auto_axis({"liver": _slabs(0, [6, 12]), "spleen": _slabs(2, [8, 14])}, label=names.get)
+    text = str(err.value)
+    assert "\n" not in text and "more than one axis" in text
+    assert "axial: 'liver'" in text and "sagittal: 'spleen'" in text
+
+
+def test_a_solid_painting_tells_no_axis_and_a_known_axis_counts():
+    solid = np.zeros((20, 22, 24), bool)
+    solid[3:12, 5:9, 2:20] = True  # a structure labeled on every slice
+    assert slice_wise_axis(solid) is None
+    assert auto_axis({"spine": solid, "liver": _slabs(2, [5, 9, 13])}) == 2
+    assert auto_axis({"spine": solid}) == 1  # nothing else: the fewest non-empty slices
+    with pytest.raises(GeometryError):
+        auto_axis({"liver": _slabs(2, [5, 9])}, known={"kidney": 0})
+    assert auto_axis({"liver": _slabs(2, [5, 9])}, known={"liver": 0}) == 0
+
+
+# ----------------------------------------------------------------------- exclusive predictions
+
+
+def test_a_contested_voxel_goes_to_the_more_probable_segment_and_painted_voxels_stay():
+    shape = (3, 2, 2)
+    a, b = np.zeros(shape, bool), np.zeros(shape, bool)
+    pa, pb = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    a[1], pa[1] = True, 0.9  # slice 1 predicted by both
+    b[1], pb[1] = True, 0.6
+    pb[1, 0, 0] = 0.95  # ... except one voxel b is surer of
+    a[0], pa[0] = True, 1.0  # slice 0 painted in a
+    b[0, 0, 0], pb[0, 0, 0] = True, 0.99  # b predicts there: loses to the painting
+    a[2, 0, 0], pa[2, 0, 0] = True, 0.7  # slice 2: a painted voxel of b (labeled in b)
+    b[2, 0, 0] = True
+    lost = resolve_overlaps([a, b], [pa, pb], [[0], [2]], 0)
+    assert not (a & b).any()
+    assert a[1].sum() == 3 and b[1, 0, 0] and b[1].sum() == 1  # each voxel to the surer one
+    assert a[0].all() and not b[0].any()  # painted voxels stay, the prediction yields
+    assert b[2, 0, 0] and not a[2, 0, 0]
+    assert lost == [2, 4]
+
+
+def test_a_tie_goes_to_the_first_segment_and_keep_out_is_never_taken():
+    a, b = np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool)
+    p = np.full((2, 2, 2), 0.8, np.float32)
+    keep_out = np.zeros((2, 2, 2), bool)
+    keep_out[1, 1, 1] = True
+    resolve_overlaps([a, b], [p, p.copy()], [[], []], 0, keep_out=keep_out)
+    assert a.sum() == 7 and not b.any() and not a[1, 1, 1]
+    single = np.ones((2, 2, 2), bool)
+    assert resolve_overlaps([single], [p], [[]], 0) == [0] and single.all()

@@ -80,9 +80,9 @@ def _slicer_read(path):
             if segment.GetTag(name, ref):
                 tags[name] = str(ref)
         lm = node.GetBinaryLabelmapInternalRepresentation(sid)
-        values = vtkglue._scalars(lm)
+        values = vtkglue.image_scalars(lm)
         e = lm.GetExtent()
-        if values is None or vtkglue._extent_empty(e):
+        if values is None or vtkglue.extent_empty(e):
             voxels = np.zeros((0, 3), int)
         else:
             voxels = np.argwhere(values == segment.GetLabelValue()) + [e[4], e[2], e[0]]
@@ -92,7 +92,7 @@ def _slicer_read(path):
             tuple(np.round(segment.GetColor(), 6)),
             tags,
             sorted(map(tuple, voxels[:, ::-1].tolist())),
-            np.round(vtkglue._np_from_vtk_matrix(m), 9),
+            np.round(vtkglue.np_from_vtk_matrix(m), 9),
         )
     return out
 

@@ -18,15 +18,17 @@ import pytest
 import slicer
 import torch
 import vtk
+from conftest import runner_with
 
 from UniverSegLogic import mrml
 from UniverSegLogic.core import device
 from UniverSegLogic.core.engine import resolve_device
 from UniverSegLogic.core.engines import EngineStore, LoadedEngine
+from UniverSegLogic.core.propagator import PropagationOptions
 from UniverSegLogic.core.slices import painted_axis
 from UniverSegLogic.errors import Cancelled, DeviceError, UsageError
 from UniverSegLogic.mrml import panel
-from UniverSegLogic.mrml.vtkglue import _oriented_image, _scalars, _vtk_matrix
+from UniverSegLogic.mrml.vtkglue import image_scalars, oriented_image, vtk_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "UniverSegSlicer"))
 from UniverSegSlicerLib import torch_install  # noqa: E402  (the module's Qt-free helpers)
@@ -267,58 +269,6 @@ def test_engine_store_builds_once_with_progress_and_stops_on_cancel():
     assert cache.device_for("auto") == device.choose_device("auto", **device.torch_backends(torch))
 
 
-class EnginesOnAnAppleGpu(EngineStore):
-    """Test double: an EngineStore on a machine whose PyTorch offers MPS (engines are stand-ins
-    that only carry their device)."""
-
-    def __init__(self):
-        super().__init__()
-        self.requests = []
-
-    def get(self, weights="starter", device="auto", progress=None, cancel=None):
-        self.requests.append(device)
-        chosen = "cpu" if self.mps_failed and device == "auto" else device
-        chosen = "mps" if chosen == "auto" else chosen
-        return LoadedEngine(SimpleNamespace(device=chosen), "stand-in", "file", "")
-
-
-class JobNeedingAnOperationMpsLacks:
-    """Test double for a PropagationJob whose network uses an operation MPS does not have."""
-
-    def __init__(self, engine):
-        self.engine, self.ran = engine, False
-
-    def run(self, progress=None, cancel=None):
-        if self.engine.device == "mps":
-            raise NotImplementedError(
-                "The operator 'aten::foo' is not currently implemented for the MPS device."
-            )
-        self.ran = True
-
-
-def test_a_run_that_fails_on_mps_reruns_on_the_cpu_with_one_note():
-    engines, notes = EnginesOnAnAppleGpu(), []
-    job, _ = panel.run_with_cpu_fallback(
-        JobNeedingAnOperationMpsLacks, engines, "starter", "auto", notes=notes
-    )
-    assert job.engine.device == "cpu" and job.ran
-    assert notes == [device.MPS_FALLBACK_MESSAGE] and engines.mps_failed
-    assert engines.requests == ["auto", "cpu"]
-    job, _ = panel.run_with_cpu_fallback(
-        JobNeedingAnOperationMpsLacks, engines, "starter", "auto", notes=notes
-    )
-    assert job.engine.device == "cpu" and len(notes) == 1  # no second attempt, no second note
-
-
-def test_other_errors_are_not_hidden_by_the_fallback():
-    class Failing(JobNeedingAnOperationMpsLacks):
-        def run(self, progress=None, cancel=None):
-            raise RuntimeError("MPS backend out of memory")
-
-    with pytest.raises(RuntimeError, match="out of memory"):
-        panel.run_with_cpu_fallback(Failing, EnginesOnAnAppleGpu(), "starter", "auto")
-
-
 # --------------------------------------------------------------------------------------------
 # the panel's choices on real MRML
 
@@ -327,7 +277,7 @@ SHAPE = (12, 14, 16)  # K, J, I
 
 def _paint(seg, sid, mask, ijk_to_ras):
     extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
-    image = _oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
+    image = oriented_image(mask.astype(np.uint8), extent, ijk_to_ras)
     assert LOGIC.SetBinaryLabelmapToSegment(image, seg, sid, LOGIC.MODE_REPLACE)
 
 
@@ -335,7 +285,7 @@ def _image(components=1, scalar=vtk.VTK_SHORT):
     image = vtk.vtkImageData()
     image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
     image.AllocateScalars(scalar, components)
-    _scalars(image)[...] = 0
+    image_scalars(image)[...] = 0
     return image
 
 
@@ -351,7 +301,7 @@ def scene():
     ijk_to_ras = np.array(
         [[-0.8, 0, 0, 10.0], [0, -0.9, 0, 20.0], [0, 0, 2.0, -5.0], [0, 0, 0, 1.0]]
     )  # RAS-flipped in-plane, thick slices: K is axial, J coronal, I sagittal
-    volume.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras))
+    volume.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
@@ -440,14 +390,14 @@ def test_auto_axis_follows_the_painting_then_the_record_then_the_view(scene):
     assert panel.resolve_axis(v, s, "auto", [sid]) == sagittal
     assert panel.resolve_axis(v, s, "coronal") == mrml.array_axis(v, "coronal")
     # after a run along axial the record decides, though every slice now holds voxels
-    from UniverSegLogic.mrml.record import _Record, _record_tags, _set_tags
+    from UniverSegLogic.mrml.record import Record, record_tags, set_tags
 
     full = _painted(range(SHAPE[0]), 0)
     _paint(s, sid, full, scene.ijk_to_ras)
-    grid = mrml.nodes._grid_key(v, s)
-    _set_tags(segmentation.GetSegment(sid), _record_tags(_Record(0, grid, [2, 6], [], {3: "x"})))
+    grid = mrml.nodes.grid_key(v, s)
+    set_tags(segmentation.GetSegment(sid), record_tags(Record(0, grid, [2, 6], [], {3: "x"})))
     assert mrml.record.infer_axis(v, s) == 0
-    _set_tags(segmentation.GetSegment(sid), _record_tags(_Record(1, "othergrid", [2], [], {})))
+    set_tags(segmentation.GetSegment(sid), record_tags(Record(1, "othergrid", [2], [], {})))
     assert mrml.record.infer_axis(v, s) == painted_axis(full)  # foreign record ignored
     # nothing painted: the slice view, else axial
     empty = slicer.vtkMRMLSegmentationNode()
@@ -457,12 +407,16 @@ def test_auto_axis_follows_the_painting_then_the_record_then_the_view(scene):
     assert panel.resolve_axis(v, empty, "auto", slice_to_ras=view.GetSliceToRAS()) == 1
 
 
-def test_segments_vote_on_the_axis(scene):
+def test_segments_painted_on_two_axes_are_a_one_line_error(scene):
     segmentation = scene.seg.GetSegmentation()
     ids = [segmentation.AddEmptySegment("", f"s{n}") for n in range(3)]
     for sid, axis in zip(ids, (2, 1, 2)):
         _paint(scene.seg, sid, _painted([2, 6, 10], axis), scene.ijk_to_ras)
-    assert mrml.record.infer_axis(scene.volume, scene.seg) == 2
+    with pytest.raises(mrml.MRMLError, match="more than one axis") as info:
+        mrml.record.infer_axis(scene.volume, scene.seg)
+    assert "coronal: 's1'" in str(info.value) and "sagittal: 's0', 's2'" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert mrml.record.infer_axis(scene.volume, scene.seg, [ids[0], ids[2]]) == 2
     assert mrml.record.infer_axis(scene.volume, scene.seg, ids[1:2]) == 1
 
 
@@ -494,7 +448,7 @@ def _slice_node(scene, name, normal, center, tilt_deg=0.0):
     y = np.cross(n, x)
     m = np.eye(4)
     m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, y, n, center
-    node.GetSliceToRAS().DeepCopy(_vtk_matrix(m))
+    node.GetSliceToRAS().DeepCopy(vtk_matrix(m))
     node.UpdateMatrices()
     return node
 
@@ -545,8 +499,8 @@ def test_clearing_several_predictions_is_one_undo_step(scene):
         def logits(self, targets, support_images, support_labels):
             return torch.full((targets.shape[0], 1) + tuple(targets.shape[-2:]), 8.0)
 
-    mrml.propagate_segmentation(
-        scene.volume, scene.seg, ids[:2], engine=FullEngine(), axis="axial", use_prior=False
+    runner_with(FullEngine()).propagate(
+        scene.volume, scene.seg, ids[:2], PropagationOptions(axis="axial", use_prior=False)
     )
     predicted = [mrml.slice_status(scene.volume, scene.seg, s, "axial").predicted for s in ids]
     assert predicted[0] and predicted[1] and not predicted[2]
@@ -610,7 +564,7 @@ def test_go_to_slice_moves_a_real_slice_node_onto_that_slice(axis):
     ijk = np.eye(4)  # oblique, anisotropic, off-origin: slices are still planes of the view
     ijk[:3, :3] = rotation(0, 12) @ rotation(2, 30) @ np.diag([1.1, 0.9, 2.5])
     ijk[:3, 3] = (-20, 5, 30)
-    volume.SetIJKToRASMatrix(_vtk_matrix(ijk))
+    volume.SetIJKToRASMatrix(vtk_matrix(ijk))
     image = vtk.vtkImageData()
     image.SetDimensions(14, 11, 9)
     image.AllocateScalars(vtk.VTK_SHORT, 1)
@@ -622,7 +576,7 @@ def test_go_to_slice_moves_a_real_slice_node_onto_that_slice(axis):
     x = np.cross(helper, normal)
     x /= np.linalg.norm(x)
     m[:3, 0], m[:3, 1], m[:3, 2] = x, np.cross(normal, x), normal
-    view.GetSliceToRAS().DeepCopy(_vtk_matrix(m))
+    view.GetSliceToRAS().DeepCopy(vtk_matrix(m))
     view.UpdateMatrices()
     assert panel.pick_slice_view(volume, axis, [view]) is view
     n = image.GetDimensions()[2 - axis]
@@ -633,3 +587,77 @@ def test_go_to_slice_moves_a_real_slice_node_onto_that_slice(axis):
         panel.go_to_slice(volume, axis, n, view)
     with pytest.raises(mrml.MRMLError):
         panel.go_to_slice(volume, axis, 0, None)
+
+
+# --------------------------------------------------------------------------------------------
+# the fall-back from Apple's GPU, through the Runner (the module's and the effect's run path)
+
+
+class EngineDouble:
+    """Test double for InferenceEngine on ``device``: foreground (+8) on every target; on
+    ``mps`` it raises ``error`` (default: what PyTorch raises for an operation the Apple GPU
+    does not implement)."""
+
+    batch_size = 4
+
+    def __init__(self, device, error=None):
+        self.device, self.error, self.calls = device, error, 0
+
+    def logits(self, targets, support_images, support_labels):
+        self.calls += 1
+        if self.device == "mps":
+            raise self.error or NotImplementedError(
+                "The operator 'aten::foo' is not currently implemented for the MPS device."
+            )
+        return torch.full((targets.shape[0], 1) + tuple(targets.shape[-2:]), 8.0)
+
+
+class EnginesOnAnAppleGpu(EngineStore):
+    """Test double: an EngineStore on a machine whose PyTorch offers MPS (engines are
+    ``EngineDouble``)."""
+
+    def __init__(self, error=None):
+        super().__init__()
+        self.requests, self.error, self.made = [], error, {}
+
+    def get(
+        self, weights="starter", device="auto", progress=None, cancel=None, *, precision="auto"
+    ):
+        self.requests.append(device)
+        chosen = "cpu" if self.mps_failed and device == "auto" else device
+        chosen = "mps" if chosen == "auto" else chosen
+        engine = self.made.setdefault(chosen, EngineDouble(chosen, self.error))
+        return LoadedEngine(engine, f"stand-in on {chosen}", "file", "")
+
+
+def _painted_segment(scene):
+    sid = scene.seg.GetSegmentation().AddEmptySegment("", "s")
+    _paint(scene.seg, sid, _painted([2, 9], 0), scene.ijk_to_ras)
+    return sid
+
+
+def test_a_run_that_fails_on_mps_reruns_on_the_cpu_with_one_note(scene):
+    sid = _painted_segment(scene)
+    engines = EnginesOnAnAppleGpu()
+    runner = mrml.Runner(engines=engines)
+    options = PropagationOptions(axis="axial", use_prior=False)
+    result = runner.propagate(scene.volume, scene.seg, [sid], options)
+    assert result.device == "cpu" and result.predicted_slices[sid]
+    assert result.notes.count(device.MPS_FALLBACK_MESSAGE) == 1 and engines.mps_failed
+    again = runner.propagate(scene.volume, scene.seg, [sid], options)
+    assert again.device == "cpu" and device.MPS_FALLBACK_MESSAGE not in again.notes
+    assert engines.made["mps"].calls == 1  # one attempt on the Apple GPU; then auto is the CPU
+    # the Segment Editor effect's preview takes the same path
+    preview = mrml.Runner(engines=EnginesOnAnAppleGpu()).preview(
+        scene.volume, scene.seg, [sid], options
+    )
+    assert preview.job.result.device == "cpu" and device.MPS_FALLBACK_MESSAGE in preview.notes
+
+
+def test_other_errors_are_not_hidden_by_the_fallback(scene):
+    sid = _painted_segment(scene)
+    before = mrml.segment_mask(scene.volume, scene.seg, sid)
+    runner = mrml.Runner(engines=EnginesOnAnAppleGpu(RuntimeError("MPS backend out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runner.propagate(scene.volume, scene.seg, [sid], PropagationOptions(axis="axial"))
+    assert np.array_equal(mrml.segment_mask(scene.volume, scene.seg, sid), before)

@@ -17,6 +17,7 @@ pytest.importorskip(
 import slicerio  # noqa: E402
 
 from UniverSegLogic import mrml  # noqa: E402
+from UniverSegLogic.core.propagator import PropagationOptions  # noqa: E402
 from UniverSegLogic.errors import Cancelled, InputError, UsageError  # noqa: E402
 from UniverSegLogic.web.sample import write_sample  # noqa: E402
 from UniverSegLogic.web.session import AnnotationSession, UnsavedChanges  # noqa: E402
@@ -32,7 +33,9 @@ def session(sample, tmp_path):
     from trame_slicer.core import SlicerApp
 
     image, seg, _ = sample
-    s = AnnotationSession(SlicerApp(), out_path=tmp_path / "out.seg.nrrd", device="cpu")
+    s = AnnotationSession(
+        SlicerApp(), out_path=tmp_path / "out.seg.nrrd", options=PropagationOptions(device="cpu")
+    )
     s.load_image(image)
     s.load_segmentation(seg)
     yield s
@@ -43,7 +46,7 @@ def _stored(s):
     """(mask on the volume grid, tags) of the active segment: what a run must not change."""
     sid = s.active_segment_id
     segment = s.segmentation.GetSegment(sid)
-    tags = {t: mrml.record._get_tag(segment, t) for t in (mrml.TAG_LABELED, mrml.TAG_PREDICTED)}
+    tags = {t: mrml.record.get_tag(segment, t) for t in (mrml.TAG_LABELED, mrml.TAG_PREDICTED)}
     return mrml.segment_mask(s.volume_node, s.segmentation_node, sid), tags
 
 
@@ -57,7 +60,8 @@ def test_loaded_sample_reads_as_three_labeled_slices(session, sample):
 def test_propagate_writes_predictions_as_one_undo_step_and_save_keeps_everything(session, sample):
     image, seg_path, labeled = sample
     before, _ = _stored(session)
-    report = asyncio.run(session.propagate("axial"))
+    report = asyncio.run(session.propagate("auto"))  # the axis the painted slices lie on
+    assert report.axis_name == "axial" and "predicted 1 slices" not in report.message()
     (line,) = session.status_lines("axial")
     assert re.fullmatch(r"right lung: 3 labeled, \d+ predicted", line)
     (status,) = session.statuses("axial")

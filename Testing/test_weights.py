@@ -1,8 +1,13 @@
 """Weights: verification, safe loading, download to the cache (with a local HTTP server)."""
 
+import collections
 import http.server
+import io
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -193,3 +198,126 @@ def test_license_notice_once(cache):
     assert W.show_license_notice_once(shown.append)
     assert not W.show_license_notice_once(shown.append)
     assert len(shown) == 1 and "research" in shown[0]
+
+
+# ------------------------------------------------------------------ archives checked before inflating
+
+
+class _Storage:
+    """Stands for a storage in a hand-written pickle (never allocated)."""
+
+
+class _Tensor:
+    def __init__(self, numel):
+        self.numel = numel
+
+    def __reduce__(self):
+        args = (_Storage(), 0, (self.numel,), (1,), False, collections.OrderedDict())
+        return (torch._utils._rebuild_tensor_v2, args)
+
+
+class _Pickler(pickle.Pickler):
+    """Writes the data.pkl torch.save would write for {"x": a float32 tensor of ``numel``}."""
+
+    def __init__(self, fh, numel):
+        super().__init__(fh, protocol=2)
+        self.numel = numel
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", torch.FloatStorage, "0", "cpu", self.numel)
+        return None
+
+
+def make_zip_bomb(path, inflated):
+    """A real PyTorch archive of one float32 tensor of ``inflated`` bytes of zeros, deflated
+    (about 1000:1): torch.load would allocate and inflate all of it."""
+    pkl = io.BytesIO()
+    _Pickler(pkl, inflated // 4).dump({"x": _Tensor(inflated // 4)})
+    small = io.BytesIO()
+    torch.save({"x": torch.zeros(1)}, small)
+    small.seek(0)
+    with zipfile.ZipFile(small) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            name = "bomb/" + info.filename.split("/", 1)[1]
+            if name.endswith("/data.pkl"):
+                dst.writestr(name, pkl.getvalue())
+            elif "/data/" not in name:
+                dst.writestr(name, src.read(info))
+        entry = zipfile.ZipInfo("bomb/data/0")
+        entry.compress_type = zipfile.ZIP_DEFLATED
+        zeros = bytes(1 << 20)
+        with dst.open(entry, "w", force_zip64=True) as fh:
+            for _ in range(inflated >> 20):
+                fh.write(zeros)
+
+
+_LOAD_AND_MEASURE = """
+import resource, sys
+def status(key):
+    with open("/proc/self/status") as fh:
+        return int(next(x for x in fh if x.startswith(key)).split()[1]) * 1024
+from UniverSegLogic.core import weights as W
+base = status("VmHWM")
+# bound this process: at most 512 MiB more data than it has now (the bomb needs 1 GiB)
+resource.setrlimit(resource.RLIMIT_DATA, (status("VmData") + (512 << 20), resource.RLIM_INFINITY))
+try:
+    W.load_file(sys.argv[1])
+    print("loaded")
+except W.WeightsError as exc:
+    print(exc)
+print(status("VmHWM") - base)
+"""
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """A 1 MB weights file whose storage inflates to 1 GiB: refused from the zip directory, in a
+    process whose peak memory does not grow (today's torch.load would allocate the 1 GiB)."""
+    bomb = tmp_path / "bomb.pt"
+    make_zip_bomb(bomb, 1 << 30)
+    assert bomb.stat().st_size < 2 * 1024 * 1024
+    p = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_MEASURE, str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    message, grown = p.stdout.strip().splitlines()
+    assert "before inflating it" in message and "1073742" in message, message
+    assert int(grown) < 32 * 1024 * 1024, f"peak memory grew by {int(grown) >> 20} MiB"
+
+
+def test_archive_bounds_allow_every_v1_precision_and_refuse_the_rest(tmp_path):
+    sd = UniverSeg().state_dict()
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        path = tmp_path / f"{str(dtype).split('.')[-1]}.pt"
+        torch.save({k: v.to(dtype) for k, v in sd.items()}, path)
+        assert W.load_file(str(path))["out_conv.conv.bias"].dtype == torch.float32
+    many = tmp_path / "many.pt"
+    torch.save({f"t{i}": torch.zeros(1) for i in range(W.MAX_ARCHIVE_ENTRIES)}, many)
+    with pytest.raises(W.WeightsError, match="zip entries, more than"):
+        W.load_file(str(many))
+    twice = tmp_path / "twice.pt"
+    with zipfile.ZipFile(tmp_path / "float32.pt") as src, zipfile.ZipFile(twice, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            dst.writestr(src.infolist()[0].filename, b"second copy")
+    with pytest.raises(W.WeightsError, match="two zip entries are named"):
+        W.load_file(str(twice))
+
+
+def test_the_fusion_calibration_follows_the_weights_content(tmp_path, good_file):
+    """A byte-identical copy of the starter weights, given by path, gets the starter calibration;
+    other weights get the hand-set defaults and a note."""
+    from UniverSegLogic.core.prior import FusionParams, fusion_for
+
+    starter, note = fusion_for("starter")
+    assert note is None
+    copy = tmp_path / "my_weights.pt"
+    shutil.copyfile(W.starter_path(), copy)
+    fusion, note = fusion_for(str(copy))
+    assert note is None and fusion == starter
+    fusion, note = fusion_for(str(good_file))
+    assert note and "hand-set defaults" in note and fusion == FusionParams()

@@ -24,7 +24,7 @@ out = {"package": UniverSegLogic.__file__, "weights": str(starter_path()),
 # the MRML bridge from the installed package (slicer-core's real scene)
 import numpy as np, slicer
 from UniverSegLogic import mrml
-from UniverSegLogic.mrml.vtkglue import _oriented_image
+from UniverSegLogic.mrml.vtkglue import oriented_image
 scene = slicer.vtkMRMLScene()
 logic = slicer.vtkSlicerSegmentationsModuleLogic
 segmentations = logic()
@@ -41,9 +41,10 @@ painted[[3, 8]] = ball[[3, 8]]
 m = slicer.vtkMatrix4x4() if hasattr(slicer, "vtkMatrix4x4") else __import__("vtk").vtkMatrix4x4()
 vol.GetIJKToRASMatrix(m)
 ijk = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-image = _oriented_image(painted.astype(np.uint8), (0, 23, 0, 23, 0, 11), ijk)
+image = oriented_image(painted.astype(np.uint8), (0, 23, 0, 23, 0, 11), ijk)
 assert logic.SetBinaryLabelmapToSegment(image, seg, sid, logic.MODE_REPLACE)
-res = mrml.propagate_segmentation(vol, seg, [sid], axis=0, device="cpu")
+from UniverSegLogic.core.propagator import PropagationOptions
+res = mrml.Runner().propagate(vol, seg, [sid], PropagationOptions(axis=0, device="cpu"))
 out["bridge_weights"] = res.weights
 out["bridge_predicted"] = len(res.predicted_slices[sid])
 print("RESULT " + json.dumps(out))

@@ -2,9 +2,9 @@
 
 The Slicer module is a thin panel over the Qt-free package ``UniverSegLogic`` (installed beside
 this file by the extension; in a source checkout it is the package at the repository top level).
-All MRML reading and writing happens in ``UniverSegLogic.mrml``; what the panel decides (which
-volume, segments, axis and slice view; engines; the fall-back to the CPU) is in
-``UniverSegLogic.mrml.panel``. The module also registers the Segment Editor effect "UniverSeg"
+All MRML reading and writing happens in ``UniverSegLogic.mrml``: runs go through its ``Runner``
+(prepare, run with the fall-back to the CPU, apply or preview), what the panel decides (which
+volume, segments, axis and slice view) is in ``UniverSegLogic.mrml.panel``. The module also registers the Segment Editor effect "UniverSeg"
 (``SegmentEditorUniverSegLib/SegmentEditorEffect.py``).
 
 Imports at load time never need PyTorch: ``UniverSegLogic.errors``, ``.core.device`` and ``.mrml``
@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from typing import Annotated, Optional
 
 import ctk
@@ -55,9 +54,7 @@ from UniverSegSlicerLib import torch_install  # noqa: E402
 
 import UniverSegLogic.mrml as mrml  # noqa: E402
 from UniverSegLogic.core import device as devices  # noqa: E402
-from UniverSegLogic.core.engines import EngineStore  # noqa: E402
 from UniverSegLogic.errors import Cancelled, UniverSegError  # noqa: E402
-from UniverSegLogic.mrml import effect as effects  # noqa: E402
 from UniverSegLogic.mrml import panel  # noqa: E402
 
 AXIS_CHOICES = [panel.AXIS_AUTO, "axial", "coronal", "sagittal"]
@@ -596,35 +593,36 @@ class UniverSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     if weights is None:
                         self.ui.statusLabel.text = _("Nothing was changed.")
                         return
-                    result = self.logic.process(
+                    result = self.logic.runner.propagate(
                         p.inputVolume,
                         p.segmentation,
                         self.checkedSegmentIds(),
+                        self.logic.runOptions(p, weights, self.resolvedAxis()),
                         mode=p.outputMode,
                         supportPairs=self.logic.supportPairs(p),
                         progress=self.onProgress,
                         cancel=self.cancelRequested,
-                        axis=self.resolvedAxis(),
-                        support_size=p.supportSize,
-                        ensemble=p.ensemble,
-                        device=p.device,
-                        weights=weights,
+                        undo=self.logic.segmentEditorUndo(p.segmentation),
                     )
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing changed.")
                     return
+                slices = sum(len(v) for v in result.predicted_slices.values())
+                segments = len(result.source_ids)
                 text = _(
-                    "Predicted {slices} slices of {segments} segment(s) along the {axis} axis "
-                    "in {seconds:.1f} s ({device})."
+                    "Predicted {slices} of {segments} along the {axis} axis in {seconds:.1f} s "
+                    "({device})."
                 ).format(
-                    slices=sum(len(v) for v in result.predicted_slices.values()),
-                    segments=len(result.source_ids),
+                    slices=_("1 slice") if slices == 1 else _("{n} slices").format(n=slices),
+                    segments=_("1 segment")
+                    if segments == 1
+                    else _("{n} segments").format(n=segments),
                     axis=result.axis_name,
                     seconds=result.seconds,
                     device=result.device,
                 )
-                notes = list(getattr(result, "notes", []) or [])
-                self.ui.statusLabel.text = " ".join([text] + notes)
+                logging.info("UniverSeg: %s %s", text, " ".join(result.notes))
+                self.ui.statusLabel.text = " ".join([text] + result.notes)
                 self._suggestions = panel.suggested_slices_of(
                     result.suggested_slices, result.source_ids
                 )
@@ -644,8 +642,8 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
     """Calls :mod:`UniverSegLogic.mrml`; everything here also works without the widget.
 
     :meth:`shared` is the one instance the module's panel and the Segment Editor effect use, so
-    they share the inference engines and the propagation sessions (a correction followed by
-    Update recomputes only what changed)."""
+    they share one :class:`UniverSegLogic.mrml.Runner` -- its inference engines and propagation
+    sessions (a correction followed by Update recomputes only what changed)."""
 
     _shared = None
 
@@ -658,8 +656,8 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.engines = EngineStore()
-        self.sessions = mrml.SessionStore(engines=self.engines)
+        #: the one run path (engines and propagation sessions) of the panel and the effect
+        self.runner = mrml.Runner()
 
     def getParameterNode(self):
         return UniverSegSlicerParameterNode(super().getParameterNode())
@@ -880,6 +878,7 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
     def prepareRun(self, weightsChoice, weightsFile=None, progress=None, cancel=None):
         """Dependencies and weights for a run; returns the ``weights`` option, or None when the
         user declined an installation or download (raises ``Cancelled`` when stopped)."""
+        self.useSlicerCache()
         if not self.ensureTorch(progress, cancel):
             return None
         if weightsChoice == "official":
@@ -893,117 +892,20 @@ class UniverSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------ propagation
 
-    def runJob(
-        self,
-        volumeNode,
-        segmentationNode,
-        segmentIds,
-        mode,
-        supportPairs,
-        progress,
-        cancel,
-        weights="starter",
-        device="auto",
-        **options,
-    ):
-        """Prepare and run a propagation with the shared engines (first run: loads PyTorch and
-        the model with progress; falls back from Apple's GPU to the CPU). Returns (job,
-        weights description, notes); nothing is written."""
-        self.useSlicerCache()
-        notes = []
+    @staticmethod
+    def runOptions(parameterNode, weights, axis):
+        """The one :class:`PropagationOptions` of a run, from the module's settings (the panel and
+        the effect both use it): ``weights`` from :meth:`prepareRun`, ``axis`` resolved by the
+        caller (``UniverSegLogic.mrml.panel.resolve_axis``)."""
+        from UniverSegLogic.core.propagator import PropagationOptions
 
-        def makeJob(engine):
-            return mrml.prepare_propagation(
-                volumeNode,
-                segmentationNode,
-                segmentIds,
-                mode,
-                supportPairs,
-                engine=engine,
-                weights=weights,
-                device=engine.device,
-                sessions=self.sessions,
-                **options,
-            )
-
-        job, description = panel.run_with_cpu_fallback(
-            makeJob, self.engines, weights, device, progress, cancel, notes
+        return PropagationOptions(
+            axis=axis,
+            support_size=parameterNode.supportSize,
+            ensemble=parameterNode.ensemble,
+            device=parameterNode.device,
+            weights=weights,
         )
-        return job, description, notes
-
-    def process(
-        self,
-        volumeNode,
-        segmentationNode,
-        segmentIds=None,
-        mode="fill",
-        supportPairs=(),
-        progress=None,
-        cancel=None,
-        undo="segmenteditor",
-        **options,
-    ):
-        """Propagate and write into ``segmentationNode`` (see
-        ``UniverSegLogic.mrml.propagate_segmentation``). ``undo="segmenteditor"`` makes the run
-        one undo step in Segment Editor when it shows this segmentation."""
-        t0 = time.perf_counter()
-        if isinstance(undo, str) and undo == "segmenteditor":
-            undo = self.segmentEditorUndo(segmentationNode)
-        logging.info("UniverSeg: propagating %s", segmentIds)
-        job, description, notes = self.runJob(
-            volumeNode,
-            segmentationNode,
-            segmentIds,
-            mode,
-            supportPairs,
-            progress,
-            cancel,
-            **options,
-        )
-        result = job.apply(undo)
-        result.weights = description
-        result.seconds = time.perf_counter() - t0
-        result.notes = list(getattr(result, "notes", []) or []) + notes
-        logging.info(
-            "UniverSeg: done in %.1f s on %s (%s)", result.seconds, result.device, result.weights
-        )
-        return result
-
-    def computePreview(
-        self,
-        volumeNode,
-        segmentationNode,
-        segmentIds,
-        supportPairs=(),
-        progress=None,
-        cancel=None,
-        **options,
-    ):
-        """A fill-mode propagation as a preview for the Segment Editor effect (nothing written)."""
-        t0 = time.perf_counter()
-        job, description, notes = self.runJob(
-            volumeNode,
-            segmentationNode,
-            segmentIds,
-            "fill",
-            supportPairs,
-            progress,
-            cancel,
-            **options,
-        )
-        preview = effects.PropagationPreview(job, notes)
-        preview.description = description
-        preview.seconds = time.perf_counter() - t0
-        return preview
-
-    def effectOptions(self, parameterNode, weights):
-        """Propagation options the Segment Editor effect takes from the module's settings."""
-        return {
-            "support_size": parameterNode.supportSize,
-            "ensemble": parameterNode.ensemble,
-            "device": parameterNode.device,
-            "weights": weights,
-        }
 
 
 #
@@ -1089,15 +991,8 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(
             panel.resolve_axis(volumeNode, segmentationNode, "auto", [segmentId]), axis
         )
-        result = logic.process(
-            volumeNode,
-            segmentationNode,
-            [segmentId],
-            mode="fill",
-            axis="axial",
-            weights="starter",
-            device="auto",
-        )
+        options = logic.runOptions(logic.getParameterNode(), "starter", "axial")
+        result = logic.runner.propagate(volumeNode, segmentationNode, [segmentId], options)
         self.assertEqual(result.labeled_slices[segmentId], painted)
 
         out = (
@@ -1131,9 +1026,8 @@ class UniverSegSlicerTest(ScriptedLoadableModuleTest):
         before = slicer.util.arrayFromSegmentBinaryLabelmap(
             segmentationNode, segmentId, volumeNode
         ).copy()
-        preview = logic.computePreview(
-            volumeNode, segmentationNode, [segmentId], axis="axial", weights="starter"
-        )
+        options = logic.runOptions(logic.getParameterNode(), "starter", "axial")
+        preview = logic.runner.preview(volumeNode, segmentationNode, [segmentId], options)
         previewNode = preview.show()
         self.assertTrue(
             np.array_equal(

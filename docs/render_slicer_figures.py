@@ -184,13 +184,13 @@ def _draw_layout(ax, layout, y, x0=0.04, x1=0.96):
 
 
 def render_panel(path: Path) -> None:
+    """The panel schematic; the figure grows downwards to hold every widget of the ``.ui``."""
     root = ET.parse(UI).getroot().find("widget")
-    fig = plt.figure(figsize=(4.2, 7.4), dpi=150)
+    height = 7.4  # inches for the y range 0..1 (the unit every widget size is given in)
+    fig = plt.figure(figsize=(4.2, height), dpi=150)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
     ax.axis("off")
-    ax.add_patch(Rectangle((0, 0), 1, 1, fc="#f6f7f9", ec="none"))
     ax.text(0.04, 0.975, "UniverSeg", fontsize=11, weight="bold", va="center")
     ax.text(
         0.96,
@@ -201,17 +201,21 @@ def render_panel(path: Path) -> None:
         ha="right",
         va="center",
     )
+    # show the collapsed Settings section expanded in the figure
+    bottom = _draw_layout(ax, root.find("layout"), 0.945)
+    low = min(0.0, bottom - 0.045)
+    ax.set_ylim(low, 1)
+    fig.set_size_inches(4.2, height * (1 - low))
+    ax.add_patch(Rectangle((0, low), 1, 1 - low, fc="#f6f7f9", ec="none", zorder=-1))
     ax.text(
         0.5,
-        0.012,
+        low + 0.012,
         "SCHEMATIC drawn from UniverSegSlicer.ui with example content - not a screenshot",
         fontsize=6.5,
         color="#a33",
         ha="center",
         va="bottom",
     )
-    # show the collapsed Settings section expanded in the figure
-    _draw_layout(ax, root.find("layout"), 0.945)
     fig.savefig(path, dpi=150)
     plt.close(fig)
 

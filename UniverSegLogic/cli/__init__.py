@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -42,10 +43,17 @@ COMMAND_MODULES = (
 __all__ = ["main", "build_parser", "UsageError"]
 
 
+def plain(text: str) -> str:
+    """``text`` without reST inline markup (double back-quotes, ``:func:`x```), as a help
+    text shows it."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
 def command_help(name: str, package: str = __name__) -> str:
     """One-line help of a sub-command: its module docstring after ``universeg-slicer NAME:``."""
     doc = (importlib.import_module(f"{package}.{name}").__doc__ or "").strip().splitlines()
-    first = doc[0] if doc else name
+    first = plain(doc[0] if doc else name)
     return first.split(":", 1)[1].strip().rstrip(".") if ":" in first else first
 
 

@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import List, Optional, Tuple
 
+from .propagate import add_device_option, plural
+
 
 def _shape(text: str) -> Tuple[int, int, int]:
     parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
@@ -21,7 +23,7 @@ def _shape(text: str) -> Tuple[int, int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    add_device_option(p)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument(
         "--quick",
@@ -140,7 +142,8 @@ def _cohort(args: argparse.Namespace) -> int:
     result = run_cohort_scaling(args.cohort)
     for r in result["rows"]:
         print(
-            f"  {r['workers']} workers x {r['threads_per_worker']} threads: {r['wall_s']} s, "
+            f"  {plural(r['workers'], 'worker')} x {plural(r['threads_per_worker'], 'thread')}: "
+            f"{r['wall_s']} s, "
             f"{r['speedup_vs_first']}x the first row, identical: {r['identical_to_first']}"
         )
     if args.json:

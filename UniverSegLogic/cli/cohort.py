@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..errors import UsageError
-from .propagate import add_engine_options
+from .propagate import add_engine_options, plural
 
 
 def register(sub) -> None:
@@ -17,6 +17,8 @@ def register(sub) -> None:
         "their labeled slices as UniverSeg's support (plus the target's own painted slices, if "
         "given), and write DIR/<id>.seg.nrrd, DIR/<id>.json and DIR/<id>.png; DIR/summary.csv "
         "lists every target. Up-to-date targets are skipped, so an interrupted run resumes. "
+        "Every option is checked before anything is written; a run never replaces a file it did "
+        "not write (an input, or a file without this tool's record). "
         "Exit code 0: every target succeeded; 3: some failed (see summary.csv).",
     )
     p.add_argument(
@@ -47,15 +49,17 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--scheduler",
-        default="local",
-        help="local (a Dask cluster on this machine, default), a scheduler address such as "
-        "tcp://HOST:8786, or inprocess (no Dask)",
+        default="auto",
+        help="auto (default: in this process unless a local Dask cluster pays off; the summary "
+        "says which and why), local (a Dask cluster on this machine), a scheduler address such "
+        "as tcp://HOST:8786, or inprocess (no Dask)",
     )
     p.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="local workers (default: one per core on the CPU, as memory allows; 1 on a GPU)",
+        help="local workers (implies a local cluster; default: one per core on the CPU, as "
+        "memory allows; 1 on a GPU)",
     )
     p.add_argument(
         "--threads",
@@ -69,23 +73,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..cohort.case import CohortSettings
-    from ..cohort.runner import default_threads, default_workers, run_cohort
-    from ..core.engine import cpu_bf16_choice, resolve_device
-    from .propagate import ProgressBar, segment_names
-
     if args.support_size < 1:
         raise UsageError(f"--support-size must be at least 1, got {args.support_size}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
-    local = args.scheduler in ("local", "inprocess")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.scheduler not in ("auto", "local", "inprocess"):
+        from ..cohort.scheduler import probe_scheduler
+
+        probe_scheduler(args.scheduler)  # before PyTorch is imported: a wrong address is quick
+    from ..cohort.case import CohortSettings
+    from ..cohort.runner import run_cohort
+    from ..core.engine import cpu_bf16_choice, resolve_device
+    from .propagate import ProgressBar, segment_names
+
     device = resolve_device(args.device)  # --device cuda without CUDA: say so first
-    workers = args.workers
-    if workers is None:
-        workers = default_workers(device) if args.scheduler == "local" else 1
-    if args.scheduler == "inprocess" and workers != 1:
-        raise UsageError("--scheduler inprocess runs one target at a time: leave out --workers")
-    threads = args.threads or (default_threads(workers) if local else 1)
     if args.weights == "official":
         from ..core.weights import official_path
 
@@ -98,7 +101,7 @@ def run(args) -> int:
         device=args.device,
         weights=args.weights,
         support_size=args.support_size,
-        threads=threads,
+        threads=args.threads or 0,  # 0: the run's plan shares the cores out
         cpu_bf16=use_bf16,
         cpu_bf16_reason=why,
     )
@@ -108,16 +111,23 @@ def run(args) -> int:
         args.out,
         settings,
         scheduler=args.scheduler,
-        workers=workers,
+        workers=args.workers,
         retries=args.retries,
         progress=ProgressBar(not args.quiet),
     )
     ok = sum(r.status == "ok" for r in summary.records)
     skipped = sum(r.status.startswith("skipped") for r in summary.records)
+    where = {"inprocess": "in this process", "local": "local Dask cluster"}.get(
+        summary.scheduler, f"Dask scheduler {summary.scheduler}"
+    )
+    how = (
+        f"{where}, {plural(summary.workers, 'worker')} x {plural(summary.threads, 'thread')}; "
+        if summary.workers
+        else ""
+    )
     print(
         f"{len(summary.records)} targets: {ok} segmented, {skipped} up to date, "
-        f"{len(summary.failed)} failed; {summary.seconds:.1f} s "
-        f"({summary.scheduler}, {summary.workers} workers x {threads} threads)"
+        f"{len(summary.failed)} failed; {summary.seconds:.1f} s ({how}{summary.reason})"
     )
     for r in summary.failed:
         print(f"  {r.id}: failed: {r.reason}")

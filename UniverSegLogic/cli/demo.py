@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import UsageError
 from ..sample import DEFAULT_K, DEFAULT_SEGMENT, sample_paths
-from .propagate import ProgressBar
+from . import plain
+from .propagate import ProgressBar, add_engine_options
 
 #: Files the demo writes into its --out folder.
 OUTPUT_FILES = ("demo_result.seg.nrrd", "demo_overlay.png", "demo_metrics.json")
@@ -25,16 +26,12 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="run on the bundled chest CT sample and report Dice",
-        description=__doc__.splitlines()[0],
+        description=plain(__doc__.splitlines()[0]),
     )
     p.add_argument("--out", default="universeg-demo", help="output folder (universeg-demo)")
     p.add_argument("--segment", default=DEFAULT_SEGMENT, help=f"segment ({DEFAULT_SEGMENT})")
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"labeled slices to keep ({DEFAULT_K})")
-    p.add_argument(
-        "--weights", default="starter", help="starter (default), official, or a weights file"
-    )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--quiet", action="store_true")
+    add_engine_options(p)
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+from ..core.device import DEVICE_NAMES
+from ..core.slices import AXIS_AUTO
 from ..errors import UsageError
 
 
@@ -51,7 +53,7 @@ def register(sub) -> None:
 
 
 def add_propagation_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``propagate`` and ``demo``."""
+    """The propagation options of ``propagate`` (and the engine's, :func:`add_engine_options`)."""
     p.add_argument(
         "--segments",
         default=None,
@@ -59,9 +61,10 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--axis",
-        default="axial",
-        help="slicing axis: axial, coronal, sagittal, or an array axis 0/1/2 of the KJI "
-        "array (default: axial)",
+        default=AXIS_AUTO,
+        help="slicing axis: auto (the axis the painted slices lie on; an error when segments "
+        "lie on different axes), axial, coronal, sagittal, or an array axis 0/1/2 of the KJI "
+        "array (default: auto)",
     )
     p.add_argument(
         "--labeled-slices",
@@ -101,9 +104,19 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
     add_engine_options(p)
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device``, declared here once for every command that runs the network."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_NAMES,
+        help="auto (an NVIDIA GPU, else the Apple GPU, else the CPU), cpu, cuda or mps (auto)",
+    )
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """``--device``, ``--weights`` and ``--quiet`` (``propagate``, ``demo``, ``cohort``)."""
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_option(p)
     p.add_argument(
         "--weights",
         default="starter",
@@ -216,6 +229,7 @@ def segment_names(spec: Optional[str]) -> Optional[List[str]]:
 
 
 def run(args) -> int:
+    from ..core.geometry import axis_name
     from ..core.io import (
         Segmentation,
         check_output_path,
@@ -251,6 +265,7 @@ def run(args) -> int:
     image = read_image(args.image)
     labels = read_segmentation(args.labels, image, segment_names(args.segments))
     chosen = select_segments(labels, args.segments)
+    options = resolve_auto_axis(options, image, chosen)
     # segments are told apart by their position in the file, never by name
     keys = {id(s): str(i) for i, s in enumerate(labels.segments)}
     labeled = parse_labeled_slices(
@@ -265,9 +280,11 @@ def run(args) -> int:
     session = Propagator(image, options, support_volumes=support)
     result = session.propagate(inputs, progress=ProgressBar(not args.quiet))
     print_notes(result.notes)
+    done = {r.key: r for r in result.segments}
+    keep_out(result, [s.mask for s in labels.segments if keys[id(s)] not in done], session.axis)
     out_segments = []
     for s in labels.segments:
-        r = result.get(keys[id(s)]) if any(s is c for c in chosen) else None
+        r = done.get(keys[id(s)])
         fields = dict(s.fields)
         if r is not None:  # how the prediction was computed, in the segment's tags
             fields["tags"] = {**dict(fields.get("tags") or {}), **result.tags()}
@@ -279,6 +296,8 @@ def run(args) -> int:
         f"weights: {result.weights}; device: {result.device}; precision: {result.precision} "
         f"({result.precision_reason}); {result.seconds:.1f} s"
     )
+    print(f"axis: {axis_name(image, session.axis)} (array axis {session.axis})")
+    inputs = [inp for inp in inputs if inp.key in done]
     for inp in inputs:
         r = result.get(inp.key)
         kept = sorted(set(r.labeled_slices) - set(inp.labeled_slices or r.labeled_slices))
@@ -289,19 +308,69 @@ def run(args) -> int:
             )
         print(
             f"  {r.name}: labeled slices {_ranges(r.labeled_slices)}; predicted "
-            f"{len(r.predicted_slices)} slices"
+            f"{plural(len(r.predicted_slices), 'slice')}"
         )
         if args.suggest:
             picks = r.suggested_slices(args.suggest)
             print(
                 f"  {r.name}: paint next: "
-                + (f"slice {_ranges(picks)}" if picks else "nothing (every slice is labeled)")
+                + (
+                    f"slice{'' if len(picks) == 1 else 's'} {_ranges(picks)}"
+                    if picks
+                    else "nothing (every slice is labeled)"
+                )
             )
     print(f"wrote {os.path.abspath(args.out)}")
     if args.report:
         write_report(args.report, [result.get(inp.key) for inp in inputs], args.suggest, result)
         print(f"wrote {os.path.abspath(args.report)}")
     return 0
+
+
+def resolve_auto_axis(options, image, segments):
+    """``options`` with axis ``auto`` replaced by the axis the painted slices of ``segments``
+    lie on (:func:`~UniverSegLogic.core.slices.auto_axis`; axial when nothing is painted, so
+    the run says that no segment has a labeled slice)."""
+    from dataclasses import replace
+
+    from ..core.geometry import axis_name, resolve_axis
+    from ..core.slices import auto_axis
+
+    if str(options.axis).strip().lower() != AXIS_AUTO:
+        return options
+    names = [s.name for s in segments]
+    paintings = {
+        (s.name if names.count(s.name) == 1 else f"{s.name} [{s.id}]"): s.mask for s in segments
+    }
+    axis = auto_axis(paintings, label=lambda a: axis_name(image, a))
+    return replace(options, axis=resolve_axis(image, "axial") if axis is None else axis)
+
+
+def keep_out(result, others: List, axis: int) -> None:
+    """Predictions never take voxels of the segments a run did not propagate (painted voxels
+    stay): :func:`~UniverSegLogic.core.restack.resolve_overlaps`, so a single-layer input
+    gives a single-layer ``.seg.nrrd``."""
+    import numpy as np
+
+    from ..core.restack import resolve_overlaps
+
+    if not others or not result.segments:
+        return
+    union = np.zeros(result.segments[0].mask.shape, dtype=bool)
+    for mask in others:
+        union |= np.asarray(mask, dtype=bool)
+    resolve_overlaps(
+        [r.mask for r in result.segments],
+        [r.probability_at for r in result.segments],
+        [r.labeled_slices for r in result.segments],
+        axis,
+        keep_out=union,
+    )
+
+
+def plural(count: int, word: str) -> str:
+    """``1 slice``, ``2 slices``."""
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def write_report(path: str, results: List, suggest: int, run=None) -> None:

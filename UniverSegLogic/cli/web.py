@@ -1,15 +1,20 @@
-"""``universeg-slicer web``: the browser annotation app (trame-slicer), see ``UniverSegLogic.web``.
+"""``universeg-slicer web``: the browser annotation app: paint, propagate and save in a web page.
+
+The app is ``UniverSegLogic.web`` (trame-slicer).
 
 Serves one page on 127.0.0.1 by default: a slice view with Slicer's own Paint / Erase / Scissors
 and undo, Propagate (UniverSeg through the MRML bridge), the labeled / predicted / corrected slices
 of every segment, Save and Download. The page needs the access token printed at start, and only
 the page's own origin may talk to the server (SECURITY.md). ``--out`` is checked before the
-server starts. Needs ``pip install "universeg-slicer[web]"``.
+server starts. Needs ``pip install ".[web]"`` (in a checkout of this repository).
 """
 
 from __future__ import annotations
 
+from ..core.slices import AXIS_AUTO
 from ..errors import UsageError
+from . import plain
+from .propagate import add_device_option
 
 
 def register(sub) -> None:
@@ -18,7 +23,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "web",
         help="serve the browser annotation app (paint, propagate, save)",
-        description=__doc__.splitlines()[0],
+        description=plain(__doc__.splitlines()[0]),
     )
     p.add_argument("--image", help="volume to open (.nrrd, .nii, .nii.gz, .mha)")
     p.add_argument("--labels", help="segmentation to open on it (.seg.nrrd)")
@@ -62,7 +67,7 @@ def register(sub) -> None:
     p.add_argument(
         "--weights", default="starter", help="starter (default), official, or a weights file"
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_option(p)
     p.set_defaults(func=run)
 
 
@@ -91,11 +96,14 @@ def run(args) -> int:
     if missing:
         raise UsageError(
             f"the browser app needs {missing[-1].replace('_', '-')}: "
-            'pip install "universeg-slicer[web]"'
+            'pip install ".[web]" (in a checkout of this repository)'
         )
     import tempfile
 
+    from ..core.propagator import PropagationOptions
     from ..web.app import serve
+
+    options = PropagationOptions(axis=AXIS_AUTO, weights=args.weights, device=args.device)
 
     with tempfile.TemporaryDirectory(prefix="universeg-sample-") as tmp:
         image, labels = args.image, args.labels
@@ -113,6 +121,5 @@ def run(args) -> int:
             max_upload_mb=args.max_upload_mb,
             max_image_mb=args.max_image_mb,
             max_voxels=args.max_voxels,
-            weights=args.weights,
-            device=args.device,
+            options=options,
         )

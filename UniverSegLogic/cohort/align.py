@@ -15,6 +15,14 @@ through a transform from the target's physical space to the reference's, found b
   levels) started from the ``extent`` transform;
 * ``none``: the physical coordinates as stored (for volumes already in one frame).
 
+Where a volume holds image data (:func:`data_region`): everything but the padding at its border,
+i.e. the whole planes along any array axis that hold one single value, as a shifted or cropped
+field of view leaves them (-1024, the scanner's padding value, 0, ...). No real image has a whole
+plane of one value; structures are never predicted where the target has no data or where no
+reference had data once aligned (:attr:`AlignedReference.valid`), and
+:attr:`AlignedReference.outside` says how much of each reference structure the alignment puts
+outside the target's data.
+
 :func:`register` also offers ``deformable`` (affine, then a B-spline), used only by the atlas
 baseline of the evaluation (:mod:`UniverSegResearch.cohort_eval`). Every random choice of
 the registrations (the metric's voxel sampling) uses :data:`REGISTRATION_SEED`: SimpleITK's seed 0
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -66,6 +74,46 @@ class AlignedReference:
     seconds: float
     #: the transform (target physical LPS point -> reference point), as SimpleITK parameters
     parameters: List[float] = field(default_factory=list)
+    #: target voxels (KJI, bool) where the reference has image data once aligned; None: every one
+    valid: Optional[np.ndarray] = None
+    #: by structure: the share of its reference voxels that the alignment puts outside the
+    #: target's data region (computed when that region is given; empty when the transform has
+    #: no inverse)
+    outside: Dict[str, float] = field(default_factory=dict)
+
+
+def data_box(array: np.ndarray) -> Tuple[slice, ...]:
+    """The box of ``array`` left once every border plane (along any axis) that holds one single
+    value is stripped, repeatedly (a shift along two axes leaves padding slabs on both). Only
+    the planes at the box's faces are read, so a volume without padding costs six planes."""
+    lo, hi = [0] * array.ndim, list(array.shape)
+
+    def constant(ax: int, index: int) -> bool:
+        box = tuple(index if a == ax else slice(lo[a], hi[a]) for a in range(array.ndim))
+        plane = array[box]
+        return bool(plane.min() == plane.max())
+
+    changed = True
+    while changed:
+        changed = False
+        for ax in range(array.ndim):
+            while lo[ax] < hi[ax] and constant(ax, lo[ax]):
+                lo[ax] += 1
+                changed = True
+            while hi[ax] > lo[ax] and constant(ax, hi[ax] - 1):
+                hi[ax] -= 1
+                changed = True
+            if lo[ax] >= hi[ax]:
+                return tuple(slice(0, 0) for _ in range(array.ndim))
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def data_region(volume: Volume) -> np.ndarray:
+    """Voxels of ``volume`` (KJI, bool) that hold image data: all but the padding slabs at its
+    border (:func:`data_box`)."""
+    region = np.zeros(volume.array.shape, dtype=bool)
+    region[data_box(volume.array)] = True
+    return region
 
 
 def axis_profiles(image) -> List[Tuple[np.ndarray, np.ndarray]]:
@@ -250,6 +298,24 @@ def register(reference, target, kind: str = "extent", seed: int = REGISTRATION_S
     raise UsageError(f"alignment must be one of {', '.join(REGISTRATION_KINDS)}, got {kind!r}")
 
 
+def _warp(mask: np.ndarray, source: Volume, grid, transform) -> np.ndarray:
+    """``mask`` (KJI, on ``source``'s grid) on the SimpleITK image ``grid`` through
+    ``transform`` (grid points -> source points), nearest neighbour, 0 outside ``source``."""
+    import SimpleITK as sitk
+
+    from ..core.io import volume_to_sitk
+
+    m = volume_to_sitk(Volume(np.asarray(mask, dtype=np.uint8), source.ijk_to_ras))
+    warped = sitk.Resample(m, grid, transform, sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(warped).astype(bool)
+
+
+def _grid_of(volume: Volume):
+    from ..core.io import volume_to_sitk
+
+    return volume_to_sitk(Volume(np.zeros(volume.array.shape, np.uint8), volume.ijk_to_ras))
+
+
 def resample_onto(target: Volume, reference: Volume, masks: Dict[str, np.ndarray], transform=None):
     """(reference image on the target grid, masks on the target grid) through ``transform``
     (target -> reference points; None: the stored physical coordinates)."""
@@ -260,16 +326,34 @@ def resample_onto(target: Volume, reference: Volume, masks: Dict[str, np.ndarray
     if transform is None:
         transform = sitk.Transform(3, sitk.sitkIdentity)
 
-    grid = volume_to_sitk(Volume(np.zeros(target.array.shape, np.uint8), target.ijk_to_ras))
+    grid = _grid_of(target)
     ref = volume_to_sitk(reference)
     low = float(np.min(reference.array)) if reference.array.size else 0.0
     image = sitk.Resample(sitk.Cast(ref, sitk.sitkFloat32), grid, transform, sitk.sitkLinear, low)
-    out_masks = {}
-    for name, mask in masks.items():
-        m = volume_to_sitk(Volume(np.asarray(mask, dtype=np.uint8), reference.ijk_to_ras))
-        warped = sitk.Resample(m, grid, transform, sitk.sitkNearestNeighbor, 0)
-        out_masks[name] = sitk.GetArrayFromImage(warped).astype(bool)
+    out_masks = {name: _warp(mask, reference, grid, transform) for name, mask in masks.items()}
     return Volume(sitk.GetArrayFromImage(image), target.ijk_to_ras), out_masks
+
+
+def outside_shares(
+    reference: Volume,
+    masks: Dict[str, np.ndarray],
+    target: Volume,
+    target_region: np.ndarray,
+    transform,
+) -> Dict[str, float]:
+    """By structure: the share of its reference voxels that ``transform`` (target -> reference
+    points) puts outside ``target_region`` (the target's data, or off its grid). Empty when the
+    transform has no inverse."""
+    try:
+        inverse = transform.GetInverse()
+    except (RuntimeError, AttributeError):
+        return {}
+    inside = _warp(target_region, target, _grid_of(reference), inverse)
+    shares = {}
+    for name, mask in masks.items():
+        n = int(np.count_nonzero(mask))
+        shares[name] = float(np.count_nonzero(mask & ~inside)) / n if n else 0.0
+    return shares
 
 
 def align_reference(
@@ -278,9 +362,12 @@ def align_reference(
     target: Volume,
     method: str = "extent",
     seed: int = REGISTRATION_SEED,
+    target_region: Optional[np.ndarray] = None,
 ) -> AlignedReference:
     """``reference`` and its ``masks`` resampled onto the grid of ``target`` by ``method``
-    (:data:`REGISTRATION_KINDS`)."""
+    (:data:`REGISTRATION_KINDS`), with where the reference has data on that grid; with
+    ``target_region`` (:func:`data_region` of the target), also how much of each structure
+    falls outside it."""
     from ..core.io import volume_to_sitk
 
     if method not in REGISTRATION_KINDS:
@@ -288,8 +375,12 @@ def align_reference(
     t0 = time.perf_counter()
     transform = register(volume_to_sitk(reference), volume_to_sitk(target), method, seed)
     image, out = resample_onto(target, reference, masks, transform)
+    valid = _warp(data_region(reference), reference, _grid_of(target), transform)
+    outside = {}
+    if target_region is not None:
+        outside = outside_shares(reference, masks, target, target_region, transform)
     try:
         params = [float(v) for v in transform.GetParameters()] if method != "deformable" else []
     except RuntimeError:
         params = []
-    return AlignedReference(image, out, method, time.perf_counter() - t0, params)
+    return AlignedReference(image, out, method, time.perf_counter() - t0, params, valid, outside)

@@ -1,40 +1,47 @@
 """Run a cohort: every target of a manifest, on this machine or a Dask cluster.
 
-:func:`run_cohort` reads the manifest and the reference volumes (once, in this process), skips
-the targets whose outputs are up to date (their record's digest covers the content of the target's
-files, the references, the weights and the options), and runs :func:`case.segment_target` for
-the others:
+:func:`run_cohort` first checks everything a run needs (options, manifest, references, weights,
+the output folder, the scheduler) and writes nothing when one of them is wrong: no output folder
+is created, no earlier result is touched. It then skips the targets whose outputs are up to date
+(their record's digest covers the content of the target's files, the references, the weights and
+the options) and runs :func:`case.segment_target` for the others:
 
+* ``scheduler="auto"`` (default): in this process when a local cluster would not pay off (a few
+  targets, one core, a GPU), else a local cluster (:func:`scheduler.choose_scheduler`; which
+  one and why is in the summary);
 * ``scheduler="local"``: a ``dask.distributed.LocalCluster`` of ``workers`` processes on this
   machine, one task at a time each, ``threads`` PyTorch threads each (default: the cores shared
   out), memory per worker from the engine's working-memory budget;
 * ``scheduler="tcp://HOST:PORT"`` (any address Dask takes): a running scheduler, e.g. one started
-  by ``dask-jobqueue`` on SLURM/PBS; workers must see the target files and ``out_dir``;
+  by ``dask-jobqueue`` on SLURM/PBS; workers must see the target files and ``out_dir``. A TCP
+  address is probed first (:func:`scheduler.probe_scheduler`: connect and read the Dask
+  handshake, a few seconds at most), so a wrong address is one line, not a hang;
 * ``scheduler="inprocess"``: one target after the other in this process (no Dask needed).
 
+Which scheduler runs never changes a result: the computation and its precision are the same.
 The reference volumes are scattered to the workers once (not sent with each task). A task whose
-worker dies is retried on another worker (``retries``); outputs are only ever renamed into place,
-and the temporary files a killed worker leaves behind are removed at the end. Each target's record
-goes to ``summary.csv`` (written atomically when the run ends), failed targets with their one-line
-reason.
+worker dies is retried on another worker (``retries``). Outputs are only ever renamed into place;
+a run never replaces a file that is not its own (an input, the manifest, a file without this
+tool's record, see :func:`check_output_folder`), and it removes only the temporary files that
+carry its own tag (:func:`core.atomic.remove_temporaries`), such as a killed worker's. Each
+target's record goes to ``summary.csv`` (written atomically when the run ends), failed targets
+with their one-line reason.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.weights import sha256_of
-from ..errors import InputError, UsageError, one_line
+from ..errors import InputError, UniverSegError, UsageError, one_line
 from .case import (
     RECORD_VERSION,
     CaseRecord,
@@ -42,19 +49,19 @@ from .case import (
     Reference,
     TargetSpec,
     output_paths,
+    own_record,
     segment_target,
     up_to_date_record,
     volume_ml,
 )
+from .scheduler import open_client, plan_run, probe_scheduler
 
 #: Target ids become file names: letters, digits, '.', '_' and '-' only.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 #: Retries of a task whose worker died (Dask's own accounting of lost workers).
 DEFAULT_RETRIES = 2
-#: Memory a worker needs besides the engine's working budget (model, volumes, Python).
-WORKER_BASE_BYTES = 2 * 1024**3
-#: How long to wait for a scheduler given by address (seconds).
-CONNECT_TIMEOUT_S = 30
+#: The header of ``summary.csv`` (an existing file without it is not this tool's summary).
+SUMMARY_COLUMNS = ["id", "status", "reason", "seconds", "qc", "volumes_ml", "segmentation"]
 
 ProgressFn = Callable[[float, str], None]
 
@@ -68,6 +75,9 @@ class CohortSummary:
     seconds: float
     scheduler: str
     workers: int
+    threads: int = 1
+    #: why this scheduler ran (e.g. the default's choice), for the summary line
+    reason: str = ""
 
     @property
     def failed(self) -> List[CaseRecord]:
@@ -173,60 +183,91 @@ def weights_identity(weights: str) -> str:
         raise InputError(f"weights file not found: {path}") from None
 
 
-def default_threads(workers: int) -> int:
-    """PyTorch threads per worker: this machine's cores shared out (at least 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, int(cores or 1) // max(1, workers))
+def check_weights(weights: str) -> str:
+    """Load and verify the weights once, here, before anything is written (a missing, corrupt
+    or oversized file is one line, not a failure of every target); returns their identity
+    (:func:`weights_identity`). ``official`` must already be in the cache."""
+    from ..core.weights import load_weights
+
+    load_weights(weights, echo=lambda message: None, allow_download=False)
+    return weights_identity(weights)
 
 
-def default_workers(device: str) -> int:
-    """Local workers by default: one per core on the CPU (two single-thread workers measured
-    1.26x one two-thread worker: docs/results/cohort/README.md), fewer where memory is short
-    (:data:`WORKER_BASE_BYTES` each); one on a GPU, which the workers would share."""
-    if device != "cpu":
-        return 1
-    from ..core.engine import available_ram_bytes
+def check_settings(settings: CohortSettings) -> None:
+    """UsageError for an option no target could be segmented with (before anything is read)."""
+    import numpy as np
 
-    return max(1, min(default_threads(1), int(available_ram_bytes() // WORKER_BASE_BYTES)))
+    from ..core.geometry import Volume, resolve_axis
+    from .align import ALIGN_METHODS
+
+    if settings.align not in ALIGN_METHODS:
+        raise UsageError(
+            f"--align must be one of {', '.join(ALIGN_METHODS)}, got {settings.align!r}"
+        )
+    try:
+        resolve_axis(Volume(np.zeros((1, 1, 1), np.uint8), np.eye(4)), settings.axis)
+    except UniverSegError as exc:
+        raise UsageError(f"--axis: {one_line(exc)}") from None
+    if int(settings.support_size) < 1:
+        raise UsageError(f"--support-size must be at least 1, got {settings.support_size}")
+    if settings.threads < 0:
+        raise UsageError(f"--threads must be at least 1, got {settings.threads}")
+    if settings.segments is not None and not all(str(n).strip() for n in settings.segments):
+        raise UsageError("--segments: a segment name is empty")
 
 
-def worker_memory_bytes(workers: int) -> int:
-    """Memory limit of one local worker: the engine's CPU working budget shared out, plus the
-    model, volumes and interpreter."""
-    from ..core.engine import available_ram_bytes
+def check_output_folder(out_dir: str, targets: List[TargetSpec], inputs: Sequence[str]) -> None:
+    """Refuse (one line, nothing written) an output folder where the run would replace a file
+    that is not its own: an input (the manifest, a target's image or labels, a reference, links
+    included), or, at a target's output names, a file that no record of this tool claims
+    (:func:`case.own_record`), or a ``summary.csv`` that is not this tool's summary. Also refuse
+    a folder that cannot be created or written."""
+    from ..core.io import check_output_path
 
-    budget = min(0.4 * available_ram_bytes(), 6 * 1024**3)
-    return int(WORKER_BASE_BYTES + budget / max(1, workers))
-
-
-def _refuse_outputs_that_are_inputs(out_dir: str, targets: List[TargetSpec], inputs) -> None:
-    """UsageError when a target's output file would replace one of the inputs (e.g. labels kept
-    as ``<id>.seg.nrrd`` in the output folder), before anything is written."""
+    check_output_path(out_dir, inputs, option="--out", folder=True)
+    if not os.path.isdir(out_dir):
+        return  # nothing there yet to replace
 
     def identity(path: str):
         st = os.stat(path)
         return st.st_dev, st.st_ino
 
     given = {identity(p): p for p in inputs if os.path.exists(p)}
-    for t in targets:
-        for path in output_paths(out_dir, t.id).values():
-            if os.path.exists(path) and identity(path) in given:
-                raise UsageError(
-                    f"--out: {path} is the input {given[identity(path)]}: choose another output "
-                    "folder (the input would be overwritten)"
-                )
 
+    def refuse_input(path: str) -> None:
+        if os.path.exists(path) and identity(path) in given:
+            raise UsageError(
+                f"--out: {path} is the input {given[identity(path)]}: choose another output "
+                "folder (the input would be overwritten)"
+            )
 
-def clean_partials(out_dir: str) -> int:
-    """Remove temporary files left by an interrupted or killed writer (see :mod:`core.atomic`)."""
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(out_dir), ".partial-*")):
+    summary = os.path.join(out_dir, "summary.csv")
+    refuse_input(summary)
+    if os.path.lexists(summary):
         try:
-            os.remove(path)
-            removed += 1
-        except OSError:
-            pass
-    return removed
+            with open(summary, encoding="utf-8", newline="") as fh:
+                header = next(csv.reader(fh), None)
+        except (OSError, UnicodeDecodeError, csv.Error):
+            header = None
+        if header != SUMMARY_COLUMNS:
+            raise UsageError(
+                f"--out: {summary} is not the summary of a cohort run: move it or choose "
+                "another output folder (it would be overwritten)"
+            )
+    check_output_path(summary, inputs, option="--out")
+    for t in targets:
+        paths = output_paths(out_dir, t.id)
+        for path in paths.values():
+            refuse_input(path)
+        if own_record(out_dir, t.id) is not None:
+            continue  # this tool's record: the target's files beside it are its outputs
+        for path in paths.values():
+            if os.path.lexists(path):
+                raise UsageError(
+                    f"--out: {path} was not written by a cohort run (no record of this tool "
+                    f"claims it for target {t.id!r}): move it or choose another output folder "
+                    "(it would be overwritten)"
+                )
 
 
 def write_summary(path: str, records: List[CaseRecord], targets: List[TargetSpec]) -> None:
@@ -236,7 +277,7 @@ def write_summary(path: str, records: List[CaseRecord], targets: List[TargetSpec
     by_id = {r.id: r for r in records}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "status", "reason", "seconds", "qc", "volumes_ml", "segmentation"])
+    w.writerow(SUMMARY_COLUMNS)
     for t in targets:
         r = by_id[t.id]
         vols = ";".join(f"{s['name']}={s['volume_ml']}" for s in r.segments)
@@ -252,49 +293,42 @@ def run_cohort(
     references: Sequence[Tuple[str, str]],
     out_dir: str,
     settings: CohortSettings,
-    scheduler: str = "local",
-    workers: int = 1,
+    scheduler: str = "auto",
+    workers: Optional[int] = None,
     retries: int = DEFAULT_RETRIES,
     progress: Optional[ProgressFn] = None,
 ) -> CohortSummary:
     """Segment every target of ``manifest`` from ``references`` ((image, segmentation) paths)
     into ``out_dir``; see the module docstring. Raises a :class:`UniverSegError` only for a
-    problem of the whole run (manifest, references, options, scheduler)."""
-    from .align import ALIGN_METHODS
+    problem of the whole run (manifest, references, options, weights, output folder, scheduler),
+    and then before anything is written. ``settings.threads`` 0: the plan's default."""
+    from ..core.atomic import new_owner_tag, remove_temporaries
+    from ..core.engine import resolve_device
 
     t0 = time.perf_counter()
     if not references:
         raise UsageError("give at least one --reference IMG SEG")
-    if settings.align not in ALIGN_METHODS:
-        raise UsageError(
-            f"--align must be one of {', '.join(ALIGN_METHODS)}, got {settings.align!r}"
-        )
-    if workers < 1:
+    check_settings(settings)
+    if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     if retries < 0:
         raise UsageError(f"--retries must be 0 or more, got {retries}")
+    device = resolve_device(settings.device)
+    if scheduler not in ("auto", "local", "inprocess"):
+        probe_scheduler(scheduler)  # seconds at most, before the slower checks below
     targets = read_manifest(manifest)
-    if not os.path.isdir(out_dir):
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
-    from ..core.io import check_output_path
-
-    inputs = [p for t in targets for p in (t.image, t.labels) if p]
+    inputs = [manifest] + [p for t in targets for p in (t.image, t.labels) if p]
     inputs += [p for pair in references for p in pair]
-    check_output_path(os.path.join(out_dir, "summary.csv"), inputs)
-    _refuse_outputs_that_are_inputs(out_dir, targets, inputs)
+    check_output_folder(out_dir, targets, inputs)
     refs = [read_reference(img, seg, settings.segments) for img, seg in references]
     if settings.segments:
         known = {n for r in refs for n in r.masks}
         unknown = [n for n in settings.segments if n not in known]
         if unknown:
             raise UsageError(f"--segments: no reference has a segment named {unknown[0]!r}")
-    weights_id = weights_identity(settings.weights)
+    weights_id = check_weights(settings.weights)
     for t in targets:
         t.digest = target_digest(t, refs, settings, weights_id)
-    clean_partials(out_dir)
 
     records: Dict[str, CaseRecord] = {}
     todo = []
@@ -304,6 +338,8 @@ def run_cohort(
             records[t.id] = earlier
         else:
             todo.append(t)
+    plan = plan_run(scheduler, workers, settings.threads, len(todo), device)
+    settings = replace(settings, threads=plan.threads)
     done = len(records)
 
     def report(record: CaseRecord) -> None:
@@ -313,82 +349,73 @@ def run_cohort(
         if progress is not None:
             progress(done / len(targets), f"{record.id}: {record.status}")
 
-    if progress is not None:
-        progress(done / len(targets), f"{done} of {len(targets)} up to date")
     used_workers = 0
     if todo:
-        if scheduler == "inprocess":
-            used_workers = 1
-            for t in todo:
-                report(segment_target(t, refs, settings, out_dir))
-        else:
-            used_workers = _run_on_dask(
-                todo, refs, settings, out_dir, scheduler, workers, retries, report
-            )
-    clean_partials(out_dir)
+        with open_client(plan) as client:  # the scheduler is reachable before a file is written
+            if not os.path.isdir(out_dir):
+                try:
+                    os.makedirs(out_dir, exist_ok=True)
+                except OSError as exc:
+                    raise UsageError(
+                        f"cannot create the output folder {out_dir}: {exc.strerror}"
+                    ) from None
+            if progress is not None:
+                progress(done / len(targets), f"{done} of {len(targets)} up to date")
+            owner = new_owner_tag()
+            try:
+                if client is None:
+                    used_workers = 1
+                    for t in todo:
+                        report(segment_target(t, refs, settings, out_dir, owner))
+                else:
+                    used_workers = _run_on_dask(
+                        client, todo, refs, settings, out_dir, owner, retries, report
+                    )
+            finally:
+                remove_temporaries(out_dir, owner)  # a killed worker's; never another program's
+    elif progress is not None:
+        progress(1.0, f"{done} of {len(targets)} up to date")
     ordered = [records[t.id] for t in targets]
     summary = os.path.join(out_dir, "summary.csv")
     write_summary(summary, ordered, targets)
-    return CohortSummary(ordered, summary, time.perf_counter() - t0, scheduler, used_workers)
+    return CohortSummary(
+        ordered,
+        summary,
+        time.perf_counter() - t0,
+        plan.scheduler,
+        used_workers,
+        plan.threads,
+        plan.reason,
+    )
 
 
-def _run_on_dask(todo, refs, settings, out_dir, scheduler, workers, retries, report) -> int:
-    try:
-        from distributed import Client, LocalCluster, as_completed
-    except ImportError:
-        raise UsageError(
-            "running a cohort on Dask needs dask.distributed: pip install 'universeg-slicer[cohort]' "
-            "(or use --scheduler inprocess)"
-        ) from None
-    for name in ("distributed", "tornado", "bokeh"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    cluster = None
-    try:
-        if scheduler == "local":
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                memory_limit=worker_memory_bytes(workers),
-                dashboard_address=None,
-                host="127.0.0.1",
-                silence_logs=logging.CRITICAL,
-            )
-            client = Client(cluster)
-        else:
-            try:
-                client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise UsageError(
-                    f"cannot reach the Dask scheduler {scheduler}: {one_line(exc)}"
-                ) from None
-        with client:
-            n_workers = len(client.scheduler_info().get("workers", {}))
-            shared = client.scatter(refs, broadcast=True, hash=False)
-            futures = {
-                client.submit(
-                    segment_target,
-                    t,
-                    shared,
-                    settings,
-                    os.path.abspath(out_dir),
-                    key=f"universeg-cohort-{t.id}-{(t.digest or 'x')[:12]}-{os.getpid()}-{time.time_ns()}",
-                    retries=retries,
-                    pure=False,
-                ): t
-                for t in todo
-            }
-            for future in as_completed(futures):
-                t = futures[future]
-                try:
-                    record = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker died too often, or our bug
-                    reason = one_line(exc)
-                    if type(exc).__name__ == "KilledWorker":
-                        reason = "its worker died on every attempt (out of memory or killed?)"
-                    record = CaseRecord(t.id, "failed", reason, t.digest)
-                report(record)
-            return n_workers
-    finally:
-        if cluster is not None:
-            cluster.close()
+def _run_on_dask(client, todo, refs, settings, out_dir, owner, retries, report) -> int:
+    from distributed import as_completed
+
+    n_workers = len(client.scheduler_info().get("workers", {}))
+    shared = client.scatter(refs, broadcast=True, hash=False)
+    futures = {
+        client.submit(
+            segment_target,
+            t,
+            shared,
+            settings,
+            os.path.abspath(out_dir),
+            owner,
+            key=f"universeg-cohort-{t.id}-{(t.digest or 'x')[:12]}-{owner}",
+            retries=retries,
+            pure=False,
+        ): t
+        for t in todo
+    }
+    for future in as_completed(futures):
+        t = futures[future]
+        try:
+            record = future.result()
+        except Exception as exc:  # noqa: BLE001 - a worker died too often, or our bug
+            reason = one_line(exc)
+            if type(exc).__name__ == "KilledWorker":
+                reason = "its worker died on every attempt (out of memory or killed?)"
+            record = CaseRecord(t.id, "failed", reason, t.digest)
+        report(record)
+    return n_workers

@@ -8,23 +8,68 @@ stays 0600); a new file gets the usual ``0666 & ~umask``. On any failure -- an e
 or SIGTERM while writing in the main thread -- the temporary file is removed and the destination is
 left as it was. OS errors (read-only folder, disk full, file-size limit, name too long) become
 :class:`~UniverSegLogic.errors.OutputError` with one line naming the path.
+
+Temporary names are ``.partial-<random>-<tail of the destination's name>``; inside
+:func:`owner_tag` (e.g. one cohort run, on every worker that runs its tasks) they are
+``.partial-<tag>-<random>-<tail>``, so that the owner can remove what a killed writer of its own
+left behind (:func:`remove_temporaries`) and never touches another program's temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
+import glob
 import os
+import re
 import secrets
 import signal
 import stat
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional
 
 from ..errors import OutputError
 
 #: Characters of the destination's name kept at the end of the temporary name.
 _TAIL_CHARS = 40
+#: What every temporary file's name starts with.
+TEMPORARY_PREFIX = ".partial-"
+#: An owner tag: hex digits only (it is part of file names and of a glob pattern).
+_TAG = re.compile(r"^[0-9a-f]{8,32}$")
+_OWNER: contextvars.ContextVar[str] = contextvars.ContextVar("universeg_partial_owner", default="")
+
+
+def new_owner_tag() -> str:
+    """A fresh random tag for :func:`owner_tag` (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+@contextlib.contextmanager
+def owner_tag(tag: str) -> Iterator[None]:
+    """Within this block (this thread or task only), temporary files carry ``tag`` in their
+    names, so that :func:`remove_temporaries` can find them."""
+    if not _TAG.match(tag or ""):
+        raise ValueError(f"an owner tag is 8 to 32 lowercase hex digits, got {tag!r}")
+    token = _OWNER.set(tag)
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
+
+
+def remove_temporaries(folder: str, tag: str) -> List[str]:
+    """Remove the temporary files that writers holding ``tag`` left in ``folder`` (e.g. a
+    killed worker); other programs' temporary files stay. Returns the paths removed."""
+    if not _TAG.match(tag or ""):
+        raise ValueError(f"an owner tag is 8 to 32 lowercase hex digits, got {tag!r}")
+    removed = []
+    pattern = os.path.join(glob.escape(folder), f"{TEMPORARY_PREFIX}{tag}-*")
+    for path in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed.append(path)
+    return removed
 
 
 def _extension(name: str) -> str:
@@ -42,7 +87,9 @@ def temporary_name(final_path: str) -> str:
     ext = _extension(name)
     stem = name[: len(name) - len(ext)] if ext else name
     tail = stem[-max(0, _TAIL_CHARS - len(ext)) :] if len(ext) < _TAIL_CHARS else ""
-    return os.path.join(folder, f".partial-{secrets.token_hex(4)}-{tail}{ext[-_TAIL_CHARS:]}")
+    owner = _OWNER.get()
+    prefix = f"{TEMPORARY_PREFIX}{owner}-" if owner else TEMPORARY_PREFIX
+    return os.path.join(folder, f"{prefix}{secrets.token_hex(4)}-{tail}{ext[-_TAIL_CHARS:]}")
 
 
 def output_error(exc: OSError, path: str) -> OutputError:

@@ -11,8 +11,9 @@ binary mask, so the comparison with our propagation is the comparison a Slicer u
 
 The filter ships with the Slicer application (``vtkITK``) and with the ``slicer-core`` wheel
 (``slicer.vtkITKMorphologicalContourInterpolator``). With slicer-core, ITK's default thread pool
-can crash the process at exit after two or more runs; :func:`interpolator_class` therefore selects
-ITK's ``Platform`` threader (``ITK_GLOBAL_DEFAULT_THREADER``) unless the caller chose one.
+can crash the process at exit after the filter ran; :func:`interpolator_class` therefore selects
+ITK's ``Platform`` threader (:func:`.itk_threads.use_platform_threader`) unless the user chose
+one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import UniverSegError
+from .itk_threads import use_platform_threader
 from .slices import nonempty_slices
 
 #: Slicer's AbstractScriptedSegmentEditorAutoCompleteEffect: extent growth ratio and minimum margin.
@@ -123,6 +125,7 @@ def interpolator_class():
             import slicer  # type: ignore
 
             cls = slicer.vtkITKMorphologicalContourInterpolator
+            use_platform_threader()  # a script that imports slicer exits cleanly afterwards
         except (ImportError, AttributeError) as exc:
             raise FillBetweenUnavailable(
                 "Fill between slices needs Slicer's vtkITK (the Slicer application or the "

@@ -2,7 +2,7 @@
 
 Arrays are indexed KJI (``array[k, j, i]``, the order of ``SimpleITK.GetArrayFromImage`` and
 ``slicer.util.arrayFromVolume``). The voxel-to-world map is a 4x4 IJK-to-RAS matrix (Slicer's
-convention); files in LPS are converted when read or written (see :mod:`UniverSegLogic.io`).
+convention); files in LPS are converted when read or written (see :mod:`UniverSegLogic.core.io`).
 
 A *slicing axis* is an array axis (0, 1 or 2). Anatomical names are resolved through the
 direction matrix: ``axial`` slices are stacked along the IJK axis closest to S, ``coronal`` to A,
@@ -104,6 +104,13 @@ def resolve_axis(volume: Volume, axis: AxisSpec) -> int:
     ras = AXIS_NAMES[name]
     d = volume.direction[:, ::-1]
     return int(np.argmax(np.abs(d[ras, :])))
+
+
+def axis_name(volume: Volume, axis: int) -> str:
+    """Anatomical name (axial/coronal/sagittal) of array axis ``axis`` in world space."""
+    d = volume.direction[:, ::-1]  # columns in array-axis order
+    ras = int(np.argmax(np.abs(d[:, int(axis)])))
+    return {v: k for k, v in AXIS_NAMES.items()}[ras]
 
 
 @dataclass(frozen=True)

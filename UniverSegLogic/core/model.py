@@ -11,7 +11,7 @@ Two call forms:
   (S,1,H,W) serves a whole batch of targets (B,1,H,W) (the volume case).
 
 This is the straightforward reference implementation (the correctness oracle); the fast
-inference path lives in :mod:`UniverSegLogic.engine`.
+inference path lives in :mod:`UniverSegLogic.core.engine`.
 """
 
 from __future__ import annotations

@@ -608,18 +608,23 @@ FUSION_SIDECAR_SUFFIX = ".fusion.json"
 def fusion_for(weights_source: str) -> Tuple[FusionParams, Optional[str]]:
     """(fusion parameters calibrated for ``weights_source``, note or None).
 
-    ``starter``: the shipped ``Resources/starter_fusion.json``. A weights file ``X.pt``: ``X.pt``
-    + :data:`FUSION_SIDECAR_SUFFIX` when present (``universeg-slicer calibrate`` writes one).
+    The calibration follows the weights' content, not their name: ``starter``, and a weights file
+    byte-identical to the starter weights (e.g. a copy given by path), get the shipped
+    ``Resources/starter_fusion.json``. A weights file ``X.pt`` with its own calibration ``X.pt`` +
+    :data:`FUSION_SIDECAR_SUFFIX` (``universeg-slicer calibrate`` writes one) gets that one first.
     Otherwise the hand-set defaults, and a note saying so (shown once to the user).
     """
-    from .weights import resource_file
+    from .weights import is_starter_content, resource_file
 
     path: Optional[Path] = None
     if weights_source == "starter":
         path = resource_file("starter_fusion.json")
     elif weights_source not in ("official",):
         sidecar = Path(str(weights_source) + FUSION_SIDECAR_SUFFIX)
-        path = sidecar if sidecar.is_file() else None
+        if sidecar.is_file():
+            path = sidecar
+        elif is_starter_content(str(weights_source)):
+            path = resource_file("starter_fusion.json")
     if path is not None:
         try:
             return FusionParams.load(path), None

@@ -8,10 +8,11 @@ copy of the volume is made) -- and :meth:`Propagator.propagate` is called as oft
 paints. For each segment it
 
 1. views the mask in the canonical slice frame of the axis (:mod:`geometry`),
-2. finds the labeled slices (:mod:`support`),
+2. finds the labeled slices (:mod:`support`); a segment without any is skipped with a note,
 3. picks the targets: the slices between the first and last labeled slice, plus up to
    ``FusionParams.extrapolation_gaps`` typical gaps beyond each end (``max_extrapolation``
-   overrides; nothing beyond an end slice that is labeled but empty),
+   overrides; nothing beyond an end slice that is labeled but empty, and nothing at all for a
+   run of adjacent labeled slices without a gap: such a segment is left as it is),
 4. runs UniverSeg on the 128x128 canvas (:mod:`canvas`, :mod:`engine`) with bracketing support,
    optionally ensembled over support subsets and with flipped support copies; on slices thinner
    than a canvas pixel only on every few slices, interpolating its logits in between
@@ -24,7 +25,8 @@ paints. For each segment it
    empty. Each gap and each end is fused in a region of the slice around what is painted there
    (:mod:`region`), checked to be exact for every slice -- a bound on the fused logit outside it
    inside the painted range, foreground on its border beyond it -- and fused whole where not,
-6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit,
+6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit, and a voxel
+   that several segments predict goes to the most probable one (painted voxels stay),
 7. scores how unsure each slice is (:mod:`suggest`, from the fused probabilities and the shape
    prior, never a ground truth): ``SegmentResult.slice_uncertainty`` and
    ``SegmentResult.suggested_slices(n)`` / :meth:`Propagator.suggest_slices`, the slices to paint
@@ -51,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import Cancelled, SupportError, UsageError
-from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, resolve_axis
+from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, axis_name, resolve_axis
 from .prior import (
     EMPTY_DISTANCE_MM,
     MODEL_CLIP,
@@ -65,9 +67,16 @@ from .prior import (
     sigmoid,
 )
 from .region import Region, bounding_box, box_distance_mm, canvas_footprints, max_filter3
-from .restack import RegionProbabilities, assemble_mask, assemble_probability
+from .restack import (
+    RegionProbabilities,
+    assemble_mask,
+    assemble_probability,
+    probability_at,
+    resolve_overlaps,
+)
 from .slices import (
     extrapolation_slices,
+    labeled_run,
     network_slices,
     network_step,
     nonempty_slices,
@@ -105,7 +114,9 @@ MIN_CACHE_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class PropagationOptions:
-    """How to propagate (defaults are what the CLI and the Slicer module use).
+    """How to propagate (defaults are what the CLI and the Slicer module use, except ``axis``:
+    the surfaces default to ``auto``, which they resolve to an array axis before a Propagator is
+    built -- :func:`~UniverSegLogic.core.slices.auto_axis`).
 
     Validated when created: a wrong type or value raises :class:`UsageError` here, not deep
     inside a run.
@@ -219,6 +230,8 @@ class SegmentResult:
     probabilities: RegionProbabilities = field(default_factory=dict, repr=False)
     _frame: Optional[SliceFrame] = field(default=None, repr=False)
     _user: Optional[np.ndarray] = field(default=None, repr=False)
+    #: bool KJI: where the result may be foreground at all (None: everywhere; :meth:`keep_within`)
+    _within: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def probability(self) -> np.ndarray:
@@ -227,9 +240,32 @@ class SegmentResult:
         clinical-size volume's would take four times the mask's memory."""
         if self._frame is None:
             return self.mask.astype(np.float32)
-        return assemble_probability(
-            self._frame, self._user, self.labeled_slices, self.probabilities
+        out = assemble_probability(self._frame, self._user, self.labeled_slices, self.probabilities)
+        if self._within is not None:
+            out[~self._within] = 0.0
+        return out
+
+    def keep_within(self, allowed: np.ndarray, painted: np.ndarray) -> None:
+        """Limit the result to the bool KJI voxels ``allowed`` (e.g. a scan's field of view),
+        keeping the ``painted`` voxels: the mask and, from then on, the probability are 0
+        elsewhere."""
+        allowed = np.asarray(allowed, dtype=bool)
+        painted = np.asarray(painted, dtype=bool)
+        self.mask = (np.asarray(self.mask, dtype=bool) & allowed) | painted
+        keep = allowed | painted
+        self._within = keep if self._within is None else (self._within & keep)
+
+    def probability_at(self, where: Tuple[np.ndarray, ...]) -> np.ndarray:
+        """:attr:`probability` at the KJI voxels ``where`` (one float32 per voxel), without
+        building the volume's probability."""
+        if self._frame is None:
+            return np.asarray(self.mask[tuple(where)], dtype=np.float32)
+        out = probability_at(
+            self._frame, self._user, self.labeled_slices, self.probabilities, where
         )
+        if self._within is not None:
+            out[~self._within[tuple(where)]] = 0.0
+        return out
 
     @property
     def slice_uncertainty(self) -> Dict[int, float]:
@@ -255,6 +291,8 @@ class PropagationResult:
     #: (target, support) network evaluations run in this call / taken from the session's cache
     network_runs: int = 0
     network_reused: int = 0
+    #: keys of the segments left out because they have no labeled slice (a note says so)
+    skipped: List[str] = field(default_factory=list)
     #: the engine's numeric precision (fp32, bf16, fp16) and why it was chosen
     precision: str = ""
     precision_reason: str = ""
@@ -281,6 +319,12 @@ class PropagationResult:
 
 def _tag_value(text: str) -> str:
     return str(text).replace("|", "/").replace(":", "-")
+
+
+def _same_device(requested: str, actual: str) -> bool:
+    """True when an engine on ``actual`` is what ``requested`` (an options.device) asks for."""
+    want = (requested or "auto").strip().lower()
+    return want == "auto" or want == actual or (want == "cuda" and actual.startswith("cuda"))
 
 
 def slice_fingerprint(plane: np.ndarray) -> str:
@@ -485,11 +529,19 @@ class Propagator:
         if engine is None:
             from .engines import EngineStore
 
-            loaded = (engines or EngineStore()).get(
+            store = engines if engines is not None else EngineStore()  # an empty store is falsy
+            loaded = store.get(
                 self.options.weights, self.options.device, precision=self.options.precision
             )
             engine, self.weights_description = loaded.engine, loaded.description
         else:
+            if engines is not None:
+                raise UsageError("give an engine or an engine store, not both")
+            if not _same_device(self.options.device, str(getattr(engine, "device", "cpu"))):
+                raise UsageError(
+                    f"options.device is {self.options.device!r} but the engine given runs on "
+                    f"{getattr(engine, 'device', 'cpu')!r}: ask for one device only"
+                )
             self.weights_description = "caller-provided engine"
             given = getattr(engine, "precision", "fp32")  # a test double computes in fp32
             if self.options.precision not in ("auto", given):
@@ -545,7 +597,8 @@ class Propagator:
         """Propagate every segment; raises :class:`Cancelled` when ``cancel()`` turns True
         (nothing else changes), :class:`SupportError` / :class:`GeometryError` on bad input."""
         t0 = time.perf_counter()
-        plans = self._plans(segments)
+        skipped: List[SegmentInput] = []
+        plans = self._plans(segments, skipped=skipped)
         opts = self.options
         total = sum(len(p.targets) for p in plans) * opts.ensemble or 1
         state = {"done": 0, "runs": 0, "reused": 0}
@@ -566,6 +619,12 @@ class Propagator:
             results = self._results(plans, tick, state)
         finally:
             self._stop_prefetch()
+        resolve_overlaps(
+            [r.mask for r in results],
+            [r.probability_at for r in results],
+            [r.labeled_slices for r in results],
+            self.axis,
+        )
         for cache in (self._logits, self._gaps, self._fbs_gaps):
             cache.trim(max(MIN_CACHE_BYTES, 2 * cache.used_this_call))
         live = {fp for plan in plans for fp in plan.fingerprints.values()}
@@ -574,6 +633,7 @@ class Propagator:
             progress(1.0, "done")
         notes = [] if self._notes_given else list(self.notes)
         self._notes_given = True
+        notes += [self._skip_note(seg) for seg in skipped]
         return PropagationResult(
             self.axis,
             results,
@@ -583,8 +643,9 @@ class Propagator:
             notes,
             state["runs"],
             state["reused"],
-            getattr(self.engine, "precision", "fp32"),
-            getattr(self.engine, "precision_reason", "test double"),
+            skipped=[seg.key for seg in skipped],
+            precision=getattr(self.engine, "precision", "fp32"),
+            precision_reason=getattr(self.engine, "precision_reason", "test double"),
         )
 
     def _results(self, plans: List[_Plan], tick, state: Dict) -> List[SegmentResult]:
@@ -678,10 +739,21 @@ class Propagator:
         self._sdf.clear()
 
     # -------------------------------------------------------------------------- planning
+    def _skip_note(self, seg: SegmentInput) -> str:
+        return (
+            f"{seg.name}: no labeled slice along the {axis_name(self.image, self.axis)} axis: "
+            "skipped (left as it is)"
+        )
+
     def _plans(
-        self, segments: Sequence[SegmentInput], extrapolation: Optional[int] = None
+        self,
+        segments: Sequence[SegmentInput],
+        extrapolation: Optional[int] = None,
+        skipped: Optional[List[SegmentInput]] = None,
     ) -> List[_Plan]:
-        """Labeled slices and targets of every segment (input errors surface here)."""
+        """Labeled slices and targets of every segment (input errors surface here). With a
+        ``skipped`` list, segments without a labeled slice go there instead (an error only when
+        no segment has one)."""
         if not segments:
             raise SupportError("no segment to propagate")
         shape = self.image.array.shape
@@ -702,6 +774,9 @@ class Propagator:
             external = self._external_support(seg.name)
             if seg.labeled_slices is None and external is not None and not mask_stack.any():
                 labeled: List[int] = []
+            elif skipped is not None and not seg.labeled_slices and not mask_stack.any():
+                skipped.append(seg)
+                continue
             else:
                 labeled = labeled_slices_of(mask_stack, seg.labeled_slices, seg.name)
             prints = {i: slice_fingerprint(mask_stack[i]) for i in labeled}
@@ -709,6 +784,12 @@ class Propagator:
             computed, between = network_slices(labeled, targets, self.step)
             plans.append(
                 _Plan(seg, mask_stack, labeled, prints, external, targets, computed, between)
+            )
+        if not plans:
+            names = ", ".join(repr(seg.name) for seg in skipped or ())
+            raise SupportError(
+                f"no labeled slice in any segment ({names}) along the "
+                f"{axis_name(self.image, self.axis)} axis: paint at least one slice"
             )
         return plans
 
@@ -730,7 +811,11 @@ class Propagator:
             return [int(t) for t in np.flatnonzero((rel >= lo) & (rel <= hi))]
         limit = self.options.max_extrapolation if extrapolation is None else extrapolation
         if limit is None:
-            ext = extrapolation_slices(labeled, n, self.fusion.extrapolation_gaps)
+            ext = (
+                0
+                if labeled_run(labeled)
+                else extrapolation_slices(labeled, n, self.fusion.extrapolation_gaps)
+            )
         else:
             ext = n if limit < 0 else int(limit)
         ends = (bool(mask_stack[labeled[0]].any()), bool(mask_stack[labeled[-1]].any()))

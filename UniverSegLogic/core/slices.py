@@ -1,13 +1,19 @@
 """Slice rules, each defined once: which slices are non-empty, a structure's extent along an
-axis, the typical gap between labeled slices, the evaluation's choice of labeled slices, and on
+axis, the typical gap between labeled slices, when nothing is predicted beyond the labeled slices,
+the axis the painted slices lie on (``auto``), the evaluation's choice of labeled slices, and on
 which slices the network runs (every slice, or every few thin ones)."""
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..errors import GeometryError
+
+#: The slicing axis that means "the axis the painted slices lie on" (:func:`auto_axis`).
+AXIS_AUTO = "auto"
 
 
 def nonempty_slices(mask: np.ndarray, axis: int = 0) -> List[int]:
@@ -47,6 +53,14 @@ def evaluation_slices(z0: int, z1: int, k: int) -> List[int]:
 def extrapolation_slices(labeled: Sequence[int], n_slices: int, gaps: float) -> int:
     """How many slices are predicted beyond each painted end: ``gaps`` typical gaps, rounded up."""
     return int(np.ceil(float(gaps) * typical_gap(labeled, n_slices)))
+
+
+def labeled_run(labeled: Sequence[int]) -> bool:
+    """True when the labeled slices are two or more adjacent slices without a gap: a structure
+    labeled slice by slice, whose extent is what was labeled. Nothing lies between its labeled
+    slices, and the typical-gap rule extends it by nothing (the segment is left as it is)."""
+    lab = sorted({int(i) for i in labeled})
+    return len(lab) >= 2 and lab[-1] - lab[0] == len(lab) - 1
 
 
 def prediction_targets(
@@ -136,3 +150,47 @@ def painted_axis(mask: np.ndarray) -> int | None:
         nonempty = nonempty_slices(mask, a)
         scores.append((-isolated_slices(nonempty), len(nonempty), a))
     return min(scores)[2]
+
+
+def slice_wise_axis(mask: np.ndarray) -> int | None:
+    """:func:`painted_axis` of a painting that has separate slices along it (at least one
+    non-empty slice whose neighbours are empty), else None: a solid painting (e.g. a structure
+    labeled on every slice) tells no slicing axis."""
+    axis = painted_axis(mask)
+    if axis is None or not isolated_slices(nonempty_slices(mask, axis)):
+        return None
+    return axis
+
+
+def auto_axis(
+    paintings: Mapping[str, np.ndarray],
+    known: Optional[Mapping[str, int]] = None,
+    label: Callable[[int], str] = lambda a: f"array axis {a}",
+) -> int | None:
+    """The array axis ``auto`` means: the one the painted slices lie on.
+
+    Each segment tells an axis: in ``known`` (segment name -> the axis it was propagated along
+    before), else from its mask in ``paintings`` (:func:`slice_wise_axis`; a solid painting tells
+    none). Every axis told must be the same, else :class:`GeometryError` (one line naming the
+    segments; ``label`` names an axis). When no segment tells one, the :func:`painted_axis` of all
+    paintings together; None when nothing is painted.
+    """
+    told = dict(known or {})
+    for name, mask in paintings.items():
+        if name not in told:
+            axis = slice_wise_axis(mask)
+            if axis is not None:
+                told[name] = axis
+    axes = sorted(set(told.values()))
+    if len(axes) > 1:
+        parts = [f"{label(a)}: {', '.join(repr(n) for n in told if told[n] == a)}" for a in axes]
+        raise GeometryError(
+            f"the painted slices lie on more than one axis ({'; '.join(parts)}): choose the "
+            "slicing axis, or propagate these segments separately"
+        )
+    if axes:
+        return axes[0]
+    union = None
+    for mask in paintings.values():
+        union = np.array(mask, dtype=bool) if union is None else union | np.asarray(mask, bool)
+    return painted_axis(union) if union is not None else None

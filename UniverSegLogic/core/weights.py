@@ -8,21 +8,25 @@ Sources:
 * ``starter`` -- this project's own weights shipped under ``Resources/`` (Apache-2.0).
 * a local file path -- for offline sites (e.g. a copy of the official file).
 
-Every file is loaded with ``torch.load(..., weights_only=True, map_location="cpu")`` and checked
-against the v1 layout (key names, shapes, parameter count) before it reaches a model.
+Every file's zip directory is checked first (:func:`check_archive`: how many entries, how large
+each would become once inflated, against what a v1 state dict can be), so a small file that would
+inflate to gigabytes is refused before anything is decompressed; then it is loaded with
+``torch.load(..., weights_only=True, map_location="cpu")`` and checked against the v1 layout (key
+names, shapes, parameter count) before it reaches a model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -42,7 +46,17 @@ OFFICIAL_LICENSE_NOTICE = (
 )
 EXPECTED_PARAMETERS = 1_182_785
 EXPECTED_TENSORS = 44
-MAX_FILE_BYTES = 64 * 1024 * 1024
+#: The most a v1 state dict's tensor data can be: every parameter stored as float64 (fp16 and
+#: fp32 files are smaller). A zip entry (or all of them together) that would inflate to more
+#: cannot be UniverSeg v1 weights.
+MAX_TENSOR_BYTES = EXPECTED_PARAMETERS * 8
+#: The archive's other entries together (the pickle, about 5 KB for v1, version, byte order, ...).
+MAX_METADATA_BYTES = 256 * 1024
+#: Entries of a PyTorch archive of a v1 state dict: one storage per tensor, a few metadata files.
+MAX_ARCHIVE_ENTRIES = EXPECTED_TENSORS + 16
+#: Largest weights file read or downloaded (the inflated bound, plus the zip's own overhead).
+MAX_FILE_BYTES = MAX_TENSOR_BYTES + MAX_METADATA_BYTES + 1024 * 1024
+_STORAGE_ENTRY = re.compile(r"^[^/]+/data/\d+$")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # UniverSegLogic/
 RESOURCE_DIRS = (
@@ -110,8 +124,78 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+def check_archive(path: str) -> None:
+    """Refuse, from the zip's central directory alone (nothing is inflated), an archive that
+    cannot hold a v1 state dict: more than :data:`MAX_ARCHIVE_ENTRIES` entries, a name given
+    twice, a compression other than stored/deflate, a storage entry above
+    :data:`MAX_TENSOR_BYTES` or other entries above :data:`MAX_METADATA_BYTES` once inflated.
+    (PyTorch's reader allocates each record by the size this directory declares and stops
+    inflating there.)"""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise WeightsError(
+            f"cannot read weights file {path} (corrupt or truncated?): {one_line(exc)}"
+        ) from None
+    refuse = f"refused weights file {path} before inflating it"
+    if len(entries) > MAX_ARCHIVE_ENTRIES:
+        raise WeightsError(
+            f"{refuse}: {len(entries)} zip entries, more than a UniverSeg v1 state dict has "
+            f"({MAX_ARCHIVE_ENTRIES} at most)"
+        )
+    names = set()
+    tensor_bytes = other_bytes = 0
+    for entry in entries:
+        if entry.filename in names:
+            raise WeightsError(f"{refuse}: two zip entries are named {entry.filename!r}")
+        names.add(entry.filename)
+        if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise WeightsError(
+                f"{refuse}: zip entry {entry.filename!r} uses compression method "
+                f"{entry.compress_type} (PyTorch writes stored entries)"
+            )
+        if _STORAGE_ENTRY.match(entry.filename):
+            tensor_bytes += entry.file_size
+        else:
+            other_bytes += entry.file_size
+        if tensor_bytes > MAX_TENSOR_BYTES or other_bytes > MAX_METADATA_BYTES:
+            total = sum(e.file_size for e in entries)
+            raise WeightsError(
+                f"{refuse}: its entries would inflate to {total} bytes, more than a UniverSeg "
+                f"v1 state dict can be ({MAX_TENSOR_BYTES + MAX_METADATA_BYTES} bytes with "
+                "every parameter as float64)"
+            )
+
+
+_CONTENT_DIGESTS: Dict[Tuple[str, int, int, int], str] = {}
+
+
+def content_sha256(path: str) -> str:
+    """:func:`sha256_of`, remembered per file (real path, inode, size and modification time),
+    so that asking again for an unchanged file costs a ``stat``."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _CONTENT_DIGESTS:
+        _CONTENT_DIGESTS[key] = sha256_of(path)
+    return _CONTENT_DIGESTS[key]
+
+
+def is_starter_content(path: str) -> bool:
+    """Whether the file at ``path`` is byte for byte the shipped starter weights (False when
+    either cannot be read)."""
+    try:
+        starter = starter_path()
+        if os.path.getsize(path) != os.path.getsize(starter):
+            return False
+        return content_sha256(path) == content_sha256(str(starter))
+    except (OSError, WeightsError):
+        return False
+
+
 def load_file(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Load and verify a weights file (``weights_only=True``; GPU-saved files load on CPU)."""
+    """Load and verify a weights file: its zip directory first (:func:`check_archive`), then
+    ``torch.load(..., weights_only=True)`` (GPU-saved files load on CPU) and the v1 layout."""
     p = Path(path)
     try:
         if not p.is_file():
@@ -131,6 +215,7 @@ def load_file(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor
         raise WeightsError(
             f"cannot read weights file {path} (corrupt or truncated?): not a PyTorch zip archive"
         )
+    check_archive(str(p))
     try:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and unpickler errors alike

@@ -2,6 +2,15 @@
 
 Works with Slicer itself and with the Qt-free ``slicer-core`` package.
 
+Running
+    :class:`Runner` is the one run path of the Slicer module, its Segment Editor effect, the
+    browser app and the tests: ``prepare`` (read and check, main thread), ``run`` (compute,
+    may run in a worker thread; an Apple GPU that lacks an operation falls back to the CPU once,
+    with a note), then ``apply`` (write, one undo step) or ``preview`` (the effect's preview).
+    A run takes one :class:`~UniverSegLogic.core.propagator.PropagationOptions`, the one source
+    of the axis (``auto``: the axis the painted slices lie on), the weights and the device.
+    Segments without a labeled slice are skipped with a note; predicted segments never overlap.
+
 Reading
     The volume is read as a KJI array with its *world* IJK-to-RAS matrix (a linear parent transform
     is applied, so "axial" means axial in the views). Each segment is read from its own labelmap
@@ -43,8 +52,6 @@ from .job import (
     PropagationJob,
     clear_predictions,
     mark_slice_labeled,
-    prepare_propagation,
-    propagate_segmentation,
 )
 from .nodes import (
     array_axis,
@@ -64,6 +71,7 @@ from .record import (
     labeled_slices,
     slice_status,
 )
+from .runner import Runner, default_options
 from .session import SessionStore
 
 __all__ = [
@@ -75,17 +83,17 @@ __all__ = [
     "MRMLError",
     "MRMLPropagationResult",
     "PropagationJob",
+    "Runner",
     "SessionStore",
     "SliceStatus",
     "array_axis",
     "axis_for_slice_normal",
     "axis_name",
     "clear_predictions",
+    "default_options",
     "format_slices",
     "labeled_slices",
     "mark_slice_labeled",
-    "prepare_propagation",
-    "propagate_segmentation",
     "segment_mask",
     "slice_center_ras",
     "slice_index_at",

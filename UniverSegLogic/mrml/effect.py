@@ -27,46 +27,46 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..core.slices import nonempty_slices
 from ..errors import MRMLError
 from .gridmap import GridMap, code_on_segment
-from .job import PropagationJob, prepare_propagation
-from .nodes import _local_ijk_to_ras, _node_name, _segment, _vol_to_seg, segment_mask
+from .job import PropagationJob
+from .nodes import local_ijk_to_ras, node_name, segment_mask, segment_of, volume_to_segmentation
 from .record import (
     TAG_SOURCE,
+    Record,
     SliceStatus,
-    _get_tag,
-    _Record,
-    _record_tags,
-    _set_tags,
-    _slice_hash,
+    get_tag,
+    record_tags,
+    set_tags,
+    slice_hash,
     slice_status,
 )
 from .vtkglue import (
-    _extent_empty,
-    _geometry_image,
-    _np_from_vtk_matrix,
-    _oriented_image,
-    _scalars,
-    _slicer,
-    _vtk,
-    _vtk_matrix,
+    extent_empty,
+    geometry_image,
+    image_scalars,
+    np_from_vtk_matrix,
+    oriented_image,
+    slicer_module,
+    vtk_matrix,
+    vtk_module,
 )
 from .writing import (
     BACKGROUND,
     FOREGROUND,
     KEEP,
-    _call_undo,
-    _footprint_extent,
-    _restore,
-    _segment_values,
-    _segmentation_grid,
-    _snapshot,
-    _union_extent,
+    call_undo,
+    footprint_extent,
+    restore_segment,
+    segment_values,
+    segmentation_grid,
+    snapshot_segment,
+    union_extent,
 )
 
 #: "Modify other segments": never (default), the visible ones, all of them.
@@ -167,10 +167,10 @@ class EditMask:
 def _aligned_source(sourceVolumeNode, segmentationNode, reference):
     """The source volume resampled onto ``reference`` (segmentation node coordinates), as the
     Segment Editor does for its intensity mask: first component, linear interpolation."""
-    slicer, vtk = _slicer(), _vtk()
+    slicer, vtk = slicer_module(), vtk_module()
     image = sourceVolumeNode.GetImageData()
     if image is None:
-        raise MRMLError(f"volume {_node_name(sourceVolumeNode)} holds no image data")
+        raise MRMLError(f"volume {node_name(sourceVolumeNode)} holds no image data")
     if image.GetNumberOfScalarComponents() > 1:
         extract = vtk.vtkImageExtractComponents()
         extract.SetInputData(image)
@@ -179,9 +179,9 @@ def _aligned_source(sourceVolumeNode, segmentationNode, reference):
         image = extract.GetOutput()
     source = slicer.vtkOrientedImageData()
     source.ShallowCopy(image)
-    source.SetImageToWorldMatrix(_vtk_matrix(_local_ijk_to_ras(sourceVolumeNode)))
+    source.SetImageToWorldMatrix(vtk_matrix(local_ijk_to_ras(sourceVolumeNode)))
     transform = vtk.vtkTransform()
-    transform.SetMatrix(_vtk_matrix(_vol_to_seg(sourceVolumeNode, segmentationNode)))
+    transform.SetMatrix(vtk_matrix(volume_to_segmentation(sourceVolumeNode, segmentationNode)))
     out = slicer.vtkOrientedImageData()
     background = float(sourceVolumeNode.GetImageBackgroundScalarComponentAsDouble(0))
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -207,8 +207,8 @@ def editable_region(
     """
     if not mask.restricts:
         return None
-    slicer = _slicer()
-    reference = _geometry_image(extent, grid)
+    slicer = slicer_module()
+    reference = geometry_image(extent, grid)
     source, intensity = None, None
     if mask.intensity_range is not None:
         if sourceVolumeNode is None:
@@ -226,7 +226,7 @@ def editable_region(
         args += [source, intensity]
     if not segmentationNode.GenerateEditMask(*args):
         raise MRMLError("Slicer could not compute the editable area")
-    values = _scalars(out)
+    values = image_scalars(out)
     shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     if values is None or values.shape != shape:
         raise MRMLError("the editable area does not cover the written region")
@@ -246,7 +246,7 @@ class _Plan:
     grid: np.ndarray  # image-to-node matrix of the segmentation grid
     final: np.ndarray  # uint8 KJI over extent: what the segment stores after Apply
     written_fg: np.ndarray  # bool: voxels the prediction writes as foreground
-    record: _Record
+    record: Record
     masked: int = 0  # predicted foreground voxels left as they were (not editable)
 
 
@@ -275,6 +275,8 @@ class EffectResult:
     device: str
     weights: str
     notes: List[str] = field(default_factory=list)
+    #: segments left as they were because they have no labeled slice along ``axis``
+    skipped_ids: List[str] = field(default_factory=list)
 
 
 def _fill_code(job: PropagationJob, index: int) -> np.ndarray:
@@ -295,19 +297,19 @@ def _resample_code(job: PropagationJob, code: np.ndarray, extent, grid) -> np.nd
     """A volume-grid code map on ``extent`` of the segmentation ``grid``, by the bridge's one
     cell rule (:func:`gridmap.code_on_segment`: the same rule reads painted voxels, so kept
     slices read back unchanged whatever the two grids' relation)."""
-    vol_ijk_to_seg = _vol_to_seg(job.volumeNode, job.segmentationNode) @ _local_ijk_to_ras(
-        job.volumeNode
-    )
+    vol_ijk_to_seg = volume_to_segmentation(
+        job.volumeNode, job.segmentationNode
+    ) @ local_ijk_to_ras(job.volumeNode)
     return code_on_segment(code, GridMap(np.linalg.solve(vol_ijk_to_seg, grid)), extent)
 
 
 def _labelmap_grid(segmentationNode, segmentId) -> Tuple[Optional[List[int]], np.ndarray]:
     lm = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
-    if lm is None or _extent_empty(lm.GetExtent()):
+    if lm is None or extent_empty(lm.GetExtent()):
         return None, None
-    m = _vtk().vtkMatrix4x4()
+    m = vtk_module().vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
-    return list(lm.GetExtent()), _np_from_vtk_matrix(m)
+    return list(lm.GetExtent()), np_from_vtk_matrix(m)
 
 
 def _overwrite_targets(segmentationNode, propagated: Sequence[str], mode: str) -> List[str]:
@@ -325,27 +327,27 @@ def _overwrite_targets(segmentationNode, propagated: Sequence[str], mode: str) -
 def _build(job: PropagationJob, mask: EditMask, sourceVolumeNode=None):
     """Plans for every propagated segment and erasures of other segments (nothing written)."""
     node = job.segmentationNode
-    vol_to_seg = _vol_to_seg(job.volumeNode, node)
+    vol_to_seg = volume_to_segmentation(job.volumeNode, node)
     dims = job.volumeNode.GetImageData().GetDimensions()
-    vol_ijk_to_seg = vol_to_seg @ _local_ijk_to_ras(job.volumeNode)
+    vol_ijk_to_seg = vol_to_seg @ local_ijk_to_ras(job.volumeNode)
     plans: List[_Plan] = []
     for index, sid in enumerate(job.source_ids):
         res, status = job.result.segments[index], job.statuses[index]
-        grid = _segmentation_grid(node, [sid] + list(job.source_ids), job.volumeNode, vol_to_seg)
+        grid = segmentation_grid(node, [sid] + list(job.source_ids), job.volumeNode, vol_to_seg)
         lm = node.GetBinaryLabelmapInternalRepresentation(sid)
         current_extent = lm.GetExtent() if lm is not None else (0, -1, 0, -1, 0, -1)
-        extent = _union_extent(current_extent, _footprint_extent(vol_ijk_to_seg, grid, dims))
+        extent = union_extent(current_extent, footprint_extent(vol_ijk_to_seg, grid, dims))
         code = _resample_code(job, _fill_code(job, index), extent, grid)
         editable = editable_region(node, sid, extent, grid, mask, sourceVolumeNode)
         masked = 0
         if editable is not None:
             masked = int(((code == FOREGROUND) & ~editable).sum())
             code = np.where(editable, code, KEEP).astype(np.uint8)
-        current = _segment_values(node, sid, extent)
+        current = segment_values(node, sid, extent)
         final = np.where(code == KEEP, current, code == FOREGROUND).astype(np.uint8)
         labeled = list(res.labeled_slices)
         nonempty = set(nonempty_slices(job.masks[index], job.axis))
-        record = _Record(
+        record = Record(
             job.axis,
             job.grid,
             labeled,
@@ -358,11 +360,11 @@ def _build(job: PropagationJob, mask: EditMask, sourceVolumeNode=None):
         extent, grid = _labelmap_grid(node, tid)
         if extent is None:
             continue
-        current = _segment_values(node, tid, extent)
+        current = segment_values(node, tid, extent)
         lose = np.zeros(current.shape, dtype=bool)
         for plan in plans:
             if np.allclose(plan.grid, grid, atol=1e-9):
-                lose |= _place(plan.written_fg, plan.extent, extent)
+                lose |= place_values(plan.written_fg, plan.extent, extent)
             else:
                 lose |= _resample_bool(plan.written_fg, plan.extent, plan.grid, extent, grid)
         lost = int((lose & (current > 0)).sum())
@@ -372,7 +374,7 @@ def _build(job: PropagationJob, mask: EditMask, sourceVolumeNode=None):
     return plans, erasures
 
 
-def _place(values: np.ndarray, extent, target_extent) -> np.ndarray:
+def place_values(values: np.ndarray, extent, target_extent) -> np.ndarray:
     """``values`` (over ``extent``) placed into ``target_extent`` of the same grid (zero pad)."""
     shape = tuple(target_extent[2 * i + 1] - target_extent[2 * i] + 1 for i in (2, 1, 0))  # K, J, I
     out = np.zeros(shape, dtype=values.dtype)
@@ -389,22 +391,23 @@ def _place(values: np.ndarray, extent, target_extent) -> np.ndarray:
 
 
 def _resample_bool(values, extent, grid, target_extent, target_grid) -> np.ndarray:
-    slicer = _slicer()
+    slicer = slicer_module()
     out = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        _oriented_image(values.astype(np.uint8), extent, grid),
-        _geometry_image(target_extent, target_grid),
+        oriented_image(values.astype(np.uint8), extent, grid),
+        geometry_image(target_extent, target_grid),
         out,
         False,
         False,
     ):
         raise MRMLError("resampling onto another segment's grid failed")
-    return _scalars(out) > 0
+    return image_scalars(out) > 0
 
 
-def _store(segmentationNode, segmentId: str, values: np.ndarray, extent, grid) -> None:
-    logic = _slicer().vtkSlicerSegmentationsModuleLogic
-    image = _oriented_image(values, extent, grid)
+def store_labelmap(segmentationNode, segmentId: str, values: np.ndarray, extent, grid) -> None:
+    """Replace a segment's labelmap by ``values`` (KJI over ``extent`` of the grid ``grid``)."""
+    logic = slicer_module().vtkSlicerSegmentationsModuleLogic
+    image = oriented_image(values, extent, grid)
     if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
         raise MRMLError(f"Slicer refused to update segment {segmentId!r}")
 
@@ -420,16 +423,20 @@ class PropagationPreview:
     """A finished propagation shown as a preview, then applied or discarded.
 
     ``job`` is a :class:`~UniverSegLogic.mrml.job.PropagationJob` in ``fill`` mode whose
-    :meth:`~UniverSegLogic.mrml.job.PropagationJob.run` has completed.
+    :meth:`~UniverSegLogic.mrml.job.PropagationJob.run` has completed (made by
+    :meth:`Runner.preview <UniverSegLogic.mrml.runner.Runner.preview>`).
     """
 
-    def __init__(self, job: PropagationJob, notes: Sequence[str] = ()):
+    def __init__(self, job: PropagationJob):
         if job.mode != "fill":
             raise MRMLError("the effect previews fill-mode propagations only")
         if job.result is None:
             raise MRMLError("nothing computed yet: run the propagation first")
         self.job = job
-        self.notes = list(notes)
+        #: messages for the user (segments skipped, fusion defaults, a fall-back to the CPU)
+        self.notes = list(job.result.notes) + list(job.notes)
+        #: seconds from preparing the run to the end of the computation
+        self.seconds = time.perf_counter() - job.t0
         self.preview_node = None
 
     @property
@@ -449,7 +456,7 @@ class PropagationPreview:
         node = self.job.segmentationNode
         scene = node.GetScene()
         if scene is None:
-            raise MRMLError(f"{_node_name(node)} is not in a scene")
+            raise MRMLError(f"{node_name(node)} is not in a scene")
         plans, _ = self.plans(mask, sourceVolumeNode)
         preview = previewNode or self.preview_node
         if preview is None or preview.GetScene() is None:
@@ -471,7 +478,7 @@ class PropagationPreview:
                     target.AddEmptySegment(
                         plan.segment_id, source.GetName(), list(source.GetColor())
                     )
-                _store(preview, plan.segment_id, plan.final, plan.extent, plan.grid)
+                store_labelmap(preview, plan.segment_id, plan.final, plan.extent, plan.grid)
         finally:
             preview.EndModify(was_modified)
         self.preview_node = preview
@@ -489,7 +496,7 @@ class PropagationPreview:
         every segment written so far is restored. The preview node is removed afterwards."""
         job = self.job
         try:
-            job._check_unchanged()
+            job.check_unchanged()
         except MRMLError as exc:
             raise MRMLError(
                 str(exc)
@@ -498,25 +505,25 @@ class PropagationPreview:
             ) from None
         node = job.segmentationNode
         plans, erasures = self.plans(mask, sourceVolumeNode)
-        _call_undo(undo)
+        call_undo(undo)
         was_modified = node.StartModify()
         snapshots = {}
         try:
             for item in list(erasures) + list(plans):
-                snapshots[item.segment_id] = _snapshot(node, item.segment_id)
+                snapshots[item.segment_id] = snapshot_segment(node, item.segment_id)
             for erase in erasures:
-                _store(node, erase.segment_id, erase.final, erase.extent, erase.grid)
+                store_labelmap(node, erase.segment_id, erase.final, erase.extent, erase.grid)
             for plan in plans:
-                _store(node, plan.segment_id, plan.final, plan.extent, plan.grid)
+                store_labelmap(node, plan.segment_id, plan.final, plan.extent, plan.grid)
             for plan in plans:
                 stored = segment_mask(job.volumeNode, node, plan.segment_id)
                 plan.record.predicted = {
-                    t: _slice_hash(stored, plan.record.axis, t) for t in plan.record.predicted
+                    t: slice_hash(stored, plan.record.axis, t) for t in plan.record.predicted
                 }
-                _set_tags(_segment(node, plan.segment_id), _record_tags(plan.record))
+                set_tags(segment_of(node, plan.segment_id), record_tags(plan.record))
         except BaseException:
             for sid, snap in snapshots.items():
-                _restore(node, sid, snap)
+                restore_segment(node, sid, snap)
             raise
         finally:
             node.EndModify(was_modified)
@@ -533,6 +540,7 @@ class PropagationPreview:
             res.device,
             res.weights,
             list(self.notes),
+            list(job.skipped_ids),
         )
 
 
@@ -544,8 +552,10 @@ def effect_segments(
     volumeNode, segmentationNode, axis, candidates: Optional[Sequence[str]] = None
 ) -> Tuple[List[str], List[SliceStatus]]:
     """(segments to propagate, their slice status): the ``candidates`` (default: the segments
-    visible in the segmentation's display node) that are not review outputs and have at least
-    one labeled slice along ``axis``. Statuses are returned for every candidate considered."""
+    visible in the segmentation's display node) that are not review outputs and hold no
+    prediction along another axis -- none when no such segment has a labeled slice along
+    ``axis`` (a run skips, with a note, those that have none). Statuses are returned for every
+    candidate considered."""
     segmentation = segmentationNode.GetSegmentation()
     if candidates is None:
         display = segmentationNode.GetDisplayNode()
@@ -557,39 +567,11 @@ def effect_segments(
     ids, statuses = [], []
     for sid in candidates:
         segment = segmentation.GetSegment(sid)
-        if segment is None or _get_tag(segment, TAG_SOURCE) is not None:
+        if segment is None or get_tag(segment, TAG_SOURCE) is not None:
             continue
         status = slice_status(volumeNode, segmentationNode, sid, axis)
         statuses.append(status)
-        if status.labeled and not status.conflict:
+        if not status.conflict:
             ids.append(sid)
-    return ids, statuses
-
-
-def preview_propagation(
-    volumeNode,
-    segmentationNode,
-    segmentIds=None,
-    supportPairs=(),
-    progress: Optional[Callable[[float, str], None]] = None,
-    cancel: Optional[Callable[[], bool]] = None,
-    engine=None,
-    fusion=None,
-    *,
-    sessions=None,
-    **options,
-) -> PropagationPreview:
-    """Compute a fill-mode propagation and return it as a :class:`PropagationPreview` (nothing
-    is written, no preview node yet: call :meth:`PropagationPreview.show`)."""
-    t0 = time.perf_counter()
-    kwargs = dict(options)
-    if sessions is not None:
-        kwargs["sessions"] = sessions
-    job = prepare_propagation(
-        volumeNode, segmentationNode, segmentIds, "fill", supportPairs, engine, fusion, **kwargs
-    )
-    job.run(progress, cancel)
-    notes = getattr(job, "notes", None) or getattr(job.result, "notes", None) or ()
-    preview = PropagationPreview(job, notes)
-    preview.seconds = time.perf_counter() - t0
-    return preview
+    labeled = {s.segment_id for s in statuses if s.labeled and not s.conflict}
+    return (ids if labeled else []), statuses

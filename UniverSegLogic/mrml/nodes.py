@@ -7,34 +7,45 @@ from typing import List, Sequence
 
 import numpy as np
 
-from ..core.geometry import AXIS_NAMES, GeometryError, Volume, resolve_axis
+from ..core.geometry import GeometryError, Volume, axis_name, resolve_axis
 from ..errors import MRMLError
 from .gridmap import GridMap, cell_index, read_onto_volume
-from .vtkglue import _extent_empty, _np_from_vtk_matrix, _scalars, _slicer, _vtk, _vtk_matrix
+from .vtkglue import (
+    extent_empty,
+    image_scalars,
+    np_from_vtk_matrix,
+    slicer_module,
+    vtk_matrix,
+    vtk_module,
+)
 
 
-def _node_name(node) -> str:
+def node_name(node) -> str:
+    """The node's name for messages (``(unnamed)`` when it has none)."""
     return node.GetName() if node is not None and node.GetName() else "(unnamed)"
 
 
-def _check_volume_node(volumeNode) -> None:
+def check_volume_node(volumeNode) -> None:
+    """Raise :class:`MRMLError` unless ``volumeNode`` is a scalar volume holding image data."""
     if volumeNode is None:
         raise MRMLError("no input volume selected")
     if not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
         raise MRMLError(
-            f"{_node_name(volumeNode)} is a {volumeNode.GetClassName()}, not a scalar volume"
+            f"{node_name(volumeNode)} is a {volumeNode.GetClassName()}, not a scalar volume"
         )
-    if volumeNode.GetImageData() is None or _scalars(volumeNode.GetImageData()) is None:
-        raise MRMLError(f"volume {_node_name(volumeNode)} holds no image data")
+    if volumeNode.GetImageData() is None or image_scalars(volumeNode.GetImageData()) is None:
+        raise MRMLError(f"volume {node_name(volumeNode)} holds no image data")
 
 
-def _check_segmentation_node(segmentationNode) -> None:
-    slicer = _slicer()
+def check_segmentation_node(segmentationNode) -> None:
+    """Raise :class:`MRMLError` unless ``segmentationNode`` is a segmentation the bridge can
+    read and write (binary labelmaps as its source representation)."""
+    slicer = slicer_module()
     if segmentationNode is None:
         raise MRMLError("no segmentation selected")
     if not segmentationNode.IsA("vtkMRMLSegmentationNode"):
         raise MRMLError(
-            f"{_node_name(segmentationNode)} is a {segmentationNode.GetClassName()}, "
+            f"{node_name(segmentationNode)} is a {segmentationNode.GetClassName()}, "
             "not a segmentation"
         )
     seg = segmentationNode.GetSegmentation()
@@ -42,59 +53,61 @@ def _check_segmentation_node(segmentationNode) -> None:
     binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     if seg.GetNumberOfSegments() and getter() != binary:
         raise MRMLError(
-            f"segmentation {_node_name(segmentationNode)} stores {getter()}: make "
+            f"segmentation {node_name(segmentationNode)} stores {getter()}: make "
             "binary labelmap its source representation (e.g. open it in Segment "
             "Editor) first"
         )
 
 
-def _parent_to_world(node) -> np.ndarray:
+def parent_to_world(node) -> np.ndarray:
     """4x4 matrix of the node's parent transform(s); refuses non-linear transforms."""
     t = node.GetParentTransformNode()
     if t is None:
         return np.eye(4)
     if not t.IsTransformToWorldLinear():
         raise MRMLError(
-            f"{_node_name(node)} is under the non-linear transform {_node_name(t)}: "
+            f"{node_name(node)} is under the non-linear transform {node_name(t)}: "
             "harden the transform first (Transforms module)"
         )
-    m = _vtk().vtkMatrix4x4()
+    m = vtk_module().vtkMatrix4x4()
     t.GetMatrixTransformToWorld(m)
-    return _np_from_vtk_matrix(m)
+    return np_from_vtk_matrix(m)
 
 
-def _local_ijk_to_ras(volumeNode) -> np.ndarray:
-    m = _vtk().vtkMatrix4x4()
+def local_ijk_to_ras(volumeNode) -> np.ndarray:
+    """The volume's own IJK-to-RAS matrix (4x4), without parent transforms."""
+    m = vtk_module().vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(m)
-    return _np_from_vtk_matrix(m)
+    return np_from_vtk_matrix(m)
 
 
 def volume_from_node(volumeNode) -> Volume:
     """The volume as a :class:`Volume` (KJI copy, world IJK-to-RAS); RGB becomes grayscale."""
-    _check_volume_node(volumeNode)
-    array = np.array(_scalars(volumeNode.GetImageData()), copy=True)
+    check_volume_node(volumeNode)
+    array = np.array(image_scalars(volumeNode.GetImageData()), copy=True)
     if array.ndim == 4:
         if array.shape[-1] in (3, 4):
             array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         else:
             raise MRMLError(
-                f"volume {_node_name(volumeNode)} has {array.shape[-1]} components "
+                f"volume {node_name(volumeNode)} has {array.shape[-1]} components "
                 "per voxel: expected a scalar or RGB volume"
             )
-    return Volume(array, _geometry_of(volumeNode).ijk_to_ras)
+    return Volume(array, geometry_of(volumeNode).ijk_to_ras)
 
 
-def _geometry_of(volumeNode) -> Volume:
+def geometry_of(volumeNode) -> Volume:
     """World geometry of a volume without copying its voxels (a zero-stride stand-in array)."""
-    _check_volume_node(volumeNode)
+    check_volume_node(volumeNode)
     shape = tuple(volumeNode.GetImageData().GetDimensions()[::-1])
-    world = _parent_to_world(volumeNode) @ _local_ijk_to_ras(volumeNode)
+    world = parent_to_world(volumeNode) @ local_ijk_to_ras(volumeNode)
     if np.linalg.det(world[:3, :3]) == 0:
-        raise MRMLError(f"volume {_node_name(volumeNode)} has a singular IJK-to-RAS matrix")
+        raise MRMLError(f"volume {node_name(volumeNode)} has a singular IJK-to-RAS matrix")
     return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), world)
 
 
-def _resolve_axis(volume: Volume, axis) -> int:
+def volume_axis(volume: Volume, axis) -> int:
+    """Array axis of ``axis`` (a name or 0/1/2) in ``volume``; :class:`MRMLError` if unusable."""
     try:
         return resolve_axis(volume, axis)
     except GeometryError as exc:
@@ -103,14 +116,7 @@ def _resolve_axis(volume: Volume, axis) -> int:
 
 def array_axis(volumeNode, axis) -> int:
     """Array axis (0 K, 1 J, 2 I) of ``axis`` (a name resolved in world space, or 0/1/2)."""
-    return _resolve_axis(_geometry_of(volumeNode), axis)
-
-
-def axis_name(volume: Volume, axis: int) -> str:
-    """Anatomical name (axial/coronal/sagittal) of array axis ``axis`` in world space."""
-    d = volume.direction[:, ::-1]  # columns in array-axis order
-    ras = int(np.argmax(np.abs(d[:, axis])))
-    return {v: k for k, v in AXIS_NAMES.items()}[ras]
+    return volume_axis(geometry_of(volumeNode), axis)
 
 
 def axis_for_slice_normal(volumeNode, normal_ras: Sequence[float]) -> int:
@@ -119,7 +125,7 @@ def axis_for_slice_normal(volumeNode, normal_ras: Sequence[float]) -> int:
     Used to default the slicing axis to the orientation of the view the user paints in
     (the normal is the third column of the slice node's SliceToRAS matrix).
     """
-    volume = _geometry_of(volumeNode)
+    volume = geometry_of(volumeNode)
     n = np.asarray(normal_ras, dtype=np.float64)[:3]
     if not np.linalg.norm(n):
         raise MRMLError("slice normal is zero")
@@ -132,8 +138,8 @@ def slice_index_at(volumeNode, axis, point_ras: Sequence[float]) -> int:
 
     Raises :class:`MRMLError` when the point lies outside the volume along that axis.
     """
-    volume = _geometry_of(volumeNode)
-    a = _resolve_axis(volume, axis)
+    volume = geometry_of(volumeNode)
+    a = volume_axis(volume, axis)
     p = np.append(np.asarray(point_ras, dtype=np.float64)[:3], 1.0)
     ijk = np.linalg.solve(volume.ijk_to_ras, p)[:3]
     index = int(cell_index(ijk[2 - a]))
@@ -150,8 +156,8 @@ def slice_center_ras(volumeNode, axis, index: int) -> List[float]:
     """World (RAS) position of the centre of slice ``index`` along ``axis`` (the inverse of
     :func:`slice_index_at`): e.g. ``sliceNode.JumpSliceByOffsetting(*ras)`` shows that slice
     ("Go to suggested slice"). Raises :class:`MRMLError` for an index outside the volume."""
-    volume = _geometry_of(volumeNode)
-    a = _resolve_axis(volume, axis)
+    volume = geometry_of(volumeNode)
+    a = volume_axis(volume, axis)
     n = volume.array.shape[a]
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
         raise MRMLError(f"slice {index!r} is outside 0..{n - 1}")
@@ -160,11 +166,11 @@ def slice_center_ras(volumeNode, axis, index: int) -> List[float]:
     return [float(v) for v in (volume.ijk_to_ras @ np.array(ijk + [1.0]))[:3]]
 
 
-def _grid_key(volumeNode, segmentationNode) -> str:
+def grid_key(volumeNode, segmentationNode) -> str:
     """Fingerprint of the slice grid a record refers to: the volume's shape and IJK-to-RAS, and
     where the segmentation sits relative to it (a common parent transform changes nothing)."""
     dims = volumeNode.GetImageData().GetDimensions()
-    grid = _vol_to_seg(volumeNode, segmentationNode) @ _local_ijk_to_ras(volumeNode)
+    grid = volume_to_segmentation(volumeNode, segmentationNode) @ local_ijk_to_ras(volumeNode)
     text = (
         ",".join(str(int(d)) for d in dims) + ";" + ",".join(f"{v:.4f}" for v in grid[:3].ravel())
     )
@@ -175,14 +181,17 @@ def _grid_key(volumeNode, segmentationNode) -> str:
 # segments
 
 
-def _segment(segmentationNode, segmentId):
+def segment_of(segmentationNode, segmentId):
+    """The ``vtkSegment`` with ID ``segmentId`` (:class:`MRMLError` when there is none)."""
     seg = segmentationNode.GetSegmentation().GetSegment(segmentId)
     if seg is None:
-        raise MRMLError(f"segmentation {_node_name(segmentationNode)} has no segment {segmentId!r}")
+        raise MRMLError(f"segmentation {node_name(segmentationNode)} has no segment {segmentId!r}")
     return seg
 
 
-def _resolve_segment_id(segmentationNode, key: str) -> str:
+def resolve_segment_id(segmentationNode, key: str) -> str:
+    """The segment ID ``key`` names: an ID, or the name of exactly one segment (segments are
+    told apart by ID: a name two segments share raises :class:`MRMLError`)."""
     seg = segmentationNode.GetSegmentation()
     if seg.GetSegment(key) is not None:
         return key
@@ -195,12 +204,12 @@ def _resolve_segment_id(segmentationNode, key: str) -> str:
         return named[0]
     if named:  # segments are told apart by ID, never by name
         raise MRMLError(
-            f"{len(named)} segments of {_node_name(segmentationNode)} are named {key!r}: "
+            f"{len(named)} segments of {node_name(segmentationNode)} are named {key!r}: "
             f"choose one by its ID ({', '.join(named)})"
         )
     names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
     raise MRMLError(
-        f"segmentation {_node_name(segmentationNode)} has no segment {key!r} "
+        f"segmentation {node_name(segmentationNode)} has no segment {key!r} "
         f"(segments: {', '.join(names) or 'none'})"
     )
 
@@ -211,33 +220,33 @@ def segment_mask(volumeNode, segmentationNode, segmentId) -> np.ndarray:
     Read from the segment's own labelmap grid with the rule of :mod:`.gridmap` (the rule writing
     uses): every painted voxel is seen in the volume slice its centre lies in, and ties (grids
     shifted by half a voxel) are broken the same way in both directions."""
-    _segment(segmentationNode, segmentId)
+    segment_of(segmentationNode, segmentId)
     shape = tuple(volumeNode.GetImageData().GetDimensions()[::-1])
     internal = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
-    if internal is None or _extent_empty(internal.GetExtent()):
+    if internal is None or extent_empty(internal.GetExtent()):
         return np.zeros(shape, dtype=bool)
     label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
-    stored_values = _scalars(internal)
+    stored_values = image_scalars(internal)
     if stored_values is None:
         return np.zeros(shape, dtype=bool)
     stored = stored_values == label
     if not stored.any():
         return np.zeros(shape, dtype=bool)
-    m = _vtk().vtkMatrix4x4()
+    m = vtk_module().vtkMatrix4x4()
     internal.GetImageToWorldMatrix(m)
-    world = np.linalg.inv(_parent_to_world(segmentationNode)) @ _parent_to_world(volumeNode)
-    vol_ijk_to_seg = world @ _local_ijk_to_ras(volumeNode)
-    grid = GridMap(np.linalg.solve(vol_ijk_to_seg, _np_from_vtk_matrix(m)))
+    world = np.linalg.inv(parent_to_world(segmentationNode)) @ parent_to_world(volumeNode)
+    vol_ijk_to_seg = world @ local_ijk_to_ras(volumeNode)
+    grid = GridMap(np.linalg.solve(vol_ijk_to_seg, np_from_vtk_matrix(m)))
     return read_onto_volume(stored, internal.GetExtent(), grid, shape)
 
 
-def _vol_to_seg(volumeNode, segmentationNode) -> np.ndarray:
+def volume_to_segmentation(volumeNode, segmentationNode) -> np.ndarray:
     """Volume RAS (local) -> segmentation node coordinates; refuses shear."""
-    m = np.linalg.inv(_parent_to_world(segmentationNode)) @ _parent_to_world(volumeNode)
-    if _slicer().vtkOrientedImageDataResample.DoesTransformMatrixContainShear(_vtk_matrix(m)):
+    m = np.linalg.inv(parent_to_world(segmentationNode)) @ parent_to_world(volumeNode)
+    if slicer_module().vtkOrientedImageDataResample.DoesTransformMatrixContainShear(vtk_matrix(m)):
         raise MRMLError(
-            f"the transform between {_node_name(volumeNode)} and "
-            f"{_node_name(segmentationNode)} contains shear: harden it first"
+            f"the transform between {node_name(volumeNode)} and "
+            f"{node_name(segmentationNode)} contains shear: harden it first"
         )
     return m
 
@@ -249,7 +258,7 @@ def _vol_to_seg(volumeNode, segmentationNode) -> np.ndarray:
 def _matrix4(matrix) -> np.ndarray:
     """A 4x4 numpy matrix from a ``vtkMatrix4x4`` or anything array-like."""
     if hasattr(matrix, "GetElement"):
-        return _np_from_vtk_matrix(matrix)
+        return np_from_vtk_matrix(matrix)
     m = np.asarray(matrix, dtype=np.float64)
     if m.shape != (4, 4):
         raise MRMLError(f"expected a 4x4 matrix, got shape {m.shape}")
@@ -266,14 +275,14 @@ def slice_view_index(volumeNode, axis, slice_to_ras) -> int:
     """Index along ``axis`` of the volume slice a slice view shows (the slice through the view's
     centre). Raises :class:`MRMLError` when the view does not show slices along ``axis`` or its
     centre lies outside the volume."""
-    volume = _geometry_of(volumeNode)
-    a = _resolve_axis(volume, axis)
+    volume = geometry_of(volumeNode)
+    a = volume_axis(volume, axis)
     m = _matrix4(slice_to_ras)
     shown = axis_for_slice_normal(volumeNode, m[:3, 2])
     if shown != a:
         raise MRMLError(
             f"the slice view shows {axis_name(volume, shown)} slices of "
-            f"{_node_name(volumeNode)}, not {axis_name(volume, a)} ones: use a view with "
+            f"{node_name(volumeNode)}, not {axis_name(volume, a)} ones: use a view with "
             "that orientation"
         )
     return slice_index_at(volumeNode, a, m[:3, 3])

@@ -1,34 +1,30 @@
 """What the Slicer module's panel and the Segment Editor effect decide, without Qt.
 
 The scripted module (``UniverSegSlicer.py``) and the effect (``SegmentEditorUniverSegLib``) stay
-thin: which volume and segments to preselect, which slicing axis and slice view to use, clearing
-predictions as one undo step, the inference engines they share (with progress and cancel while
-PyTorch and the model load) and the fall-back from Apple's GPU to the CPU live here, tested on
-real MRML through slicer-core.
+thin: which volume and segments to preselect, which slicing axis and slice view to use, the
+suggested slices to go to, and clearing predictions as one undo step live here, tested on real
+MRML through slicer-core. Runs go through :class:`~UniverSegLogic.mrml.runner.Runner`.
 
-Importing this module never imports torch (engines come from :class:`~UniverSegLogic.core.engines.EngineStore`).
+Importing this module never imports torch.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..core.device import MPS_FALLBACK_MESSAGE, is_mps_unsupported
+from ..core.slices import AXIS_AUTO
 from ..errors import MRMLError
 from .job import clear_predictions
 from .nodes import (
-    _geometry_of,
-    _resolve_axis,
+    geometry_of,
     slice_center_ras,
     slice_view_axis,
     slice_view_index,
+    volume_axis,
 )
-from .record import TAG_SOURCE, _get_tag, _read_record, infer_axis
-
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
+from .record import TAG_SOURCE, get_tag, infer_axis, read_record
 
 #: Volume node classes that derive from vtkMRMLScalarVolumeNode but are no images to segment.
 NOT_IMAGES = (
@@ -90,7 +86,7 @@ def segment_rows(segmentationNode, choices: Optional[Dict[str, bool]] = None) ->
     for i in range(segmentation.GetNumberOfSegments()):
         sid = segmentation.GetNthSegmentID(i)
         segment = segmentation.GetSegment(sid)
-        review = _get_tag(segment, TAG_SOURCE) is not None
+        review = get_tag(segment, TAG_SOURCE) is not None
         checked = bool(choices.get(sid, not review))
         rows.append(SegmentRow(sid, segment.GetName(), checked, tuple(segment.GetColor()), review))
     return rows
@@ -100,9 +96,6 @@ def segment_rows(segmentationNode, choices: Optional[Dict[str, bool]] = None) ->
 # slicing axis and slice views
 
 
-AXIS_AUTO = "auto"
-
-
 def resolve_axis(
     volumeNode, segmentationNode, axis, segmentIds=None, slice_to_ras=None, default="axial"
 ) -> int:
@@ -110,20 +103,20 @@ def resolve_axis(
     labels imply (:func:`~UniverSegLogic.mrml.record.infer_axis`), else the orientation of the
     given slice view, else ``default``."""
     if axis != AXIS_AUTO:
-        return _resolve_axis(_geometry_of(volumeNode), axis)
+        return volume_axis(geometry_of(volumeNode), axis)
     if segmentationNode is not None:
         inferred = infer_axis(volumeNode, segmentationNode, segmentIds)
         if inferred is not None:
             return inferred
     if slice_to_ras is not None:
         return slice_view_axis(volumeNode, slice_to_ras)
-    return _resolve_axis(_geometry_of(volumeNode), default)
+    return volume_axis(geometry_of(volumeNode), default)
 
 
 def pick_slice_view(volumeNode, axis, sliceNodes: Sequence, preferred=None):
     """The slice node to take "the current slice" from: ``preferred`` (the view last used) when
     it shows slices along ``axis``, else the first of ``sliceNodes`` that does; None if none."""
-    a = _resolve_axis(_geometry_of(volumeNode), axis)
+    a = volume_axis(geometry_of(volumeNode), axis)
     candidates = ([preferred] if preferred is not None else []) + list(sliceNodes)
     for node in candidates:
         if node is not None and slice_view_axis(volumeNode, node.GetSliceToRAS()) == a:
@@ -174,12 +167,12 @@ def clear_predictions_of(volumeNode, segmentationNode, segmentIds, undo=None) ->
         sid
         for sid in ids
         if segmentation.GetSegment(sid) is not None
-        and _read_record(segmentation.GetSegment(sid)) is not None
+        and read_record(segmentation.GetSegment(sid)) is not None
     ]
     if recorded and undo is not None:
-        from .writing import _call_undo
+        from .writing import call_undo
 
-        _call_undo(undo)
+        call_undo(undo)
     return {sid: len(clear_predictions(volumeNode, segmentationNode, sid)) for sid in ids}
 
 
@@ -194,38 +187,3 @@ def forget_modules(prefixes: Sequence[str] = ("UniverSegLogic",)) -> List[str]:
     for name in gone:
         del sys.modules[name]
     return gone
-
-
-# --------------------------------------------------------------------------------------------
-# engines
-
-
-def run_with_cpu_fallback(
-    make_job: Callable[[object], object],
-    engines,
-    weights: str,
-    device: str,
-    progress: Optional[ProgressFn] = None,
-    cancel: Optional[CancelFn] = None,
-    notes: Optional[List[str]] = None,
-):
-    """Take the engine from ``engines`` (a :class:`~UniverSegLogic.core.engines.EngineStore`),
-    ``make_job(engine)`` and run it; if it fails on Apple's GPU because an operation is not
-    supported there, run it again on the CPU and add one note saying so.
-    Returns (job, description of the weights)."""
-    loaded = engines.get(weights, device, progress, cancel)
-    engine, description = loaded.engine, loaded.description
-    job = make_job(engine)
-    try:
-        job.run(progress, cancel)
-    except Exception as exc:  # noqa: BLE001 - only the MPS case is handled, the rest re-raised
-        if getattr(engine, "device", "") != "mps" or not is_mps_unsupported(exc):
-            raise
-        engines.mps_failed = True
-        if notes is not None:
-            notes.append(MPS_FALLBACK_MESSAGE)
-        loaded = engines.get(weights, "cpu", progress, cancel)
-        engine, description = loaded.engine, loaded.description
-        job = make_job(engine)
-        job.run(progress, cancel)
-    return job, description

@@ -11,20 +11,21 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.slices import nonempty_slices, painted_axis
+from ..core.geometry import GeometryError
+from ..core.slices import auto_axis, nonempty_slices
 from ..errors import MRMLError
 from .nodes import (
-    _check_segmentation_node,
-    _check_volume_node,
-    _geometry_of,
-    _grid_key,
-    _resolve_axis,
-    _resolve_segment_id,
-    _segment,
     axis_name,
+    check_segmentation_node,
+    check_volume_node,
+    geometry_of,
+    grid_key,
+    resolve_segment_id,
     segment_mask,
+    segment_of,
+    volume_axis,
 )
-from .vtkglue import _vtk
+from .vtkglue import vtk_module
 
 TAG_LABELED = "UniverSeg.Labeled"
 TAG_PREDICTED = "UniverSeg.Predicted"
@@ -33,13 +34,18 @@ _RECORD_VERSION = "v1"
 _HASH_CHARS = 16
 
 
-def _slice_hash(mask: np.ndarray, axis: int, index: int) -> str:
+def slice_hash(mask: np.ndarray, axis: int, index: int) -> str:
+    """Fingerprint of slice ``index`` along ``axis`` of a boolean mask (stored per predicted
+    slice, so a later run sees whether the user changed it)."""
     plane = np.ascontiguousarray(np.take(mask, index, axis=axis), dtype=bool)
     return hashlib.sha1(np.packbits(plane).tobytes()).hexdigest()[:_HASH_CHARS]
 
 
 @dataclass
-class _Record:
+class Record:
+    """A segment's annotation-loop record: the axis and grid it belongs to, its labeled slices
+    (``empty``: those marked labeled while empty) and a fingerprint per predicted slice."""
+
     axis: int
     grid: str
     labeled: List[int] = field(default_factory=list)
@@ -47,8 +53,9 @@ class _Record:
     predicted: Dict[int, str] = field(default_factory=dict)  # slice -> fingerprint
 
 
-def _get_tag(segment, name: str) -> Optional[str]:
-    ref = _vtk().reference("")
+def get_tag(segment, name: str) -> Optional[str]:
+    """The value of the segment tag ``name``, or None."""
+    ref = vtk_module().reference("")
     if segment.GetTag(name, ref):
         return str(ref)
     return None
@@ -72,15 +79,15 @@ def _ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x != ""]
 
 
-def _read_record(segment) -> Optional[_Record]:
+def read_record(segment) -> Optional[Record]:
     """The segment's record, or None when absent or unreadable (then painted slices count)."""
-    lab = _parse_fields(_get_tag(segment, TAG_LABELED))
-    pred = _parse_fields(_get_tag(segment, TAG_PREDICTED))
+    lab = _parse_fields(get_tag(segment, TAG_LABELED))
+    pred = _parse_fields(get_tag(segment, TAG_PREDICTED))
     if lab is None and pred is None:
         return None
     try:
         head = lab if lab is not None else pred
-        rec = _Record(int(head["axis"]), head["grid"])
+        rec = Record(int(head["axis"]), head["grid"])
         if lab is not None:
             rec.labeled = _ints(lab.get("slices", ""))
             rec.empty = _ints(lab.get("empty", ""))
@@ -96,7 +103,8 @@ def _read_record(segment) -> Optional[_Record]:
         return None
 
 
-def _record_tags(rec: _Record) -> Dict[str, Optional[str]]:
+def record_tags(rec: Record) -> Dict[str, Optional[str]]:
+    """The tag values that store ``rec`` (None: remove the tag)."""
     head = f"{_RECORD_VERSION};axis={rec.axis};grid={rec.grid}"
     labeled = f"{head};slices={','.join(map(str, sorted(rec.labeled)))}"
     if rec.empty:
@@ -109,7 +117,8 @@ def _record_tags(rec: _Record) -> Dict[str, Optional[str]]:
     return {TAG_LABELED: labeled, TAG_PREDICTED: predicted}
 
 
-def _set_tags(segment, tags: Dict[str, Optional[str]]) -> None:
+def set_tags(segment, tags: Dict[str, Optional[str]]) -> None:
+    """Set (or, for None, remove) segment tags."""
     for k, v in tags.items():
         if v is None:
             segment.RemoveTag(k)
@@ -117,8 +126,9 @@ def _set_tags(segment, tags: Dict[str, Optional[str]]) -> None:
             segment.SetTag(k, v)
 
 
-def _tags_of(segment, names: Iterable[str]) -> Dict[str, Optional[str]]:
-    return {n: _get_tag(segment, n) for n in names}
+def tags_of(segment, names: Iterable[str]) -> Dict[str, Optional[str]]:
+    """The values of the tags ``names`` (None where absent)."""
+    return {n: get_tag(segment, n) for n in names}
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,18 +192,21 @@ def format_slices(indices: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-def _status(
+def status_of(
     segment_id: str, segment, mask: np.ndarray, axis: int, axis_label: str, grid: str, strict: bool
-) -> Tuple[SliceStatus, Optional[_Record]]:
+) -> Tuple[SliceStatus, Optional[Record]]:
+    """(status, the record it used) of one segment along ``axis``: a record for another grid or
+    axis is ignored (noted); untouched predictions along another axis are a conflict, which
+    raises :class:`MRMLError` when ``strict``."""
     n = mask.shape[axis]
     nonempty = set(nonempty_slices(mask, axis))
-    rec = _read_record(segment)
+    rec = read_record(segment)
     note, conflict = "", False
     if rec is not None and rec.grid != grid:
         note, rec = "record made on another volume grid: ignored", None
     if rec is not None and rec.axis != axis:
         if any(
-            _slice_hash(mask, rec.axis, t) == h
+            slice_hash(mask, rec.axis, t) == h
             for t, h in rec.predicted.items()
             if t < mask.shape[rec.axis]
         ):
@@ -226,7 +239,7 @@ def _status(
     for t, h in sorted(rec.predicted.items()):
         if t >= n:
             continue
-        (predicted if _slice_hash(mask, axis, t) == h else edited).append(t)
+        (predicted if slice_hash(mask, axis, t) == h else edited).append(t)
     keep = {t for t in rec.labeled if t < n and (t in nonempty or t in set(rec.empty))}
     labeled = keep | set(edited) | (nonempty - set(rec.predicted))
     empty = sorted(t for t in labeled if t not in nonempty)
@@ -250,18 +263,18 @@ def slice_status(volumeNode, segmentationNode, segmentId, axis="axial") -> Slice
 
     Never raises because of the stored record (a conflicting record is reported in ``note``).
     """
-    _check_segmentation_node(segmentationNode)
-    volume = _geometry_of(volumeNode)
-    a = _resolve_axis(volume, axis)
-    sid = _resolve_segment_id(segmentationNode, segmentId)
+    check_segmentation_node(segmentationNode)
+    volume = geometry_of(volumeNode)
+    a = volume_axis(volume, axis)
+    sid = resolve_segment_id(segmentationNode, segmentId)
     mask = segment_mask(volumeNode, segmentationNode, sid)
-    status, _ = _status(
+    status, _ = status_of(
         sid,
-        _segment(segmentationNode, sid),
+        segment_of(segmentationNode, sid),
         mask,
         a,
         axis_name(volume, a),
-        _grid_key(volumeNode, segmentationNode),
+        grid_key(volumeNode, segmentationNode),
         strict=False,
     )
     return status
@@ -273,32 +286,34 @@ def labeled_slices(volumeNode, segmentationNode, segmentId, axis="axial") -> Lis
 
 
 def infer_axis(volumeNode, segmentationNode, segmentIds=None) -> int | None:
-    """The slicing axis the user's labels imply, or None when nothing is painted.
+    """The slicing axis ``auto`` means: the axis the user's painted slices lie on
+    (:func:`~UniverSegLogic.core.slices.auto_axis`), or None when nothing is painted.
 
     Per segment: the axis of its UniverSeg record when the record belongs to this volume grid (the
-    axis it was propagated along), else :func:`painted_axis` of its voxels. Segments vote; a tie
-    goes to the first segment's axis. ``segmentIds`` default: every segment that is not a review
-    output.
+    axis it was propagated along), else the axis its painted voxels lie on separate slices of. A
+    segment painted solidly tells none. Segments that tell different axes raise
+    :class:`MRMLError` (one line naming them). ``segmentIds`` default: every segment that is not
+    a review output.
     """
-    _check_volume_node(volumeNode)
+    check_volume_node(volumeNode)
     segmentation = segmentationNode.GetSegmentation()
     if segmentIds is None:
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-        ids = [i for i in ids if _get_tag(segmentation.GetSegment(i), TAG_SOURCE) is None]
+        ids = [i for i in ids if get_tag(segmentation.GetSegment(i), TAG_SOURCE) is None]
     else:
-        ids = [_resolve_segment_id(segmentationNode, s) for s in segmentIds]
-    grid = _grid_key(volumeNode, segmentationNode)
-    votes: list = []
-    for sid in ids:
-        rec = _read_record(_segment(segmentationNode, sid))
+        ids = [resolve_segment_id(segmentationNode, s) for s in segmentIds]
+    grid = grid_key(volumeNode, segmentationNode)
+    names = [segment_of(segmentationNode, sid).GetName() for sid in ids]
+    known, paintings = {}, {}
+    for sid, name in zip(ids, names):
+        label = name if names.count(name) == 1 else f"{name} [{sid}]"
+        rec = read_record(segment_of(segmentationNode, sid))
         if rec is not None and rec.grid == grid and 0 <= rec.axis <= 2:
-            votes.append(rec.axis)
-            continue
-        axis = painted_axis(segment_mask(volumeNode, segmentationNode, sid))
-        if axis is not None:
-            votes.append(axis)
-    if not votes:
-        return None
-    counts = {a: votes.count(a) for a in votes}
-    best = max(counts.values())
-    return next(a for a in votes if counts[a] == best)
+            known[label] = rec.axis
+        else:
+            paintings[label] = segment_mask(volumeNode, segmentationNode, sid)
+    volume = geometry_of(volumeNode)
+    try:
+        return auto_axis(paintings, known, lambda a: axis_name(volume, a))
+    except GeometryError as exc:
+        raise MRMLError(str(exc)) from None

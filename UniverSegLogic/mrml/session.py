@@ -1,7 +1,8 @@
 """Propagation sessions kept across runs on Slicer nodes (the annotation loop stays fast).
 
-A :class:`SessionStore` is an explicit object its owner keeps (the Slicer module's logic, the
-Segment Editor effect, the browser app): it holds the loaded engines (an
+A :class:`SessionStore` is an explicit object its owner keeps (a
+:class:`~UniverSegLogic.mrml.runner.Runner`: the Slicer module's and its effect's, the browser
+app's): it holds the loaded engines (an
 :class:`~UniverSegLogic.core.engines.EngineStore`) and one
 :class:`~UniverSegLogic.core.propagator.Propagator` per (volume node, its voxels and world
 geometry, options, support volumes), so the volume is normalized once and every run after a
@@ -13,18 +14,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import astuple
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
 
-def _image_stamp(volumeNode) -> Tuple:
+def image_stamp(volumeNode) -> Tuple:
     """What identifies a volume's content cheaply: node ID, image data and its modification time,
     shape, and world IJK-to-RAS matrix."""
-    from .nodes import _geometry_of
+    from .nodes import geometry_of
 
     image = volumeNode.GetImageData()
-    geometry = _geometry_of(volumeNode)
+    geometry = geometry_of(volumeNode)
     return (
         volumeNode.GetID(),
         id(image),
@@ -47,15 +48,13 @@ class SessionStore:
         self.max_sessions = max(1, int(max_sessions))
         self._sessions: OrderedDict[Tuple, object] = OrderedDict()
 
-    def key(
-        self, volumeNode, options, support_stamps: Sequence[Tuple] = (), engine=None, fusion=None
-    ) -> Tuple:
-        """The session key of a run (volume content, options, support volumes, engine, fusion)."""
+    def key(self, volumeNode, options, support_stamps: Sequence[Tuple] = (), fusion=None) -> Tuple:
+        """The session key of a run (volume content, options -- weights and device included --,
+        support volumes, fusion)."""
         return (
-            _image_stamp(volumeNode),
+            image_stamp(volumeNode),
             astuple(options),
             tuple(support_stamps),
-            id(engine) if engine is not None else None,
             id(fusion) if fusion is not None else None,
         )
 
@@ -73,6 +72,14 @@ class SessionStore:
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
 
+    def discard_device(self, device: str) -> None:
+        """Forget the sessions whose engine runs on ``device`` (e.g. after Apple's GPU failed:
+        ``auto`` means the CPU from then on)."""
+        for key in [
+            k for k, v in self._sessions.items() if getattr(v.engine, "device", "") == device
+        ]:
+            del self._sessions[key]
+
     def clear(self) -> None:
         """Forget every session and engine."""
         self._sessions.clear()
@@ -85,34 +92,18 @@ class SessionStore:
 def support_stamp(volumeNode, segmentationNode) -> Tuple:
     """Identity of a support pair's content for :meth:`SessionStore.key`."""
     seg = segmentationNode.GetSegmentation()
-    return (_image_stamp(volumeNode), segmentationNode.GetID(), int(seg.GetMTime()))
+    return (image_stamp(volumeNode), segmentationNode.GetID(), int(seg.GetMTime()))
 
 
-def session_for(
-    store: Optional[SessionStore],
-    key: Optional[Tuple],
-    volume,
-    options,
-    supports,
-    engine=None,
-    fusion=None,
-):
-    """A :class:`Propagator` for a run: the store's session under ``key`` (built from
-    ``volume()`` on first use and kept) or, without a store, a fresh one."""
+def session_for(store: SessionStore, key: Tuple, volume, options, supports, fusion=None):
+    """A :class:`Propagator` for a run: the store's session under ``key``, or one built from
+    ``volume()`` and ``supports()`` with an engine from the store's engines, then kept."""
     from ..core.propagator import Propagator
 
-    if store is not None:
-        session = store.get(key)
-        if session is not None:
-            return session
-    session = Propagator(
-        volume(),
-        options,
-        engine=engine,
-        engines=store.engines if store is not None else None,
-        fusion=fusion,
-        support_volumes=supports(),
-    )
-    if store is not None:
+    session = store.get(key)
+    if session is None:
+        session = Propagator(
+            volume(), options, engines=store.engines, fusion=fusion, support_volumes=supports()
+        )
         store.put(key, session)
     return session

@@ -17,6 +17,6 @@ Modules
     ``app``      the trame page and server (imports trame; used by ``universeg-slicer web``)
 
 Never shipped in the Slicer extension (``Testing/update_cmake_lists.py`` lists it as not
-shipped); installed with ``pip install "universeg-slicer[web]"``. Importing this package imports
+shipped); installed with ``pip install ".[web]"`` (in a checkout). Importing this package imports
 nothing heavy.
 """

@@ -3,7 +3,7 @@ Segment Editor's Paint / Erase / Scissors and undo, Propagate with progress and 
 slice status of every segment, Save.
 
 Importing this module imports trame, trame-slicer and slicer-core (``pip install
-"universeg-slicer[web]"``); the command line imports it only when the command runs.
+".[web]"`` in a checkout); the command line imports it only when the command runs.
 Test hooks: every control has a stable ``id`` (``propagate``, ``cancel``, ``save``,
 ``download``, ``upload-image``, ``upload-segmentation``, ``confirm-keep``, ``confirm-discard``,
 ...), the status lines are in ``#status`` (one ``.status-line`` each, worded by
@@ -122,7 +122,7 @@ class WebApp:
         limits: Optional[UploadLimits] = None,
         token: Optional[str] = None,
         server=None,
-        **options,
+        options=None,
     ):
         from trame.app import get_server
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -138,10 +138,7 @@ class WebApp:
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.session = AnnotationSession(
-            self.slicer_app,
-            out_path=out_path,
-            limits=limits,
-            **options,
+            self.slicer_app, out_path=out_path, limits=limits, options=options
         )
         self.layout_manager = LayoutManager(
             self.slicer_app.scene, self.slicer_app.view_manager, self.server
@@ -467,8 +464,7 @@ class WebApp:
             loop.call_soon_threadsafe(self._set_progress, float(fraction), str(text))
 
         try:
-            axis, _ = self.session.view_position(self.view)
-            report = await self.session.propagate(axis, progress)
+            report = await self.session.propagate(progress=progress, view=self.view)
             text, kind = report.message(), "info"
             self._suggested, self._suggested_next = list(report.suggested), 0
             with self.state:
@@ -847,14 +843,15 @@ def serve(
     max_upload_mb=DEFAULT_MAX_UPLOAD_MB,
     max_image_mb=DEFAULT_MAX_IMAGE_MB,
     max_voxels=DEFAULT_MAX_VOXELS,
-    **options,
+    options=None,
 ) -> int:
-    """``universeg-slicer web``: check the arguments, load the files, serve the page."""
+    """``universeg-slicer web``: check the arguments, load the files, serve the page.
+    ``options``: the :class:`~UniverSegLogic.core.propagator.PropagationOptions` of every run."""
     warning = rules.check_host(host, allow_remote)
     limits = UploadLimits.from_options(max_upload_mb, max_image_mb, max_voxels)
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Platform")
-    app = WebApp(out_path=out, limits=limits, **options)
+    app = WebApp(out_path=out, limits=limits, options=options)
     app.load(image, labels)
 
     def ready(url):

@@ -2,20 +2,19 @@
 
 It drives a trame-slicer :class:`~trame_slicer.core.SlicerApp` (Slicer's MRML scene and its
 Segment Editor logic, no web server), so the page and the plain-Python tests run the same code.
-Everything about propagation goes through the MRML bridge (:mod:`UniverSegLogic.mrml`): the
-job is prepared on the caller's thread, computed in a worker thread (it touches no MRML node)
-and written back on the caller's thread as one step of trame-slicer's undo stack.
+Everything about propagation goes through the MRML bridge's one run path
+(:class:`UniverSegLogic.mrml.Runner`, as in the Slicer module and its effect): the job is
+prepared on the caller's thread, computed in a worker thread (it touches no MRML node) and written
+back on the caller's thread as one step of trame-slicer's undo stack.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -74,8 +73,9 @@ class PropagationReport:
     suggested: List[int] = field(default_factory=list)
 
     def message(self) -> str:
+        slices = f"{self.predicted} slice" + ("" if self.predicted == 1 else "s")
         text = (
-            f"{self.segment_name}: predicted {self.predicted} slices along the {self.axis_name} "
+            f"{self.segment_name}: predicted {slices} along the {self.axis_name} "
             f"axis in {self.seconds:.1f} s ({self.device})"
         )
         if self.suggested:
@@ -86,8 +86,10 @@ class PropagationReport:
 class AnnotationSession:
     """One user's annotation session on a trame-slicer app.
 
-    ``options`` are :class:`UniverSegLogic.core.pipeline.PropagationOptions` fields (``weights``,
-    ``device``, ``support_size``, ...) used for every run; ``out_path`` is the only place
+    ``options``: the :class:`~UniverSegLogic.core.propagator.PropagationOptions` of every run
+    (default: :func:`UniverSegLogic.mrml.default_options`, axis ``auto``); runs go through
+    :attr:`runner`, the :class:`UniverSegLogic.mrml.Runner` the Slicer module and its effect use
+    too (``engines``: the EngineStore it takes engines from); ``out_path`` is the only place
     :meth:`save` writes to (chosen on the command line, never by the page); ``limits`` bound
     what an upload may be (:class:`~UniverSegLogic.web.uploads.UploadLimits`).
     """
@@ -97,8 +99,8 @@ class AnnotationSession:
         slicer_app,
         out_path=None,
         limits: Optional[UploadLimits] = None,
-        engine=None,
-        **options,
+        options=None,
+        engines=None,
     ):
         from undo_stack import UndoStack
 
@@ -111,8 +113,9 @@ class AnnotationSession:
         if self.out_path is not None and not str(self.out_path).lower().endswith(".seg.nrrd"):
             raise UsageError(f"--out {out_path}: the output must be a .seg.nrrd file")
         self.limits = limits or UploadLimits()
-        self.engine = engine
-        self.options = dict(options)
+        self.options = options if options is not None else mrml.default_options()
+        #: the one run path (engines and propagation sessions kept across runs)
+        self.runner = mrml.Runner(engines=engines)
         self.volume_node = None
         self.segmentation_node = None
         self.undo_stack = UndoStack(undo_limit=20)
@@ -121,10 +124,6 @@ class AnnotationSession:
         self._cancel = threading.Event()
         self.running = False
         self._unrecorded_changes = False  # changes that are no undo step (slice marks)
-        # one Propagator per (volume, axis, options) across runs, when the bridge offers it
-        params = inspect.signature(mrml.prepare_propagation).parameters
-        store = getattr(mrml, "SessionStore", None)
-        self._sessions = store() if "sessions" in params and store is not None else None
 
     def close(self) -> None:
         """Remove the private upload folder."""
@@ -437,53 +436,57 @@ class AnnotationSession:
         if self.running:
             self._cancel.set()
 
-    def prepare(self, axis):
-        """Read the active segment from MRML and check it (caller's thread); returns the job."""
-        from .. import mrml
+    def prepare(self, axis=None, view=None):
+        """Read the active segment from MRML and check it (caller's thread); returns the job.
+        ``axis``: a name, an array axis, or ``auto`` -- the axis the segment's painted slices lie
+        on, else the orientation of ``view`` (a trame-slicer slice view), as in the Slicer
+        module; None: the session's ``options.axis``."""
+        from ..mrml import panel
 
         self._check_idle()
         sid = self._active_for_run()
-        extra = {} if self._sessions is None else {"sessions": self._sessions}
-        return mrml.prepare_propagation(
-            self.volume_node,
-            self.segmentation_node,
-            [sid],
-            mode="fill",
-            engine=self.engine,
-            axis=axis,
-            **extra,
-            **self.options,
+        axis = self.options.axis if axis is None else axis
+        slice_to_ras = None
+        if view is not None:
+            slice_to_ras = self.scene.GetNodeByID(view.get_view_node_id()).GetSliceToRAS()
+        axis = panel.resolve_axis(
+            self.volume_node, self.segmentation_node, axis, [sid], slice_to_ras
         )
+        options = replace(self.options, axis=axis)
+        return self.runner.prepare(self.volume_node, self.segmentation_node, [sid], options)
 
     def apply(self, job) -> PropagationReport:
         """Write a computed job into the segmentation as one undo step (caller's thread)."""
-        t0 = time.perf_counter()
         with self._undo_step():
-            result = job.apply()
+            result = self.runner.apply(job)
         self.editor.active_segmentation.trigger_modified()
         sid = result.source_ids[0]
         return PropagationReport(
             self.segmentation.GetSegment(sid).GetName(),
             result.axis_name,
             len(result.predicted_slices.get(sid, [])),
-            result.seconds + (time.perf_counter() - t0),
+            result.seconds,
             result.device,
-            list(getattr(result, "notes", []) or []),
+            list(result.notes),
             list(result.suggested_slices.get(sid, [])),
         )
 
     async def propagate(
-        self, axis, progress: Optional[Callable[[float, str], None]] = None
+        self,
+        axis=None,
+        progress: Optional[Callable[[float, str], None]] = None,
+        view=None,
     ) -> PropagationReport:
-        """Propagate the active segment along ``axis``: prepare here, compute in a worker thread
-        (the event loop stays free), write here. ``progress(fraction, message)`` is called on
+        """Propagate the active segment along ``axis`` (see :meth:`prepare`): prepare here,
+        compute in a worker thread through the runner (the event loop stays free; Apple's GPU
+        falls back to the CPU there), write here. ``progress(fraction, message)`` is called on
         the worker thread. Raises :class:`Cancelled` after :meth:`cancel` (nothing written)."""
-        job = self.prepare(axis)
+        job = self.prepare(axis, view)
         self.running = True
         self._cancel.clear()
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, job.run, progress, self._cancel.is_set)
+            await loop.run_in_executor(None, self.runner.run, job, progress, self._cancel.is_set)
         finally:
             self.running = False
             cancelled = self._cancel.is_set()

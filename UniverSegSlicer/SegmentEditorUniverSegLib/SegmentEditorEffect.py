@@ -202,7 +202,8 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
 
     @staticmethod
     def moduleLogic():
-        """The UniverSeg module's shared logic (settings, engines, sessions)."""
+        """The UniverSeg module's shared logic (settings, and the ``runner`` the module's panel
+        uses too: one run path, shared engines and sessions)."""
         import UniverSegSlicer
 
         return UniverSegSlicer.UniverSegSlicerLogic.shared()
@@ -289,15 +290,14 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
             if weights is None:
                 self.statusLabel.text = _("Nothing was changed.")
                 return
-            preview = logic.computePreview(
+            preview = logic.runner.preview(
                 volumeNode,
                 segmentationNode,
                 ids,
-                logic.supportPairs(settings),
-                self.onProgress,
-                self.cancelRequested,
-                axis=axis,
-                **logic.effectOptions(settings, weights),
+                logic.runOptions(settings, weights, axis),
+                supportPairs=logic.supportPairs(settings),
+                progress=self.onProgress,
+                cancel=self.cancelRequested,
             )
         except Cancelled:
             self.statusLabel.text = _("Stopped: nothing was changed.")
@@ -324,14 +324,17 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
                 self.selectedSegmentModifiedTimes[sid] = labelmap.GetMTime()
         self.showPreview(self.editMask())
         slices = sum(len(v) for v in (s.predicted_slices for s in preview.job.result.segments))
+        segments = len(preview.segment_ids)
         self.statusLabel.text = " ".join(
             [
                 _(
-                    "Preview: {slices} slices of {segments} segment(s) along the {axis} axis in "
-                    "{seconds:.1f} s ({device})."
+                    "Preview: {slices} of {segments} along the {axis} axis in {seconds:.1f} s "
+                    "({device})."
                 ).format(
-                    slices=slices,
-                    segments=len(ids),
+                    slices=_("1 slice") if slices == 1 else _("{n} slices").format(n=slices),
+                    segments=_("1 segment")
+                    if segments == 1
+                    else _("{n} segments").format(n=segments),
                     axis=preview.job.axis_name,
                     seconds=preview.seconds,
                     device=preview.job.result.device,
@@ -388,8 +391,9 @@ device, weights and extra support volumes are set in the <b>UniverSeg</b> module
         except Exception:
             self.updateGUIFromMRML()  # the preview stays; the segmentation is unchanged
             return
-        self.statusLabel.text = _("Applied to {segments} segment(s).").format(
-            segments=len(result.segment_ids)
+        count = len(result.segment_ids)
+        self.statusLabel.text = _("Applied to {segments}.").format(
+            segments=_("1 segment") if count == 1 else _("{n} segments").format(n=count)
         )
         self.reset()
 
