@@ -176,7 +176,9 @@ def test_propagate_suggest_and_report_contract(case, capsys, tmp_path):
     )
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert set(data) == {"segments"}
+    assert set(data) == {"device", "precision", "precision_reason", "weights", "segments"}
+    assert data["device"] == "cpu" and data["precision"] in ("fp32", "bf16")
+    assert f"precision: {data['precision']} ({data['precision_reason']})" in stdout
     segs = data["segments"]
     assert [s["name"] for s in segs] == ["ball", "box"]
     n = ball.shape[0]  # axial = array axis 0 here

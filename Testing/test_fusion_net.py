@@ -162,7 +162,7 @@ def test_the_net_is_applied_on_the_canvas_and_returns_native_slices(starter_engi
         region, f = prior.features(t, logits[t], logits)
         rule = FusionParams().inside if region == "inside" else FusionParams().outside
         items[t] = (region, f, rule.logit(f))
-    images = canvas_image_source(stack.images, stack.canvas)
+    images = stack.canvas_images  # the session's own canvas images
     x = fusion_net.build_inputs(prior, items, stack.canvas, images)
     assert x.shape == (2, len(CHANNELS), 128, 128) and x.dtype == torch.float32
     assert torch.equal(x[0, 0], images([6])[0, 0])

@@ -321,9 +321,8 @@ def slice_maps(
 OUTSIDE_FILL = np.array([-1.0, -1.0, -1.0, 1.0, 1.0, 0.0, 0.0], np.float32)
 
 
-def _prior_region(prior):
-    """The prior's in-plane region when it covers less than the slice, else None."""
-    region = getattr(prior, "region", None)
+def _partial(region):
+    """``region`` when it covers less than the slice, else None."""
     return None if region is None or region.is_full else region
 
 
@@ -332,23 +331,31 @@ def build_inputs(
     items: Mapping[int, Tuple[str, object, np.ndarray]],
     canvas,
     canvas_images: CanvasImages,
+    window=None,
 ) -> torch.Tensor:
     """(N, len(CHANNELS), size, size) float32 inputs of the targets ``items`` = ``{t: (region,
     features, logistic logit)}`` (sorted by t), on the canvas of ``canvas``. A prior fused in a
-    region of the slice (:class:`~UniverSegLogic.core.region.Region`) gives region-sized maps:
-    they are placed in the whole slice, :data:`OUTSIDE_FILL` around them (the images are whole
+    region of the slice (:class:`~UniverSegLogic.core.region.Region`) gives region-sized maps;
+    ``window`` (a Region; None: the prior's) is the part of the slice the net sees: the maps are
+    placed in the whole slice with :data:`OUTSIDE_FILL` outside the window (the images are whole
     slices either way)."""
     ts = sorted(items)
     n = prior.masks.shape[0]
-    region = _prior_region(prior)
+    region = getattr(prior, "region", None)
+    window = _partial(window if window is not None else region)
     maps, scal, idx = [], [], []
     for t in ts:
         kind, feats, base = items[t]
         m, (lo, hi), s = slice_maps(prior, t, kind, feats, base)
-        if region is not None:
-            whole = np.empty((m.shape[0], region.rows, region.cols), np.float32)
+        if window is not None:
+            whole = np.empty((m.shape[0], window.rows, window.cols), np.float32)
             whole[...] = OUTSIDE_FILL[:, None, None]
-            whole[(slice(None),) + region.index] = m
+            if _partial(region) is None:
+                whole[(slice(None),) + window.index] = m[(slice(None),) + window.index]
+            else:  # the prior's region holds the window (both around the same painting)
+                r0, c0 = window.r0 - region.r0, window.c0 - region.c0
+                part = m[:, r0 : r0 + window.shape[0], c0 : c0 + window.shape[1]]
+                whole[(slice(None),) + window.index] = part
             m = whole
         maps.append(m)
         scal.append(s)
@@ -397,9 +404,9 @@ class LearnedFusion:
     ``canvas``: the session's :class:`~UniverSegLogic.core.canvas.Canvas`; ``canvas_images(idx)``
     its canvas images of canonical slices ``idx`` (see :func:`canvas_image_source`). The net runs
     slice by slice on the window :func:`region_box` of each (no correction outside it), so a
-    slice's result never depends on which other slices were computed with it. A prior fused in
-    a region of the slice is corrected in that region only (outside it the logistic rule's
-    logit is bounded below zero, see :mod:`~UniverSegLogic.core.propagator`)."""
+    slice's result never depends on which other slices were computed with it. Given a
+    ``window`` (a rectangle of the slice; the propagator gives the one its fusion region around
+    the same painting has), the net sees the maps there only and corrects nothing outside it."""
 
     def __init__(self, net: FusionNet, canvas, canvas_images: CanvasImages):
         self.net = net
@@ -408,20 +415,27 @@ class LearnedFusion:
         self.model = net.model.to(memory_format=torch.channels_last)
 
     def __call__(
-        self, prior, items: Mapping[int, Tuple[str, object, np.ndarray]]
+        self, prior, items: Mapping[int, Tuple[str, object, np.ndarray]], window=None
     ) -> Dict[int, np.ndarray]:
+        """``{t: fused logit}`` over the prior's planes; ``window``: see :func:`build_inputs`
+        (no correction outside it)."""
         ts = sorted(items)
-        x = build_inputs(prior, items, self.canvas, self.canvas_images)
+        x = build_inputs(prior, items, self.canvas, self.canvas_images, window)
         delta = torch.zeros((len(ts), 1) + tuple(x.shape[2:]), dtype=torch.float32)
         with torch.inference_mode():
             for i in range(len(ts)):
                 rows, cols = region_box(x[i], self.model.multiple)
-                window = x[i : i + 1, :, rows, cols].contiguous(memory_format=torch.channels_last)
-                delta[i, :, rows, cols] = self.model(window)
+                part = x[i : i + 1, :, rows, cols].contiguous(memory_format=torch.channels_last)
+                delta[i, :, rows, cols] = self.model(part)
             native = self.canvas.from_canvas(delta).numpy()
-        region = _prior_region(prior)
+        region = _partial(getattr(prior, "region", None))
+        window = _partial(window if window is not None else region)
         out: Dict[int, np.ndarray] = {}
         for t, d in zip(ts, native):
+            if window is not None:
+                keep = np.zeros(d.shape, np.float32)
+                keep[window.index] = d[window.index]
+                d = keep
             if region is not None:
                 d = region.crop(d)
             out[t] = (np.asarray(items[t][2], np.float32) + d).astype(np.float32)
