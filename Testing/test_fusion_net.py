@@ -12,7 +12,6 @@ from UniverSegLogic.core.fusion_net import (
     FusionNet,
     FusionUNet,
     LearnedFusion,
-    canvas_image_source,
     fusion_net_for,
     load_fusion_net,
     parameter_count,

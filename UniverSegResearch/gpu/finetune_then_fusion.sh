@@ -7,6 +7,7 @@
 #   STAGE=fusion WEIGHTS=out/finetuned.pt bash UniverSegResearch/gpu/finetune_then_fusion.sh
 #   STAGE=all ...                                                                 # one machine
 #
+# Arguments go to the trainer (stage finetune), e.g. --episodes 8.
 # Environment: DATA (prepared data, default .data/prepared), OUT (default ./out), MINUTES
 # (fine-tuning wall clock, default 7), MAX_STEPS (fine-tuning steps cap, optional), WEIGHTS
 # (stage fusion: the fine-tuned weights; default $OUT/finetuned.pt), CASES (evaluation manifest,
@@ -34,7 +35,7 @@ if [ "$STAGE" = finetune ] || [ "$STAGE" = all ]; then
     extra=()
     [ -n "${MAX_STEPS:-}" ] && extra=(--max-steps "$MAX_STEPS")
     OUT="$OUT" DATA="$DATA" MINUTES="${MINUTES:-7}" \
-        bash UniverSegResearch/gpu/train_gpu.sh ${extra[@]+"${extra[@]}"}
+        bash UniverSegResearch/gpu/train_gpu.sh ${extra[@]+"${extra[@]}"} "$@"
     mkdir -p "$(dirname "$WEIGHTS")"
     cp "$OUT/train/best.pt" "$WEIGHTS"  # a plain float32 v1 state dict
     echo "fine-tuned weights: $WEIGHTS"
