@@ -18,6 +18,7 @@ painted range for the best one. Only validation is looked at; the unseen chest C
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -373,7 +374,9 @@ def speed(
     """Propagation time with the logistic rule and with the learned fusion, in the same process,
     alternating (``repeats`` times each; medians): the synthetic volume of the benchmark
     (:func:`UniverSegLogic.benchmark.speed.synthetic_volume`), one segment painted on 5 slices,
-    a new session per run (image preparation included)."""
+    a new session per run (image preparation included). ``shape="clinical"``: the clinical
+    benchmark's 512x512x400 CT and its painting instead (right lung on 5 axial slices,
+    :mod:`UniverSegLogic.benchmark.clinical`)."""
     import platform
 
     import torch
@@ -385,16 +388,28 @@ def speed(
     from UniverSegLogic.core.propagator import PropagationOptions, Propagator, SegmentInput
     from UniverSegLogic.core.slices import nonempty_slices
 
-    img, mask = synthetic_volume(tuple(shape), 0)
-    present = np.array(nonempty_slices(mask, 0))
-    picks = present[np.linspace(0, len(present) - 1, 7).round().astype(int)[1:-1]]
-    painted = np.zeros_like(mask)
-    painted[picks] = mask[picks]
-    volume = Volume(img, np.diag([1.0, 1.0, 1.0, 1.0]))
+    if shape == "clinical":
+        from UniverSegLogic.benchmark import clinical
+
+        volume, masks = clinical.build_case(clinical.CLINICAL_SHAPE, clinical.ONE_SEGMENT)
+        mask = masks[clinical.ONE_SEGMENT[0]]
+        picks, painted = clinical.painting(mask)
+        picks = np.asarray(picks)
+        shape = volume.array.shape
+    else:
+        img, mask = synthetic_volume(tuple(shape), 0)
+        present = np.array(nonempty_slices(mask, 0))
+        picks = present[np.linspace(0, len(present) - 1, 7).round().astype(int)[1:-1]]
+        painted = np.zeros_like(mask)
+        painted[picks] = mask[picks]
+        volume = Volume(img, np.diag([1.0, 1.0, 1.0, 1.0]))
     engine = EngineStore().get(weights, "cpu").engine
     seg = [SegmentInput("s", "structure", painted)]
 
     def once(model: str):
+        import gc
+
+        gc.collect()
         t0 = time.perf_counter()
         session = Propagator(
             volume, PropagationOptions(axis=0, weights=weights, fusion_model=model), engine=engine
@@ -405,14 +420,17 @@ def speed(
     once("logistic")  # warm-up: imports, Slicer's vtkITK, thread pools
     times: Dict[str, List[float]] = {"logistic": [], fusion_model: []}
     results = {}
+    digests: Dict[str, List[str]] = {"logistic": [], fusion_model: []}
     for _ in range(int(repeats)):
         for model in ("logistic", fusion_model):
             sec, r = once(model)
             times[model].append(sec)
             results[model] = r
+            m = np.packbits(r.segments[0].mask)
+            digests[model].append(hashlib.sha256(m.tobytes()).hexdigest())
     med = {m: float(np.median(v)) for m, v in times.items()}
     out = {
-        "shape_kji": list(shape),
+        "shape_kji": [int(v) for v in shape],
         "labeled_slices": [int(p) for p in picks],
         "device": engine.device,
         "threads": int(torch.get_num_threads()),
@@ -423,6 +441,7 @@ def speed(
         "predicted_slices": {m: len(r.segments[0].predicted_slices) for m, r in results.items()},
         "network_runs": {m: int(r.network_runs) for m, r in results.items()},
         "dice_vs_truth": {m: float(dice(r.segments[0].mask, mask)) for m, r in results.items()},
+        "runs_identical": {m: len(set(d)) == 1 for m, d in digests.items()},
     }
     log(
         f"propagation {shape}: logistic {med['logistic']:.2f} s, {fusion_model} "

@@ -88,7 +88,10 @@ def register(sub) -> None:
     )
     p.add_argument("--repeats", type=int, default=3, help="speed: timed runs of each (3)")
     p.add_argument(
-        "--shape", default="200,256,256", help="speed: synthetic volume K,J,I (200,256,256)"
+        "--shape",
+        default="200,256,256",
+        help="speed: synthetic volume K,J,I (200,256,256), or clinical (the clinical benchmark's "
+        "512x512x400 CT)",
     )
     p.add_argument("--json", default=None, help="speed/select: write the results here")
     p.set_defaults(func=run)
@@ -110,9 +113,12 @@ def run(args) -> int:
     if args.step == "speed":
         from .. import fusion_train
 
-        shape = tuple(int(v) for v in args.shape.split(","))
-        if len(shape) != 3:
-            raise UsageError("--shape needs K,J,I")
+        if args.shape == "clinical":
+            shape = "clinical"
+        else:
+            shape = tuple(int(v) for v in args.shape.split(","))
+            if len(shape) != 3:
+                raise UsageError("--shape needs K,J,I or clinical")
         fusion_train.speed(shape, args.fusion_model, args.repeats, args.weights, args.json, log)
         return 0
     if args.step == "train":
