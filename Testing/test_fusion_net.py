@@ -47,6 +47,9 @@ def test_the_shipped_learned_fusion_loads_with_weights_only():
     assert net.model.out.weight.abs().sum() > 0  # trained: the correction is not zero
     got, note = fusion_net_for("starter", "auto")
     assert got is not None and note == ""
+    # a copy of the starter weights given by path gets it too (by content, not by name)
+    copy, note = fusion_net_for(str(resource_file("starter_weights.pt")), "auto")
+    assert copy is not None and note == ""
 
 
 def test_the_file_form_round_trips_and_bad_files_are_one_line_errors(tmp_path):

@@ -222,7 +222,7 @@ def fusion_net_for(weights_source: str, mode: str = "auto") -> Tuple[Optional[Fu
 
     ``mode``: ``logistic`` -> None; a ``.pt`` file -> that learned fusion (a missing or bad file
     raises WeightsError); ``auto`` / ``learned`` -> the shipped net for the starter weights
-    (trained on their logits only), for a weights file ``X.pt`` the file ``X.pt`` +
+    (trained on their logits only; also for a file byte-identical to them), for a weights file ``X.pt`` the file ``X.pt`` +
     :data:`SIDECAR_SUFFIX` when present. No net for the weights, or a missing shipped file: None
     and a note that the logistic rule is used (``learned`` asked for it explicitly; ``auto`` says
     so only when the shipped file is missing)."""
@@ -234,7 +234,12 @@ def fusion_net_for(weights_source: str, mode: str = "auto") -> Tuple[Optional[Fu
         )
     if mode == "logistic":
         return None, ""
-    if weights_source != "starter":
+    from .weights import is_starter_content, resource_file
+
+    starter = weights_source == "starter" or (
+        weights_source != "official" and is_starter_content(str(weights_source))
+    )  # like the logistic rule's calibration (prior.fusion_for): by content, not by name
+    if not starter:
         sidecar = Path(str(weights_source) + SIDECAR_SUFFIX)
         if weights_source != "official" and sidecar.is_file():
             return load_fusion_net(str(sidecar)), ""
@@ -243,8 +248,6 @@ def fusion_net_for(weights_source: str, mode: str = "auto") -> Tuple[Optional[Fu
             "the starter weights' logits): using the logistic fusion rule"
         )
         return None, note if mode == "learned" else ""
-    from .weights import resource_file
-
     path = resource_file(RESOURCE)
     if path is None:
         return None, (
