@@ -4,7 +4,7 @@ and reproducible training (UniverSegResearch/fusion_data.py, fusion_train.py).""
 import numpy as np
 import pytest
 import torch
-from conftest import blob_phantom, labeled_only
+from conftest import ThresholdEngineDouble, blob_phantom, labeled_only
 
 from UniverSegLogic.core import fusion_net
 from UniverSegLogic.core.fusion_net import (
@@ -147,6 +147,61 @@ def test_a_missing_learned_fusion_falls_back_on_the_logistic_rule(starter_engine
     got = session.propagate(seg)
     assert any("learned fusion" in n and "missing" in n for n in got.notes)
     assert np.array_equal(got.segments[0].probability, want.segments[0].probability)
+
+
+def _large_phantom():
+    """Slices finer than the 128-pixel canvas (fusion regions and learned windows are used): a
+    structure that swells between two painted slices and grows again beyond the last one."""
+    from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
+
+    shape, painted_at = (19, 160, 150), [4, 9, 14]
+    y, x = np.mgrid[: shape[1], : shape[2]]
+    truth = np.zeros(shape, bool)
+    for t in range(2, 17):
+        r = {6: 40, 7: 45, 8: 30, 15: 30, 16: 38}.get(t, 14)
+        truth[t] = ((y - 80) / r) ** 2 + ((x - 70) / (0.9 * r)) ** 2 <= 1
+    image = truth.astype(np.float32)
+    image += np.random.default_rng(0).normal(0, 0.05, shape).astype(np.float32)
+    painted = np.zeros_like(truth)
+    painted[painted_at] = truth[painted_at]
+    return Volume(image, make_ijk_to_ras((0.8, 0.8, 1.0))), painted
+
+
+def test_the_learned_fusion_gives_the_same_masks_in_regions_and_on_whole_slices():
+    """On large slices the net sees and corrects the rectangle around each gap's painting
+    whether or not the logistic rule is fused in a region: the masks are those of whole slices
+    (and the net does change them)."""
+    volume, painted = _large_phantom()
+
+    def run(model, regions):
+        session = Propagator(
+            volume,
+            PropagationOptions(axis=0, device="cpu", fusion_model=model),
+            engine=ThresholdEngineDouble(),
+            regions=regions,
+        )
+        assert (session.refine is not None) == (model == "learned")
+        return session.propagate([SegmentInput("s", "structure", painted)]).segments[0]
+
+    ours, whole = run("learned", True), run("learned", False)
+    assert np.array_equal(ours.mask, whole.mask)
+    assert np.array_equal(ours.mask[[4, 9, 14]], painted[[4, 9, 14]])
+    assert not np.array_equal(ours.mask, run("logistic", True).mask)
+
+
+def test_a_rerun_with_the_learned_fusion_gives_the_masks_of_a_fresh_session(starter_engine):
+    """A corrected slice changes the typical gap, which the net reads beyond the painted ends:
+    the cached ends are not reused then (masks bit for bit those of a new session)."""
+    vol, truth = blob_phantom()
+    painted = labeled_only(truth, 0, [3, 8, 12])
+    session = _session(vol, starter_engine, "learned")
+    session.propagate([SegmentInput("a", "a", painted)])
+    edited = painted.copy()
+    edited[10] = truth[10]
+    rerun = session.propagate([SegmentInput("a", "a", edited)]).segments[0]
+    fresh = _session(vol, starter_engine, "learned").propagate([SegmentInput("a", "a", edited)])
+    assert np.array_equal(rerun.mask, fresh.segments[0].mask)
+    assert np.array_equal(rerun.probability, fresh.segments[0].probability)
 
 
 def test_the_net_is_applied_on_the_canvas_and_returns_native_slices(starter_engine):
