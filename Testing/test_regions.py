@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import ThresholdEngineDouble
 
+from UniverSegLogic.core import restack
 from UniverSegLogic.core.geometry import SliceFrame, Volume, make_ijk_to_ras
 from UniverSegLogic.core.propagator import PropagationOptions, Propagator, SegmentInput
 from UniverSegLogic.core.region import Region, bounding_box, canvas_footprints
@@ -130,7 +131,7 @@ def test_the_network_runs_on_thin_slices_at_a_step_and_every_run_keeps_its_ends(
     ],
 )
 def test_the_probability_at_voxels_is_the_assembled_probability(
-    axis, row, col, flip_rows, flip_cols
+    axis, row, col, flip_rows, flip_cols, monkeypatch
 ):
     """Overlaps between segments are settled from the probability at the contested voxels only
     (a clinical volume's float32 probability is never built): the values must be those of the
@@ -162,6 +163,8 @@ def test_the_probability_at_voxels_is_the_assembled_probability(
         [s[1] for s in segments],
         axis,
     )
+    # contested voxels found block by block: blocks of 2 slices give what one block gives
+    monkeypatch.setattr(restack, "CLAIM_BLOCK_SLICES", 2)
     lost_b = resolve_overlaps(
         masks_b,
         [lambda w, seg=seg: probability_at(frame, *seg, w) for seg in segments],
