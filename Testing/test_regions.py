@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import ThresholdEngineDouble
 
-from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
+from UniverSegLogic.core import restack
+from UniverSegLogic.core.geometry import SliceFrame, Volume, make_ijk_to_ras
 from UniverSegLogic.core.propagator import PropagationOptions, Propagator, SegmentInput
 from UniverSegLogic.core.region import Region, bounding_box, canvas_footprints
+from UniverSegLogic.core.restack import assemble_probability, probability_at, resolve_overlaps
 from UniverSegLogic.core.slices import network_slices, network_step
 
 SHAPE = (19, 160, 150)  # slices finer than the 128-pixel canvas: regions are used
@@ -117,3 +119,57 @@ def test_the_network_runs_on_thin_slices_at_a_step_and_every_run_keeps_its_ends(
     again, _ = network_slices([10, 20, 30], targets + list(range(25, 30)), 3)
     assert [t for t in computed if 10 < t < 20] == [t for t in again if 10 < t < 20]
     assert network_slices([10, 20], targets, 1) == (sorted(targets), {})
+
+
+@pytest.mark.parametrize(
+    "axis,row,col,flip_rows,flip_cols",
+    [
+        (0, 1, 2, False, False),
+        (1, 0, 2, True, False),
+        (2, 1, 0, True, True),
+        (0, 2, 1, False, True),
+    ],
+)
+def test_the_probability_at_voxels_is_the_assembled_probability(
+    axis, row, col, flip_rows, flip_cols, monkeypatch
+):
+    """Overlaps between segments are settled from the probability at the contested voxels only
+    (a clinical volume's float32 probability is never built): the values must be those of the
+    assembled volume, in every frame, and the overlaps settled the same way."""
+    rng = np.random.default_rng(axis * 4 + row)
+    shape = (9, 12, 11)
+    frame = SliceFrame(axis, row, col, flip_rows, flip_cols, (1.0, 1.0, 1.0))
+    n_rows, n_cols = shape[row], shape[col]
+    segments = []
+    for s in range(3):
+        user = rng.random(shape) > 0.6
+        labeled = [1, 6] if s != 1 else [3]
+        probs = {}
+        for t in range(shape[axis]):
+            if t in labeled or t == 8:
+                continue
+            region = Region.around((2 + s, 7, 1, 6 + s), n_rows, n_cols, (1, 2))
+            probs[t] = (region, rng.random(region.shape).astype(np.float32))
+        segments.append((user, labeled, probs))
+    where = np.nonzero(np.ones(shape, bool))
+    for user, labeled, probs in segments:
+        full = assemble_probability(frame, user, labeled, probs)
+        assert np.array_equal(probability_at(frame, user, labeled, probs, where), full[where])
+    masks_a = [assemble_probability(frame, *seg) >= 0.5 for seg in segments]
+    masks_b = [m.copy() for m in masks_a]
+    lost_a = resolve_overlaps(
+        masks_a,
+        [assemble_probability(frame, *seg) for seg in segments],
+        [s[1] for s in segments],
+        axis,
+    )
+    # contested voxels found block by block: blocks of 2 slices give what one block gives
+    monkeypatch.setattr(restack, "CLAIM_BLOCK_SLICES", 2)
+    lost_b = resolve_overlaps(
+        masks_b,
+        [lambda w, seg=seg: probability_at(frame, *seg, w) for seg in segments],
+        [s[1] for s in segments],
+        axis,
+    )
+    assert sum(lost_a) > 0 and lost_a == lost_b
+    assert all(np.array_equal(a, b) for a, b in zip(masks_a, masks_b))

@@ -90,6 +90,33 @@ def probability_at(
     return out
 
 
+#: KJI slices (along array axis 0) counted at once when looking for contested voxels
+CLAIM_BLOCK_SLICES = 16
+
+
+def _contested(
+    masks: Sequence[np.ndarray], keep_out: Optional[np.ndarray]
+) -> Tuple[np.ndarray, ...]:
+    """KJI indices of the voxels claimed by more than one of ``masks`` and ``keep_out``, counted
+    a block of slices at a time (a whole clinical volume's count would take 100 MB and more)."""
+    n = len(masks) + (keep_out is not None)
+    dtype = np.uint8 if n < 255 else np.uint16
+    found = []
+    for k0 in range(0, masks[0].shape[0], CLAIM_BLOCK_SLICES):
+        block = slice(k0, k0 + CLAIM_BLOCK_SLICES)
+        claims = np.zeros(masks[0][block].shape, dtype=dtype)
+        for m in masks:
+            claims += m[block]
+        if keep_out is not None:
+            claims += np.asarray(keep_out[block], dtype=bool)
+        k, j, i = np.nonzero(claims > 1)
+        if k.size:
+            found.append((k + k0, j, i))
+    if not found:
+        return tuple(np.zeros(0, dtype=np.intp) for _ in range(3))
+    return tuple(np.concatenate(parts) for parts in zip(*found))
+
+
 #: a segment's probability in :func:`resolve_overlaps`: a KJI array, or a function giving the
 #: values at KJI voxels (``where`` -> values), e.g. :func:`probability_at` bound to a segment
 ProbabilitySource = Union[np.ndarray, Callable[[Tuple[np.ndarray, ...]], np.ndarray]]
@@ -118,13 +145,7 @@ def resolve_overlaps(
     lost = [0] * n
     if n == 0 or (n == 1 and keep_out is None):
         return lost
-    # a count per voxel: uint8 (a quarter of a clinical volume's float32) unless it could wrap
-    claims = np.zeros(masks[0].shape, dtype=np.uint8 if n < 255 else np.uint16)
-    for m in masks:
-        claims += m
-    if keep_out is not None:
-        claims += np.asarray(keep_out, dtype=bool)
-    where = np.nonzero(claims > 1)
+    where = _contested(masks, keep_out)
     if not where[0].size:
         return lost
     painted = [np.isin(where[axis], np.fromiter(lab, dtype=np.int64)) for lab in labeled]
