@@ -44,7 +44,7 @@ from UniverSegLogic.core.io import (
 )
 from UniverSegLogic.core.model import UniverSeg
 from UniverSegLogic.core.prior import FusionParams
-from UniverSegLogic.core.propagator import PropagationOptions
+from UniverSegLogic.core.propagator import TAG_DEVICE, TAG_PRECISION, PropagationOptions
 from UniverSegLogic.errors import InputError, UsageError, WeightsError
 from UniverSegResearch.cli import COMMAND_MODULES as RESEARCH_COMMANDS
 from UniverSegResearch.cli import main as research_main
@@ -585,7 +585,9 @@ def test_utf8_and_duplicate_names_round_trip_through_the_cli_and_slicer(files, t
     assert code == 0, err
     result = read_segmentation(str(out), files["ref"])
     assert [(s.id, s.name) for s in result.segments] == [("a", NAME), ("b", NAME), ("c", "ü")]
-    assert result.get("a").fields.get("tags") == {"Note": "größe"}
+    # the user's UTF-8 tag kept; the run adds how it computed (device, precision)
+    tags = result.get("a").fields.get("tags")
+    assert tags["Note"] == "größe" and set(tags) == {"Note", TAG_DEVICE, TAG_PRECISION}
     for s in result.segments:  # each segment keeps its own painting, not its namesake's
         for t in range(SHAPE[0]):
             if painted[s.id][t].any():
