@@ -75,9 +75,14 @@ class EngineStoreDouble:
     def device_for(self, requested):
         return self.engine.device
 
-    def get(self, weights="starter", device="auto", progress=None, cancel=None):
+    def get(
+        self, weights="starter", device="auto", progress=None, cancel=None, *, precision="auto"
+    ):
         from UniverSegLogic.core.engines import LoadedEngine
 
+        given = getattr(self.engine, "precision", "fp32")  # an engine double computes in fp32
+        if precision not in ("auto", given):
+            raise AssertionError(f"the double's engine computes in {given}, not {precision}")
         self.requests.append((weights, device))
         return LoadedEngine(self.engine, self.description, "double", "")
 

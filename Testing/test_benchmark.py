@@ -75,3 +75,48 @@ def test_sample_slices_available():
     for _name, t, si, sl in cases:
         assert t.shape[1:] == (1, 64, 64) and si.shape == sl.shape and si.shape[0] == 4
         assert float(sl.sum()) > 0 and 0.0 <= float(t.min()) and float(t.max()) <= 1.0
+
+
+def test_clinical_benchmark_quick_variant_writes_every_documented_field(tmp_path):
+    """``benchmark --clinical --quick``: the clinical benchmark's code on a 48x48x24 variant of
+    its volume (the 512x512x400 figures come from the benchmark itself, never from a test)."""
+    out = tmp_path / "clinical.json"
+    assert (
+        main(["benchmark", "--clinical", "--quick", "--precision", "fp32", "--json", str(out)]) == 0
+    )
+    r = json.loads(out.read_text())
+    assert r["kind"] == "clinical" and r["quick"] is True
+    assert r["device"] == "cpu" and r["precision"] == "fp32" and r["precision_reason"]
+    assert r["volume"]["shape_kji"] == [24, 48, 48] and r["volume"]["dtype"] == "int16"
+    one, three = r["cases"]
+    assert one["segments"] == ["right lung"] and len(three["segments"]) == 3
+    assert len(one["first_run_s_each"]) == 2 and len(one["fill_between_slices_s_each"]) == 2
+    for case in (one, three):
+        for key in (
+            "first_run_s",
+            "rerun_after_one_edit_s",
+            "fill_between_slices_s",
+            "first_run_vs_fbs",
+            "rerun_vs_fbs",
+            "write_seg_nrrd_s",
+            "peak_rss_mb",
+            "peak_rss_added_mb",
+            "rss_before_mb",
+            "rerun_peak_rss_mb",
+        ):
+            assert isinstance(case[key], float), key
+        assert case["first_run_s"] > 0 and case["fill_between_slices_s"] > 0
+        assert case["first_run_vs_fbs"] == pytest.approx(
+            case["first_run_s"] / case["fill_between_slices_s"]
+        )
+        assert case["peak_rss_mb"] >= case["rss_before_mb"] > 0
+        assert case["precision"] == "fp32"
+        for name in case["segments"]:
+            assert len(case["labeled_slices"][name]) == 5
+            for value in case["dice"][name].values():
+                assert 0.0 < value <= 1.0
+        assert case["network_runs"]["rerun"] < case["network_runs"]["first"]
+        assert case["repeats_identical"] is True  # the same masks in every timed run
+        assert case["first_run_cpu_s"] > 0 and case["fill_between_slices_cpu_s"] > 0
+    assert r["cli"]["wall_s"] > 0 and "universeg-slicer propagate" in r["cli"]["command"]
+    assert r["annotation_loop_256"]["rerun_identical_to_fresh"] is True

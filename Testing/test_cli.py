@@ -176,7 +176,9 @@ def test_propagate_suggest_and_report_contract(case, capsys, tmp_path):
     )
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert set(data) == {"segments"}
+    assert set(data) == {"device", "precision", "precision_reason", "weights", "segments"}
+    assert data["device"] == "cpu" and data["precision"] in ("fp32", "bf16")
+    assert f"precision: {data['precision']} ({data['precision_reason']})" in stdout
     segs = data["segments"]
     assert [s["name"] for s in segs] == ["ball", "box"]
     n = ball.shape[0]  # axial = array axis 0 here
@@ -605,3 +607,38 @@ def test_help_texts_show_no_markup(command, capsys):
     text = capsys.readouterr().out
     assert "usage: universeg-slicer" in text
     assert "``" not in text and ":func:" not in text and "universeg-slicer[" not in text
+
+
+def test_the_precision_variable_works_with_both_values_and_the_flag_wins(
+    case, capsys, tmp_path, monkeypatch
+):
+    """UNIVERSEG_CPU_BF16=0 and =1 both set what ``auto`` means, --precision overrides the
+    variable; the precision that ran is printed, in --report and in the segments' tags."""
+    d, ball, box = case
+    runs = [
+        ("0", (), "fp32", "UNIVERSEG_CPU_BF16=0"),
+        ("1", (), "bf16", "UNIVERSEG_CPU_BF16=1"),
+        ("1", ("--precision", "fp32"), "fp32", "requested"),
+        ("0", ("--precision", "bf16"), "bf16", "requested"),
+    ]
+    masks = {}
+    for n, (value, flag, precision, reason) in enumerate(runs):
+        monkeypatch.setenv("UNIVERSEG_CPU_BF16", value)
+        out, report = tmp_path / f"o{n}.seg.nrrd", tmp_path / f"r{n}.json"
+        args = _propagate(
+            d, d / "labels.seg.nrrd", out, "--report", str(report), *flag, weights="weights.pt"
+        )
+        code, stdout, err = _run(args, capsys)
+        assert code == 0, err
+        data = json.loads(report.read_text())
+        assert data["precision"] == precision, (value, flag)
+        assert data["precision_reason"].startswith(reason), data["precision_reason"]
+        assert f"precision: {precision} (" in stdout
+        seg = slicerio.read_segmentation(str(out))
+        for s in seg["segments"]:
+            assert s["tags"]["UniverSeg.Precision"] == precision
+            assert s["tags"]["UniverSeg.Device"] == "cpu"
+        masks.setdefault(precision, []).append(_masks(out)[1])
+    # the variable and the flag asking for the same precision compute the same masks
+    for same in masks.values():
+        assert all(np.array_equal(same[0][k], same[1][k]) for k in same[0])

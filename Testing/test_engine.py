@@ -204,22 +204,53 @@ def test_default_budget_uses_available_ram():
     assert b <= eng_mod.available_ram_bytes()
 
 
-def test_precision_choice_on_cpu(monkeypatch):
+def test_precision_comes_from_what_the_machine_is_and_explicit_options(monkeypatch):
+    """No timing: the rule reads CPU features; UNIVERSEG_CPU_BF16=0/1 sets what auto means; an
+    explicit precision overrides both."""
+    assert eng_mod.cpu_bf16_rule({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})[0] is True
+    assert eng_mod.cpu_bf16_rule({"avx512f", "avx512_bf16"})[0] is False
+    assert eng_mod.cpu_bf16_rule({"avx2"})[0] is False
+    assert eng_mod.cpu_bf16_rule(set())[0] is False
     monkeypatch.delenv("UNIVERSEG_CPU_BF16", raising=False)
+    monkeypatch.setattr(eng_mod, "_BF16_CHOICE", None)
+    use, why = eng_mod.cpu_bf16_rule()
     e = InferenceEngine(_model(), "cpu")
-    use, why = eng_mod.cpu_bf16_choice()
-    # auto: bf16 exactly where the CPU has native BF16 and the probe found it faster
     assert e.precision == ("bf16" if use else "fp32") and e.precision_reason == why
+    for value, expected in (("0", "fp32"), ("1", "bf16")):
+        monkeypatch.setenv("UNIVERSEG_CPU_BF16", value)
+        e = InferenceEngine(_model(), "cpu")
+        assert e.precision == expected and f"UNIVERSEG_CPU_BF16={value}" in e.precision_reason
+        assert e.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[expected]
+    for asked in ("fp32", "bf16"):  # an explicit precision wins over the variable
+        e = InferenceEngine(_model(), "cpu", precision=asked)
+        assert e.precision == asked and e.precision_reason.startswith("requested")
     monkeypatch.setenv("UNIVERSEG_CPU_BF16", "0")
-    use, why = eng_mod.cpu_bf16_choice()
-    assert use is False and "UNIVERSEG_CPU_BF16" in why
-    assert InferenceEngine(_model(), "cpu").precision == "fp32"
-    e = InferenceEngine(_model(), "cpu", precision="bf16")
-    assert e.precision == "fp32"  # falls back when bf16 is unavailable/disabled
+    eng_mod.set_cpu_bf16_choice(True, "cohort setting")  # a cohort worker takes the client's
+    try:
+        assert InferenceEngine(_model(), "cpu").precision == "bf16"
+    finally:
+        monkeypatch.setattr(eng_mod, "_BF16_CHOICE", None)
     with pytest.raises(ValueError):
         InferenceEngine(_model(), "cpu", precision="int8")
     with pytest.raises(ValueError):
         InferenceEngine(_model(), "cpu", mode="fastest")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logits_do_not_depend_on_the_thread_count_or_the_batch(precision):
+    """oneDNN chooses its kernels from the batch size and the thread count, and some add in
+    another order (measured: the 1x1 output convolution, fp32, a batch of 16 on one thread). A
+    cohort worker on one thread must give the bits of the CLI on two."""
+    m = _model()
+    t, si, sl = _data(16, 2, 32)
+    e = InferenceEngine(m, "cpu", precision=precision)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(e.logits(t, si, sl))
+        results.append(torch.cat([e.logits(t[i : i + 2], si, sl) for i in range(0, 16, 2)]))
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
 
 
 def test_bf16_path_runs_and_is_close():

@@ -24,7 +24,7 @@ from conftest import ConstantLogitEngineDouble, runner_with
 from UniverSegLogic import mrml
 from UniverSegLogic.core.engine import Cancelled, InferenceEngine
 from UniverSegLogic.core.model import UniverSeg
-from UniverSegLogic.core.propagator import PropagationOptions
+from UniverSegLogic.core.propagator import TAG_DEVICE, TAG_PRECISION, PropagationOptions
 from UniverSegLogic.core.slices import nonempty_slices
 
 SHAPE = (16, 20, 24)  # K, J, I: a 24 x 20 x 16 volume
@@ -775,6 +775,11 @@ def test_real_network_writes_only_predicted_slices(case):
         _slices(after, case.axis, predicted), _slices(res.mask, case.axis, predicted)
     )
     assert_same_stored(case.seg, case.other_id, other_before)
+    # the segment's tags say how it was computed (saved with the scene and in .seg.nrrd)
+    segment = case.seg.GetSegmentation().GetSegment(case.target)
+    for tag, value in ((TAG_DEVICE, "cpu"), (TAG_PRECISION, engine.precision)):
+        ref = vtk.reference("")
+        assert segment.GetTag(tag, ref) and str(ref) == value
 
 
 def test_view_helpers_find_the_axis_and_slice_of_a_slice_view(case):

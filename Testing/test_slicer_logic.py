@@ -620,7 +620,9 @@ class EnginesOnAnAppleGpu(EngineStore):
         super().__init__()
         self.requests, self.error, self.made = [], error, {}
 
-    def get(self, weights="starter", device="auto", progress=None, cancel=None):
+    def get(
+        self, weights="starter", device="auto", progress=None, cancel=None, *, precision="auto"
+    ):
         self.requests.append(device)
         chosen = "cpu" if self.mps_failed and device == "auto" else device
         chosen = "mps" if chosen == "auto" else chosen

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="engine precision (auto: fp16 on CUDA, fp32 on CPU)",
+        help="engine precision (auto: fp16 on CUDA, bf16 on CPUs with AMX, else fp32)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (best is kept)")
     p.add_argument(
@@ -72,6 +72,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(UniverSegLogic/benchmark/cohort_scaling.py; needs the cohort extra)",
     )
     p.add_argument(
+        "--clinical",
+        action="store_true",
+        help="instead: the annotation loop on a 512x512x400 CT built from slicerio's chest CT, "
+        "1 and 3 segments painted on 5 slices, against Slicer's Fill between slices on the same "
+        "painting (first run, re-run after one corrected slice, peak memory, Dice), the command "
+        "line on the same files, and the 256x256x200 annotation loop (UniverSegLogic/benchmark/"
+        "clinical.py; --quick: 64x64x40)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="let the engine use torch.compile for large calls (opt-in; slow to start)",
@@ -90,8 +99,13 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise output_error(exc, args.json) from None
         check_output_path(args.json, [args.sample], option="--json")
+    from ..core.engines import torch_environment
+
+    torch_environment()
     if args.cohort is not None:
         return _cohort(args)
+    if args.clinical:
+        return _clinical(args)
     import torch
 
     from ..benchmark.speed import run_benchmark, write_json
@@ -134,6 +148,27 @@ def _cohort(args: argparse.Namespace) -> int:
         )
     if args.json:
         write_text(args.json, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _clinical(args: argparse.Namespace) -> int:
+    from ..benchmark.clinical import run_clinical
+    from ..benchmark.speed import write_json
+
+    if args.device not in ("auto", "cpu"):
+        from ..errors import UsageError
+
+        raise UsageError("--clinical measures the CPU path: leave out --device or use cpu")
+    if args.precision not in ("auto", "fp32", "bf16"):
+        from ..errors import UsageError
+
+        raise UsageError("--clinical: --precision must be auto, fp32 or bf16")
+    result = run_clinical(
+        quick=args.quick, precision=args.precision, threads=args.threads, repeats=args.repeats
+    )
+    if args.json:
+        write_json(result, args.json)
         print(f"wrote {args.json}")
     return 0
 

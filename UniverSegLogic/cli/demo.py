@@ -132,6 +132,7 @@ def run(args) -> int:
         "dice_hidden_slices": dice(pred[hidden], truth[hidden]),
         "weights": result.weights,
         "device": result.device,
+        "precision": result.precision,
         "seconds": round(result.seconds, 2),
     }
     if fill_between.available():  # Slicer's own "Fill between slices" on the same painting
@@ -163,7 +164,8 @@ def run(args) -> int:
     )
     print(
         f"Dice (whole volume): {metrics['dice']:.3f}   Dice (hidden slices only): "
-        f"{metrics['dice_hidden_slices']:.3f}   [{result.device}, {result.seconds:.1f} s]"
+        f"{metrics['dice_hidden_slices']:.3f}   [{result.device}, {result.precision}, "
+        f"{result.seconds:.1f} s]"
     )
     if "fill_between_slices_dice" in metrics:
         print(

@@ -93,6 +93,14 @@ def add_propagation_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="network only: no shape prior between labeled slices",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="the network's numeric precision on the CPU (auto: bf16 on CPUs with AMX, else "
+        "fp32; UNIVERSEG_CPU_BF16=0/1 sets what auto means). Printed, and kept in the output's "
+        "UniverSeg.Precision tag",
+    )
     add_engine_options(p)
 
 
@@ -182,6 +190,7 @@ def options_from_args(args):
         device=args.device,
         weights=args.weights,
         use_prior=not args.no_prior,
+        precision=getattr(args, "precision", "auto"),
     )
     if args.support_size is not None:
         values["support_size"] = args.support_size
@@ -247,6 +256,9 @@ def run(args) -> int:
             raise UsageError("--report must not be the --out file")
         check_output_path(args.report, inputs_given)
     options = options_from_args(args)
+    from ..core.engines import torch_environment
+
+    torch_environment()
     from ..core.engine import resolve_device
 
     resolve_device(options.device)  # --device cuda without CUDA: say so before reading anything
@@ -273,11 +285,17 @@ def run(args) -> int:
     out_segments = []
     for s in labels.segments:
         r = done.get(keys[id(s)])
+        fields = dict(s.fields)
+        if r is not None:  # how the prediction was computed, in the segment's tags
+            fields["tags"] = {**dict(fields.get("tags") or {}), **result.tags()}
         out_segments.append(
-            type(s)(s.name, r.mask if r is not None else s.mask, s.color, s.id, dict(s.fields))
+            type(s)(s.name, r.mask if r is not None else s.mask, s.color, s.id, fields)
         )
     write_segmentation(args.out, Segmentation(image, out_segments))
-    print(f"weights: {result.weights}; device: {result.device}; {result.seconds:.1f} s")
+    print(
+        f"weights: {result.weights}; device: {result.device}; precision: {result.precision} "
+        f"({result.precision_reason}); {result.seconds:.1f} s"
+    )
     print(f"axis: {axis_name(image, session.axis)} (array axis {session.axis})")
     inputs = [inp for inp in inputs if inp.key in done]
     for inp in inputs:
@@ -304,7 +322,7 @@ def run(args) -> int:
             )
     print(f"wrote {os.path.abspath(args.out)}")
     if args.report:
-        write_report(args.report, [result.get(inp.key) for inp in inputs], args.suggest)
+        write_report(args.report, [result.get(inp.key) for inp in inputs], args.suggest, result)
         print(f"wrote {os.path.abspath(args.report)}")
     return 0
 
@@ -343,7 +361,7 @@ def keep_out(result, others: List, axis: int) -> None:
         union |= np.asarray(mask, dtype=bool)
     resolve_overlaps(
         [r.mask for r in result.segments],
-        [r.probability for r in result.segments],
+        [r.probability_at for r in result.segments],
         [r.labeled_slices for r in result.segments],
         axis,
         keep_out=union,
@@ -355,9 +373,11 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
-def write_report(path: str, results: List, suggest: int) -> None:
-    """The ``--report`` JSON, written atomically: ``{"segments": [{"name", "labeled_slices",
-    "predicted_slices", "suggested_slices", "slice_uncertainty": {"<slice>": float}}]}``."""
+def write_report(path: str, results: List, suggest: int, run=None) -> None:
+    """The ``--report`` JSON, written atomically: ``{"device", "precision", "precision_reason",
+    "weights", "segments": [{"name", "labeled_slices", "predicted_slices", "suggested_slices",
+    "slice_uncertainty": {"<slice>": float}}]}`` (``run``: the PropagationResult the segments
+    come from; its fields are left out without it)."""
     import json
 
     from ..core.atomic import write_text
@@ -374,7 +394,15 @@ def write_report(path: str, results: List, suggest: int) -> None:
         }
         for r in results
     ]
-    write_text(path, json.dumps({"segments": segments}, indent=1) + "\n")
+    head = {}
+    if run is not None:
+        head = {
+            "device": run.device,
+            "precision": run.precision,
+            "precision_reason": run.precision_reason,
+            "weights": run.weights,
+        }
+    write_text(path, json.dumps({**head, "segments": segments}, indent=1) + "\n")
 
 
 def _ranges(idx: List[int]) -> str:

@@ -330,9 +330,7 @@ def segment_masks(
         result = session.propagate(inputs)
         for inp in inputs:
             r = result.get(inp.key)
-            keep = field_of_view | inp.mask
-            r.mask = (np.asarray(r.mask, dtype=bool) & field_of_view) | inp.mask
-            r.probability = np.where(keep, r.probability, np.float32(0.0)).astype(np.float32)
+            r.keep_within(field_of_view, inp.mask)
     timings["propagate"] = time.perf_counter() - tick
 
     return SegmentedTarget(names, aligned, info, inputs, result, timings, field_of_view, outside)

@@ -105,8 +105,23 @@ class Canvas:
 
     def from_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
         """(N, 1, size, size) -> (N, rows, cols): crop the padding and resize back (bilinear)."""
+        return self.from_inner(self.inner_part(canvas))
+
+    def inner_part(self, canvas: torch.Tensor) -> torch.Tensor:
+        """(N, 1, size, size) -> (N, 1, inner rows, inner cols): the canvas without its padding
+        (what :meth:`from_inner` maps back)."""
         top, left = self.offset
-        x = canvas[:, :, top : top + self.inner[0], left : left + self.inner[1]].float()
+        return canvas[:, :, top : top + self.inner[0], left : left + self.inner[1]]
+
+    @property
+    def upsamples(self) -> bool:
+        """True when the slice is at least as fine as the canvas along both axes: then each
+        native pixel is the plain bilinear mix of its 2x2 nearest canvas pixels."""
+        return self.rows >= self.inner[0] and self.cols >= self.inner[1]
+
+    def from_inner(self, inner: torch.Tensor) -> torch.Tensor:
+        """(N, 1, inner rows, inner cols) -> (N, rows, cols): resized back (bilinear)."""
+        x = inner.float()
         if (self.rows, self.cols) != self.inner:
             shrink = self.rows < self.inner[0] or self.cols < self.inner[1]
             x = F.interpolate(

@@ -28,10 +28,15 @@ Per 128x128 slice this is ~1.9 GFLOP per support item + ~8 GFLOP per target (+1.
 support item once per support set), against 9.2 GFLOP per item for the reference forward pass
 (10.4 in the official code, which also computes the unused support conv). On top:
 channels_last memory layout, means as matrix products, reused chunk buffers, fp16 on CUDA (fp32
-retry if it overflows), bf16 on CPUs with native BF16 where a probe shows it is faster (the
-evaluation's Dice is unchanged to 0.0003 with the starter weights), fp32 elsewhere
-(``UNIVERSEG_CPU_BF16=0`` forces fp32), target sub-batches sized from a memory budget,
-optional ``torch.compile`` for large calls.
+retry if it overflows), bf16 on CPUs with AMX (the evaluation's Dice is unchanged to 0.0003
+with the starter weights), fp32 elsewhere (:func:`resolve_precision`: a rule on what the machine
+is, never a timing; ``UNIVERSEG_CPU_BF16=0/1`` or an explicit precision overrides), target
+sub-batches sized from a memory budget, optional ``torch.compile`` for large calls.
+
+Every target's logits are the same bit for bit whatever the batch it runs in and the number of
+threads (checked in ``Testing/test_engine.py``): a lone target runs beside a copy of itself, and
+the output layer is a fixed-order sum (:func:`_out_conv`), so cached re-runs equal fresh runs and
+a cohort worker on one thread equals the CLI on two.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import copy
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -59,6 +63,11 @@ _DTYPES = {
     "fp64": torch.float64,
 }
 MIB = 1024 * 1024
+#: most targets in one pass on the CPU: 8 ran as fast as 16 (16 targets at S=2, medians of 5 on
+#: the shared 2-core AMD EPYC, 3.99 s vs 3.95 s) with 216 MiB of working memory instead of 336
+CPU_MAX_BATCH = 8
+#: targets per pass through the last decoder block on the CPU (bounds its working memory)
+LAST_BLOCK_TARGETS = 4
 #: opt-in torch.compile only for sub-batches with at least this many target-support pairs
 COMPILE_MIN_PAIRS = 64
 
@@ -84,66 +93,75 @@ def _cpu_flags() -> Optional[set]:
     return None
 
 
-_BF16_PROBE: Optional[Tuple[bool, str]] = None
+#: Precisions a caller may ask for on the CPU (``PropagationOptions.precision``, ``--precision``).
+CPU_PRECISIONS = ("auto", "fp32", "bf16")
+#: The environment variable that says what ``auto`` means on the CPU: ``0`` fp32, ``1`` bf16.
+BF16_ENV = "UNIVERSEG_CPU_BF16"
+
+_BF16_CHOICE: Optional[Tuple[bool, str]] = None
 
 
 def set_cpu_bf16_choice(use: bool, why: str) -> None:
-    """Fix this process's bf16 decision (skips the timing probe): processes that must compute
-    identical results, such as the workers of one cohort run, take one decision made once."""
-    global _BF16_PROBE
-    _BF16_PROBE = (bool(use), str(why))
+    """Fix what ``auto`` means on the CPU in this process: processes that must compute
+    identical results, such as the workers of one cohort run, take the client's decision."""
+    global _BF16_CHOICE
+    _BF16_CHOICE = (bool(use), str(why))
 
 
-def cpu_bf16_choice(probe: bool = True) -> Tuple[bool, str]:
-    """(use bf16 on this CPU?, why). Needs native BF16 (AVX512-BF16 or AMX) and a probe showing
-    a representative bf16 convolution is clearly faster than fp32 (oneDNN emulates bf16 on
-    older AVX-512 CPUs, which is slower). Cached per process; ``UNIVERSEG_CPU_BF16=0/1`` forces."""
-    global _BF16_PROBE
-    if os.environ.get("UNIVERSEG_CPU_BF16") == "0":
-        return False, "disabled by UNIVERSEG_CPU_BF16=0"
-    if _BF16_PROBE is not None:
-        return _BF16_PROBE
-    cap = ""
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # noqa: BLE001 - old torch
-        pass
-    flags = _cpu_flags()
-    if "AVX512" not in cap.upper() and not (flags and ("amx_bf16" in flags)):
-        _BF16_PROBE = (False, f"CPU capability {cap or 'unknown'}: no native BF16, fp32")
-        return _BF16_PROBE
-    if flags is not None and not ({"avx512_bf16", "amx_bf16"} & flags):
-        _BF16_PROBE = (False, "CPU has AVX-512 but no AVX512-BF16/AMX: fp32")
-        return _BF16_PROBE
-    if not probe:
-        return True, "native BF16 flag (not probed)"
-    # quick probe: one representative layer, fp32 vs bf16, channels_last, best of 3
-    try:
-        x = torch.randn(8, 64, 64, 64).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+def cpu_bf16_rule(flags: Optional[set] = None) -> Tuple[bool, str]:
+    """(bf16 for ``auto`` on a CPU with these feature flags?, why): the rule, from what the CPU
+    *is*, never from a timing (a timing probe made the choice, and so the masks, change from run
+    to run on a loaded machine).
 
-        def best(xx, ww):
-            F.conv2d(xx, ww, padding=1)
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                F.conv2d(xx, ww, padding=1)
-                ts.append(time.perf_counter() - t0)
-            return min(ts)
+    bf16 where the CPU has AMX (``amx_bf16``): there the engine runs 2-2.4x faster in bf16 and
+    the evaluation's Dice is unchanged (``docs/results/evaluation/bf16_decision.md``). fp32
+    elsewhere, also on CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5, Intel Cooper Lake): oneDNN's
+    bf16 kernels there made the engine only ~1.2x faster (``docs/results/benchmarks/``)."""
+    flags = _cpu_flags() if flags is None else flags
+    if flags is None:
+        return False, "CPU features unknown: fp32"
+    if "amx_bf16" in flags:
+        return True, "CPU has AMX-BF16: bf16"
+    if "avx512_bf16" in flags:
+        return False, "CPU has AVX512-BF16 but no AMX: fp32"
+    return False, "no native BF16 on this CPU: fp32"
 
-        with torch.no_grad():
-            t32 = best(x, w)
-            t16 = best(x.bfloat16(), w.bfloat16())
-        ok = t16 < 0.8 * t32
-        _BF16_PROBE = (
-            ok,
-            f"native BF16 ({'avx512_bf16/amx' if flags else cap}); probe conv "
-            f"fp32 {t32 * 1e3:.1f} ms, bf16 {t16 * 1e3:.1f} ms -> "
-            f"{'bf16' if ok else 'fp32'}",
-        )
-    except Exception as exc:  # noqa: BLE001 - any failure means: stay in fp32
-        _BF16_PROBE = (False, f"bf16 probe failed ({type(exc).__name__}): fp32")
-    return _BF16_PROBE
+
+def cpu_bf16_choice() -> Tuple[bool, str]:
+    """(use bf16 for ``auto`` on this CPU?, why): a decision fixed for the process by
+    :func:`set_cpu_bf16_choice`, else ``UNIVERSEG_CPU_BF16=0/1``, else :func:`cpu_bf16_rule`."""
+    if _BF16_CHOICE is not None:
+        return _BF16_CHOICE
+    value = os.environ.get(BF16_ENV, "").strip()
+    if value in ("0", "1"):
+        return value == "1", f"{BF16_ENV}={value}"
+    return cpu_bf16_rule()
+
+
+def has_native_bf16(flags: Optional[set] = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    flags = _cpu_flags() if flags is None else flags
+    return bool(flags) and bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def resolve_precision(precision: str, device: str) -> Tuple[str, str]:
+    """(precision the engine computes in, why) for a requested ``precision`` on a resolved
+    ``device``: ``auto`` is fp16 on CUDA, fp32 on other GPUs and on the CPU what
+    :func:`cpu_bf16_choice` says; an explicit precision is used as asked. Depends only on the
+    request, the device and the CPU's features, so the same input gives the same masks in every
+    process on the same kind of machine."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {PRECISIONS}")
+    if precision != "auto":
+        if precision == "bf16" and device == "cpu" and not has_native_bf16():
+            return precision, "requested (this CPU has no native BF16: emulated, slow)"
+        return precision, "requested"
+    if device.startswith("cuda"):
+        return "fp16", "CUDA: fp16 (fp32 retry on overflow)"
+    if device != "cpu":
+        return "fp32", f"{device}: fp32"
+    use, why = cpu_bf16_choice()
+    return ("bf16" if use else "fp32"), why
 
 
 def has_cxx_compiler() -> bool:
@@ -357,8 +375,8 @@ class InferenceEngine:
     """Evaluates a UniverSeg network for target batches sharing one support set.
 
     ``mode``: ``fast`` (split cross convolutions, default) or ``reference`` (the model's plain
-    forward pass, fp32: the oracle). ``precision``: ``auto`` (fp16 on CUDA, bf16 on CPUs with
-    native BF16 where it is faster, else fp32), ``fp32``, ``bf16``, ``fp16`` or ``fp64``. ``batch_size`` is the
+    forward pass, fp32: the oracle). ``precision``: ``auto`` (:func:`resolve_precision`: fp16 on
+    CUDA, bf16 on CPUs with AMX, else fp32), ``fp32``, ``bf16``, ``fp16`` or ``fp64``. ``batch_size`` is the
     chunk size callers use (progress granularity); inside :meth:`logits` targets are further
     split so that a sub-batch fits ``memory_budget_mb`` (default: a share of free RAM / free CUDA
     memory). ``compile``: ``True`` (or ``UNIVERSEG_COMPILE=1``) runs the fast path through
@@ -390,22 +408,7 @@ class InferenceEngine:
         self.is_cuda = self.device.startswith("cuda")
         if mode == "reference":
             precision = "fp64" if precision == "fp64" else "fp32"
-        self.precision_reason = "requested"
-        if precision == "auto":
-            if self.is_cuda:
-                precision, self.precision_reason = "fp16", "CUDA: fp16 (fp32 retry on overflow)"
-            elif self.device != "cpu":
-                precision, self.precision_reason = "fp32", f"{self.device}: fp32"
-            else:
-                # bf16 where the CPU has native BF16 and it is faster (probed): with the starter
-                # weights the evaluation's mean Dice moved by at most 0.0003 (unseen and
-                # validation sets; docs/results/evaluation/bf16_decision.md)
-                # UNIVERSEG_CPU_BF16=0 keeps fp32
-                use, why = cpu_bf16_choice()
-                precision, self.precision_reason = ("bf16" if use else "fp32"), why
-        elif precision == "bf16" and not self.is_cuda:
-            use, why = cpu_bf16_choice()
-            precision, self.precision_reason = ("bf16" if use else "fp32"), why
+        precision, self.precision_reason = resolve_precision(precision, self.device)
         self.precision = precision
         self.dtype = _DTYPES[precision]
         self.channels_last = (precision != "fp64") if channels_last is None else channels_last
@@ -460,7 +463,7 @@ class InferenceEngine:
         """Largest target sub-batch whose estimated working memory fits the budget (>= 1)."""
         budget = self.memory_budget_bytes() if budget_bytes is None else int(budget_bytes)
         n = budget // max(1, self.bytes_per_target(support, height, width))
-        cap = 512 if self.is_cuda else 16
+        cap = 512 if self.is_cuda else CPU_MAX_BATCH
         return int(max(1, min(cap, n)))
 
     # ------------------------------------------------------------------ weights
@@ -671,11 +674,23 @@ class InferenceEngine:
         blk = wts.dec[-1]
         s_mean = _item_mean(s_cur, b, s)
         del s_cur
-        x = _cat_channels([_up(t_cur), t_skips.pop(), _up(s_mean), s_mean0], fmt)
-        z = _conv(x, blk.w_full, blk.bc)
-        del x
-        t_last = _leaky_(_conv(z, blk.wt, blk.bt))
-        return _conv(t_last, wts.wo, wts.bo)
+        t_skip = t_skips.pop()
+        # the last block at full resolution, a few targets at a time: its 256-channel input is
+        # the largest tensor of the network (16 MiB a target in fp32); a target's logits do not
+        # depend on the targets beside it, so the result is the same
+        step = b if self.is_cuda else LAST_BLOCK_TARGETS
+        outs = []
+        for i in range(0, b, step):
+            part = slice(i, i + step)
+            x = _cat_channels(
+                [_up(t_cur[part]), t_skip[part], _up(s_mean[part]), s_mean0[part]], fmt
+            )
+            z = _conv(x, blk.w_full, blk.bc)
+            del x
+            t_last = _leaky_(_conv(z, blk.wt, blk.bt))
+            del z
+            outs.append(_out_conv(t_last, wts.wo, wts.bo))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -697,10 +712,23 @@ def _enc0_target(
     if h < 3 or w < 3:
         x = _conv(_conv(u, wu), w2)
         return x[:, :f].contiguous(memory_format=fmt), x[:, f:].contiguous(memory_format=fmt)
-    outs = (
-        F.conv2d(u, k5[:f], padding=2).contiguous(memory_format=fmt),
-        F.conv2d(u, k5[f:], padding=2).contiguous(memory_format=fmt),
-    )
+    if u.device.type == "cpu" and fmt == torch.channels_last and u.dtype == torch.float32:
+        # as matrix products of the 5x5 patches: the result is channels_last as it comes (a
+        # convolution of one channel returns NCHW, and converting it cost more than the
+        # convolution itself); in fp32 the same sums in the same order (checked bit for bit;
+        # not in bf16, where the convolution stays)
+        n = u.shape[0]
+        patches = F.unfold(u, 5, padding=2).transpose(1, 2).reshape(n * h * w, 25)
+        kernel = k5.reshape(2 * f, 25)
+        outs = tuple(
+            torch.matmul(patches, kernel[sl].t()).view(n, h, w, f).permute(0, 3, 1, 2)
+            for sl in (slice(0, f), slice(f, 2 * f))
+        )
+    else:
+        outs = (
+            F.conv2d(u, k5[:f], padding=2).contiguous(memory_format=fmt),
+            F.conv2d(u, k5[f:], padding=2).contiguous(memory_format=fmt),
+        )
     a = F.conv2d(u[:, :, 0:3], wu, padding=1)[:, :, 0:2]  # inner rows 0, 1
     top = F.conv2d(F.pad(a, (1, 1, 1, 0)), w2)
     a = F.conv2d(u[:, :, h - 3 : h], wu, padding=1)[:, :, 1:3]  # rows h-2, h-1
@@ -715,6 +743,22 @@ def _enc0_target(
         x[:, :, :, 0:1] = left[:, sl]
         x[:, :, :, w - 1 : w] = right[:, sl]
     return outs
+
+
+def _out_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The output layer, a 1x1 convolution C -> 1, as a product and a sum over the channels in
+    fp32 (fp64 for fp64; then rounded to ``x``'s dtype, as the convolution rounds).
+
+    Not ``F.conv2d``: oneDNN picks its kernel for this shape from the batch size and the number
+    of threads, and the kernels add the channels in different orders (measured on an AMD EPYC,
+    fp32, one thread: a batch of 16 gave other last bits than a batch of 8). An elementwise
+    product and a reduction over the contiguous channel axis add them in one fixed order for
+    every pixel, so a target's logit does not depend on the batch or the thread count."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view for channels_last
+    y = xf.to(acc) * w.reshape(1, 1, 1, -1).to(acc)
+    out = y.sum(dim=-1, keepdim=True).add_(b.to(acc).reshape(1, 1, 1, -1))
+    return out.permute(0, 3, 1, 2).to(x.dtype)
 
 
 def _cat_channels(parts: List[torch.Tensor], fmt) -> torch.Tensor:
@@ -764,25 +808,9 @@ def _item_mean(x: torch.Tensor, b: int, s: int) -> torch.Tensor:
 
 
 def _maxpool2(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """2x2 max-pool; on the CPU for channels_last as maxima of strided views (no indices),
-    written into ``out`` when given."""
-    if _is_cl(x) and x.device.type == "cpu" and (out is None or _is_cl(out) or out.shape[0] == 1):
-        n, c, h, w = x.shape
-        v = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
-        dst = None if out is None else out.permute(0, 2, 3, 1)
-        if dst is not None and not dst.is_contiguous():
-            dst = None
-        r = (
-            torch.maximum(v[:, :, 0, :, 0], v[:, :, 0, :, 1], out=dst)
-            if dst is not None
-            else torch.maximum(v[:, :, 0, :, 0], v[:, :, 0, :, 1])
-        )
-        torch.maximum(r, v[:, :, 1, :, 0], out=r)
-        torch.maximum(r, v[:, :, 1, :, 1], out=r)
-        if out is not None and dst is None:
-            out.copy_(r.permute(0, 3, 1, 2))
-            return out
-        return r.permute(0, 3, 1, 2) if out is None else out
+    """2x2 max-pool (no indices), written into ``out`` when given. (Maxima are exact: any way
+    of computing them gives the same bits; on an AMD EPYC oneDNN's pooling was 3x faster than
+    maxima of strided views.)"""
     if out is not None:
         out.copy_(F.max_pool2d(x, 2))
         return out
@@ -823,11 +851,14 @@ def _pair_stage(p: torch.Tensor, q: torch.Tensor, chunk_bytes: int = 16 * MIB):
             x = buf[:n]
             torch.add(q[i : i + n], p[bi : bi + 1], out=x)
             _leaky_(x)
-            part = torch.matmul(ones[:, :n], _flat_items(x, 1, n)[0])  # (1, M)
-            if i == 0:
-                sums[bi].copy_(part)
+            if i == 0 and sums.dtype == x.dtype:
+                torch.matmul(ones[:, :n], _flat_items(x, 1, n)[0], out=sums[bi])
             else:
-                sums[bi].add_(part)
+                part = torch.matmul(ones[:, :n], _flat_items(x, 1, n)[0])  # (1, M)
+                if i == 0:
+                    sums[bi].copy_(part)
+                else:
+                    sums[bi].add_(part)
             _maxpool2(x, out=pooled[bi * s + i : bi * s + i + n])
     del pf
     mean = _unflat((sums * (1.0 / s)).to(p.dtype), buf, b)  # sums are in buf's memory order

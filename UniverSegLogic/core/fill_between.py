@@ -19,7 +19,7 @@ one.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -152,12 +152,51 @@ def slicer_extent(mask: np.ndarray) -> Optional[tuple]:
     ]
     if any(len(i) == 0 for i in idx):
         return None
+    return grown_extent([(int(i[0]), int(i[-1])) for i in idx], np.shape(mask))
+
+
+def grown_extent(bounds: Sequence[tuple], shape: Sequence[int]) -> tuple:
+    """The effect's crop of a painting whose voxels span ``bounds`` (per axis (lo, hi),
+    inclusive): each axis grown by ``max(3, 10 %)`` of its span, clipped to ``shape``."""
     out = []
-    for ax, i in enumerate(idx):
-        lo, hi = int(i[0]), int(i[-1])
+    for (lo, hi), n in zip(bounds, shape):
         margin = int(max(MINIMUM_EXTENT_MARGIN, EXTENT_GROWTH_RATIO * (hi - lo)))
-        out.append((max(0, lo - margin), min(mask.shape[ax] - 1, hi + margin)))
+        out.append((max(0, lo - margin), min(int(n) - 1, hi + margin)))
     return tuple(out)
+
+
+def fill_between_gap(
+    stack: np.ndarray, lo: int, hi: int, spacing_kji: Sequence[float] = (1.0, 1.0, 1.0)
+) -> Optional[Tuple[int, int, np.ndarray]]:
+    """Slicer's Fill between slices of a painting that holds only slices ``lo`` and ``hi`` of
+    the (slices, rows, cols) boolean ``stack`` (the effect's crop and settings; what
+    :func:`fill_between_slices` gives for ``labeled_slices=[lo, hi]``), on the slices strictly
+    between them: ``(row offset, col offset, (hi - lo - 1, h, w) boolean block)``, or None where
+    it is empty (nothing painted, or no slice in between).
+
+    One gap at a time: the result of a gap depends on its two slices only (the interpolator, run
+    on a whole painting, also lets the other painted slices change a gap's result a little), so
+    a gap's result can be kept while the user paints elsewhere. Raises :class:`FillBetweenRefused`
+    for a slice the interpolator would abort the process on."""
+    if hi - lo < 2:
+        return None
+    a, b = np.asarray(stack[lo], dtype=bool), np.asarray(stack[hi], dtype=bool)
+    both = a | b
+    rows, cols = np.flatnonzero(both.any(axis=1)), np.flatnonzero(both.any(axis=0))
+    if not len(rows):
+        return None
+    n = np.shape(stack)[0]
+    (z0, z1), (r0, r1), (c0, c1) = grown_extent(
+        [(lo, hi), (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))],
+        (n,) + both.shape,
+    )
+    labels = np.zeros((z1 - z0 + 1, r1 - r0 + 1, c1 - c0 + 1), dtype=np.uint8)
+    labels[lo - z0] = a[r0 : r1 + 1, c0 : c1 + 1]
+    labels[hi - z0] = b[r0 : r1 + 1, c0 : c1 + 1]
+    check_islands(labels, [lo - z0, hi - z0], 0, -1)
+    result = interpolate_labelmap(labels, spacing_kji, -1)
+    block = result[lo - z0 + 1 : hi - z0] > 0
+    return (r0, c0, block) if block.any() else None
 
 
 def interpolate_labelmap(
@@ -213,16 +252,51 @@ def fill_between_slices(
     """
     mask = np.asarray(mask, dtype=bool)
     if labeled_slices is None:
-        painted = mask
         labeled_slices = nonempty_slices(mask, axis)
-    else:
-        painted = labeled_only(mask, labeled_slices, axis)
-    out = np.zeros(mask.shape, dtype=bool)
-    ext = slicer_extent(painted)
+    return fill_between_segments([mask], [labeled_slices], axis, spacing_kji, interpolation_axis)[0]
+
+
+def fill_between_segments(
+    masks: Sequence[np.ndarray],
+    labeled_slices: Sequence[Sequence[int]],
+    axis: int = 0,
+    spacing_kji: Sequence[float] = (1.0, 1.0, 1.0),
+    interpolation_axis: int = -1,
+) -> List[np.ndarray]:
+    """What Slicer's Fill between slices makes of several segments at once: one run on their
+    merged labelmap (segment ``n`` = label ``n + 1``; where two overlap the later one wins, as in
+    the effect's merged labelmap), cropped to the effect's extent of them all.
+
+    ``masks[n]`` is a KJI boolean array painted on ``labeled_slices[n]`` along ``axis``; returns
+    one boolean array per segment. Raises :class:`FillBetweenRefused` (and calls nothing) for a
+    painting the filter would abort the process on."""
+    if len(masks) != len(labeled_slices) or not 0 < len(masks) < 256:
+        raise ValueError("one list of labeled slices per mask, 1 to 255 masks")
+    shape = np.shape(masks[0])
+    labels = np.zeros(shape, dtype=np.uint8)
+    painted = []
+    for n, (mask, slices) in enumerate(zip(masks, labeled_slices)):
+        p = labeled_only(mask, slices, axis)
+        labels[p] = n + 1
+        painted.append(p)
+    outs = [np.zeros(shape, dtype=bool) for _ in masks]
+    ext = slicer_extent(labels)
     if ext is None:
-        return out
-    check_islands(painted, labeled_slices, axis, interpolation_axis)
+        return outs
     crop = tuple(slice(lo, hi + 1) for lo, hi in ext)
-    result = interpolate_labelmap(painted[crop].astype(np.uint8), spacing_kji, interpolation_axis)
-    out[crop] = result > 0
-    return out
+    # the filter sees only the crop: check the islands there
+    for p, slices in zip(painted, labeled_slices):
+        check_islands(
+            p[crop],
+            [
+                int(i) - crop[axis].start
+                for i in slices
+                if crop[axis].start <= int(i) < crop[axis].stop
+            ],
+            axis,
+            interpolation_axis,
+        )
+    result = interpolate_labelmap(labels[crop], spacing_kji, interpolation_axis)
+    for n, out in enumerate(outs):
+        out[crop] = result == n + 1
+    return outs

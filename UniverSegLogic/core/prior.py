@@ -47,6 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
+from .region import Region
 from .slices import typical_gap
 
 #: Signed distance given to every pixel of an empty labeled slice (mm, "far outside").
@@ -283,7 +284,12 @@ class ShapePrior:
 
     ``mask_stack`` (slices, rows, cols) holds the user's labels; ``labeled`` the labeled slices
     (an empty one is confirmed background); ``spacing`` is (slice, row, col) mm; ``fbs_stack``
-    optionally Fill between slices' result on the same stack.
+    optionally Fill between slices' result: a stack on the whole grid like ``mask_stack``, or
+    anything indexed by slice that gives region-sized planes. ``region``
+    (:class:`~UniverSegLogic.core.region.Region`, default the whole slice): every plane the prior
+    takes and gives (masks, distances, features; the logits given to :meth:`features`) covers only
+    that rectangle. Inside it the values are those of the whole slice as long as the labeled
+    slices used (the two around a target, or its painted end) lie inside it.
     """
 
     def __init__(
@@ -291,9 +297,14 @@ class ShapePrior:
         mask_stack: np.ndarray,
         labeled: Sequence[int],
         spacing: Sequence[float],
-        fbs_stack: Optional[np.ndarray] = None,
+        fbs_stack=None,
+        region: Optional[Region] = None,
     ):
-        self.masks = mask_stack
+        rows, cols = mask_stack.shape[1:]
+        self.region = region if region is not None else Region.full(rows, cols)
+        self.masks = self.region.crop(mask_stack)
+        if isinstance(fbs_stack, np.ndarray):
+            fbs_stack = self.region.crop(fbs_stack)
         self.labeled = sorted(int(i) for i in labeled)
         self._labeled_set = set(self.labeled)
         self.spacing = tuple(float(s) for s in spacing)
@@ -301,6 +312,9 @@ class ShapePrior:
         self._sdf: Dict[int, np.ndarray] = {}
         self._radius: Dict[int, float] = {}
         self._fbs_features: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        #: (dict, {slice: label fingerprint}) shared between priors: signed distances by
+        #: (label, region); None: each prior computes its own
+        self.sdf_cache: Optional[Tuple[Dict, Dict[int, str]]] = None
         #: typical gap between painted slices (slices; see :func:`slices.typical_gap`)
         self.gap = typical_gap(self.labeled, mask_stack.shape[0])
 
@@ -318,10 +332,27 @@ class ShapePrior:
         return i in self._sdf
 
     def sdf(self, i: int) -> np.ndarray:
-        """Signed distance (mm) of the label of slice ``i`` (computed once)."""
+        """Signed distance (mm) of the label of slice ``i`` (computed once; with
+        :attr:`sdf_cache` -- (dict, {slice: label fingerprint}) -- once per label and region)."""
         if i not in self._sdf:
+            key = None
+            if self.sdf_cache is not None:
+                store, prints = self.sdf_cache
+                key = (prints.get(i), self.region)
+                if key[0] is not None and key in store:
+                    self._sdf[i] = store[key]
+                    return self._sdf[i]
             self._sdf[i] = signed_distance(self.masks[i], self.in_plane)
+            if key is not None and key[0] is not None:
+                store[key] = self._sdf[i]
         return self._sdf[i]
+
+    def planes(self) -> List[np.ndarray]:
+        """The arrays the prior holds (signed distances, Fill-between-slices features)."""
+        out = list(self._sdf.values())
+        for pair in self._fbs_features.values():
+            out.extend(pair)
+        return out
 
     def radius(self, i: int) -> float:
         if i not in self._radius:
@@ -363,6 +394,29 @@ class ShapePrior:
             else:
                 b = np.full_like(b, depth)
         return ((1.0 - w) * a + w * b).astype(np.float32)
+
+    def gap_scalars(self, t: int, lo: int, hi: int) -> Tuple[float, float, float, float]:
+        """(w, r, gap, gap_r) of target ``t`` between labeled ``lo`` and ``hi``: its relative
+        position, the interpolated equivalent radius (at least a pixel), ``4 w (1 - w)`` and the
+        gap length over ``r`` (at most 10)."""
+        w = (t - lo) / float(hi - lo)
+        r = max((1.0 - w) * self.radius(lo) + w * self.radius(hi), min(self.in_plane))
+        return w, r, 4.0 * w * (1.0 - w), min(10.0, (hi - lo) * self.spacing[0] / r)
+
+    def distance_scale(self, t: int, lo: int, hi: int) -> float:
+        """A factor ``a`` with ``distance(t) >= a * (D - h)`` at every pixel whose distance to
+        the painted shapes of ``lo`` and ``hi`` is ``D`` mm (``h``: the half-pixel shift of
+        :func:`signed_distance`): 1 when both are painted, the weight of the painted one when
+        the other is labeled empty; None when both are empty (then the distance is constant)."""
+        w = (t - lo) / float(hi - lo)
+        ea, eb = not self.masks[lo].any(), not self.masks[hi].any()
+        if ea and eb:
+            return None
+        if ea:
+            return w
+        if eb:
+            return 1.0 - w
+        return 1.0
 
     def end_of(self, t: int) -> Optional[int]:
         """The painted end slice nearest to ``t`` when ``t`` lies beyond the painted range."""
@@ -421,15 +475,14 @@ class ShapePrior:
         b = self.bracket(t)
         if b is not None:
             lo, hi = b
-            w = (t - lo) / float(hi - lo)
+            _, r, gap, gap_r = self.gap_scalars(t, lo, hi)
             d = self._interpolate(t, lo, hi)
-            r = max((1.0 - w) * self.radius(lo) + w * self.radius(hi), min(self.in_plane))
             base.update(
                 {
                     "sdf": np.clip(d, -30.0, 30.0),
                     "sdf_n": np.clip(d / r, -NORM_CLIP, NORM_CLIP),
-                    "gap": 4.0 * w * (1.0 - w),
-                    "gap_r": min(10.0, (hi - lo) * self.spacing[0] / r),
+                    "gap": gap,
+                    "gap_r": gap_r,
                 }
             )
             if self.fbs is not None:
@@ -453,6 +506,47 @@ class ShapePrior:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
+
+
+#: Features whose range :func:`inside_upper_bound` knows beyond the painted shapes.
+_BOUNDED = ("model", "model_nb", "sdf_n", "fbs_n", "fbs", "gap", "gap_r", "one")
+
+
+def inside_upper_bound(
+    rule: LogisticRule,
+    model_hi: np.ndarray,
+    nb_hi: np.ndarray,
+    norm_lo: np.ndarray,
+    gap: float,
+    gap_r: float,
+) -> np.ndarray:
+    """An upper bound of an inside rule's logit at pixels outside Fill between slices' result
+    where the clipped network logit is at most ``model_hi``, ``model_nb`` at most ``nb_hi`` and
+    the normalised distances ``sdf_n``, ``fbs_n`` at least ``norm_lo`` (arrays of one shape; the
+    slice's ``gap`` and ``gap_r`` as given). The rule is multilinear in its features, so its
+    largest value over that box is at a corner: every corner is evaluated. ``+inf`` where the
+    rule uses a feature without such a bound (then nothing outside the painted shapes is known).
+    """
+    shape = np.shape(model_hi)
+    factors = [f.split("*") for f in rule.features]
+    if any(p not in _BOUNDED for fs in factors for p in fs) or any(
+        len(set(fs)) < len(fs) for fs in factors
+    ):
+        return np.full(shape, np.inf, dtype=np.float32)
+    ranges = {
+        "model": (np.float32(-MODEL_CLIP), model_hi),
+        "model_nb": (np.float32(-MODEL_CLIP), nb_hi),
+        "sdf_n": (np.clip(norm_lo, -NORM_CLIP, NORM_CLIP), np.float32(NORM_CLIP)),
+        "fbs_n": (np.clip(norm_lo, -NORM_CLIP, NORM_CLIP), np.float32(NORM_CLIP)),
+    }
+    used = [n for n in ranges if any(n in f.split("*") for f in rule.features)]
+    best = np.full(shape, -np.inf, dtype=np.float32)
+    for corner in range(1 << len(used)):
+        base: Dict[str, object] = {"fbs": -1.0, "gap": gap, "gap_r": gap_r, "one": 1.0}
+        for bit, name in enumerate(used):
+            base[name] = ranges[name][(corner >> bit) & 1]
+        np.maximum(best, rule.logit(FeatureSource(base, shape)), out=best)
+    return best
 
 
 def fuse_inside(
@@ -480,6 +574,9 @@ class OutsideChain:
         self.prev = np.asarray(prior.masks[end], dtype=bool)
         self.stopped = params.chain_outside and not self.prev.any()
         self.seen: Dict[int, np.ndarray] = {}
+        #: True once a slice came out foreground on a side of the prior's region that is not
+        #: the edge of the slice (the result may then differ from the whole slice's)
+        self.touched = False
 
     def push(
         self, t: int, model_logit: np.ndarray, neighbours: Optional[Dict[int, np.ndarray]] = None
@@ -494,6 +591,8 @@ class OutsideChain:
             nb.update(neighbours)
         _, feats = self.prior.features(t, model_logit, nb)
         p = sigmoid(self.params.outside.logit(feats)).astype(np.float32)
+        if not self.prior.region.is_full and self.prior.region.touches_border(p >= 0.5):
+            self.touched = True
         if self.params.chain_outside:
             keep = keep_overlapping(p >= 0.5, self.prev)
             p = np.where(keep, p, np.float32(0.0))
@@ -565,22 +664,51 @@ def fuse_outside(
     of ``batch``; once a side stops (:class:`OutsideChain`), its remaining targets are not
     computed (``skip(count)`` is told how many)."""
     probs: Dict[int, np.ndarray] = {}
-    lab = prior.labeled
-    for end, side in (
+    for end, side in outside_sides(prior.labeled, targets):
+        probs.update(fuse_side(prior, params, end, side, network, batch, skip).probs)
+    return probs
+
+
+def outside_sides(labeled: Sequence[int], targets: Sequence[int]) -> List[Tuple[int, List[int]]]:
+    """(painted end slice, its targets beyond it, outwards) for the first and the last end."""
+    lab = sorted(int(i) for i in labeled)
+    return [
         (lab[0], sorted((t for t in targets if t < lab[0]), reverse=True)),
         (lab[-1], sorted(t for t in targets if t > lab[-1])),
-    ):
-        chain = OutsideChain(prior, params, end)
-        for b in range(0, len(side), batch):
-            if chain.stopped:  # the structure has ended: the rest stays empty
-                if skip is not None:
-                    skip(len(side) - b)
-                break
-            chunk = side[b : b + batch]
-            lgs = network(chunk)
-            for t in chunk:
-                probs[t] = chain.push(t, lgs[t], lgs)
-    return probs
+    ]
+
+
+@dataclass
+class SideResult:
+    """What :func:`fuse_side` gives: the fused probabilities of one side, and whether a slice
+    came out foreground on an inner side of the prior's region (see :class:`OutsideChain`)."""
+
+    probs: Dict[int, np.ndarray]
+    touched: bool
+
+
+def fuse_side(
+    prior: ShapePrior,
+    params: FusionParams,
+    end: int,
+    side: Sequence[int],
+    network: Callable[[Sequence[int]], Dict[int, np.ndarray]],
+    batch: int = 8,
+    skip: Optional[Callable[[int], None]] = None,
+) -> SideResult:
+    """Fused probabilities of the targets ``side`` beyond the painted ``end`` (outwards)."""
+    probs: Dict[int, np.ndarray] = {}
+    chain = OutsideChain(prior, params, end)
+    for b in range(0, len(side), batch):
+        if chain.stopped:  # the structure has ended: the rest stays empty
+            if skip is not None:
+                skip(len(side) - b)
+            break
+        chunk = list(side[b : b + batch])
+        lgs = network(chunk)
+        for t in chunk:
+            probs[t] = chain.push(t, lgs[t], lgs)
+    return SideResult(probs, chain.touched)
 
 
 def gaps_of(labeled: Sequence[int], targets: Sequence[int]) -> List[Tuple[int, int, List[int]]]:

@@ -2,9 +2,10 @@
 
 :class:`Propagator` is the one entry point of the CLI, the MRML bridge, the evaluation, the
 browser app and cohort labeling, in the spirit of segment-anything's ``SamPredictor``: it is built
-once per (volume, axis, options) -- the volume is normalized, put into the canonical slice frame
-and onto the network's canvas once -- and :meth:`Propagator.propagate` is called as often as the
-user paints. For each segment it
+once per (volume, axis, options) -- the volume is viewed in the canonical slice frame and its
+slices are normalized and put onto the network's canvas once, as they are needed (no normalized
+copy of the volume is made) -- and :meth:`Propagator.propagate` is called as often as the user
+paints. For each segment it
 
 1. views the mask in the canonical slice frame of the axis (:mod:`geometry`),
 2. finds the labeled slices (:mod:`support`); a segment without any is skipped with a note,
@@ -13,12 +14,17 @@ user paints. For each segment it
    overrides; nothing beyond an end slice that is labeled but empty, and nothing at all for a
    run of adjacent labeled slices without a gap: such a segment is left as it is),
 4. runs UniverSeg on the 128x128 canvas (:mod:`canvas`, :mod:`engine`) with bracketing support,
-   optionally ensembled over support subsets and with flipped support copies,
+   optionally ensembled over support subsets and with flipped support copies; on slices thinner
+   than a canvas pixel only on every few slices, interpolating its logits in between
+   (:func:`slices.network_slices`, ``network_step``),
 5. fuses (:mod:`prior`, unless ``use_prior`` is off): inside the painted range the network's
    logit with the painted-slice shape prior (interpolated signed distance and, where vtkITK is
-   importable, Slicer's Fill between slices) by a calibrated logistic rule; beyond it the network
-   with a calibrated rule, walking outwards and keeping only regions that overlap the previous
-   slice, stopping (and skipping the network) once a slice comes out empty,
+   importable, Slicer's Fill between slices of each gap's two slices) by a calibrated logistic
+   rule; beyond it the network with a calibrated rule, walking outwards and keeping only regions
+   that overlap the previous slice, stopping (and skipping the network) once a slice comes out
+   empty. Each gap and each end is fused in a region of the slice around what is painted there
+   (:mod:`region`), checked to be exact for every slice -- a bound on the fused logit outside it
+   inside the painted range, foreground on its border beyond it -- and fused whole where not,
 6. restacks (:mod:`restack`): labeled slices keep the user's labels bit for bit, and a voxel
    that several segments predict goes to the most probable one (painted voxels stay),
 7. scores how unsure each slice is (:mod:`suggest`, from the fused probabilities and the shape
@@ -27,13 +33,13 @@ user paints. For each segment it
    next.
 
 What a session remembers between calls is keyed by *content*, so a result never depends on what
-was cached: the network logit of each (target slice, support set) -- a support set named by the
-slice indices and a fingerprint of their labels --, the signed distance map of each labeled slice,
-and the fused probabilities of each gap between two labeled slices (keyed by both end slices, the
-Fill-between-slices result inside the gap and the logits used). A second call after the user
-corrected or added one slice therefore runs the network only for the targets whose support
-changed (the gaps next to the changed slice) and refuses nothing else. The engine is
-batch-invariant on the CPU, so the masks are identical to those of a fresh session.
+was cached: the network logit of each (target slice, support set) on the canvas -- a support set
+named by the slice indices and a fingerprint of their labels --, Fill between slices of each gap
+and the signed distance maps (both by the labels of the slices they come from), and the fused
+probabilities of each gap between two labeled slices (keyed by both end slices and the logits
+used). A second call after the user corrected or added one slice therefore runs the network and
+Fill between slices only for the gaps next to the changed slice. The engine is batch-invariant
+on the CPU, so the masks are identical to those of a fresh session.
 """
 
 from __future__ import annotations
@@ -48,14 +54,56 @@ import numpy as np
 
 from ..errors import Cancelled, SupportError, UsageError
 from .geometry import AxisSpec, GeometryError, SliceFrame, Volume, axis_name, resolve_axis
-from .prior import FusionParams, ShapePrior, fuse_gap, fuse_outside, gaps_of, sigmoid
-from .restack import assemble, resolve_overlaps
-from .slices import extrapolation_slices, labeled_run, nonempty_slices, prediction_targets
+from .prior import (
+    EMPTY_DISTANCE_MM,
+    MODEL_CLIP,
+    FusionParams,
+    ShapePrior,
+    fuse_gap,
+    fuse_side,
+    gaps_of,
+    inside_upper_bound,
+    outside_sides,
+    sigmoid,
+)
+from .region import Region, bounding_box, box_distance_mm, canvas_footprints, max_filter3
+from .restack import (
+    RegionProbabilities,
+    assemble_mask,
+    assemble_probability,
+    probability_at,
+    resolve_overlaps,
+)
+from .slices import (
+    extrapolation_slices,
+    labeled_run,
+    network_slices,
+    network_step,
+    nonempty_slices,
+    prediction_targets,
+)
 from .suggest import SliceUncertainty, slice_uncertainty, suggest_slices
 from .support import ExternalSupport, ensemble_subsets, labeled_slices_of, select_support
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
+
+#: What ``PropagationOptions.precision`` accepts (the engine's ``CPU_PRECISIONS``; kept here so
+#: that validating options imports no torch).
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+#: Segment tags that say how a result was computed (``.seg.nrrd`` files, MRML segments).
+TAG_DEVICE = "UniverSeg.Device"
+TAG_PRECISION = "UniverSeg.Precision"
+
+#: The margin of the region a gap or an end is fused in, around what is painted and what Fill
+#: between slices filled, in pixels of the network's canvas (the network cannot place an edge
+#: more finely); whether the region is exact is checked for every slice (``_inside_exact``).
+REGION_MARGIN_CANVAS_PIXELS = 4
+
+#: A region is taken as exact only when the fused logit outside it is bounded below ``-slack``:
+#: the signed distances inside a region are those of the whole slice to float rounding
+#: (SimpleITK's Maurer map of a crop adds in another order: ~1e-6 mm).
+BOUND_SLACK = 1e-3
 
 #: Logits and fused gaps kept between calls: at least this many bytes (and twice the last call's).
 MIN_CACHE_BYTES = 256 * 1024 * 1024
@@ -90,6 +138,14 @@ class PropagationOptions:
     #: fuse the network with the painted-slice shape prior between labeled slices
     use_prior: bool = True
     seed: int = 0
+    #: run the network on every N-th slice and interpolate its logits in between: None = the
+    #: slices that fit in 1.2 pixels of its canvas (:func:`~UniverSegLogic.core.slices
+    #: .network_step`; 1 on slices about as thick as a canvas pixel or thicker), 1 = every slice
+    network_step: Optional[int] = None
+    #: the engine's numeric precision on the CPU: ``auto`` (the machine's rule, never a timing:
+    #: :func:`~UniverSegLogic.core.engine.resolve_precision`; ``UNIVERSEG_CPU_BF16=0/1`` sets
+    #: it), ``fp32`` or ``bf16``
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         def integer(name: str, low: Optional[int], allow_none: bool = False) -> None:
@@ -107,6 +163,7 @@ class PropagationOptions:
         integer("batch_size", 1, allow_none=True)
         integer("max_extrapolation", -1, allow_none=True)
         integer("seed", None)
+        integer("network_step", 1, allow_none=True)
         for name in ("flips", "use_prior"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -114,6 +171,10 @@ class PropagationOptions:
         for name in ("device", "weights"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UsageError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise UsageError(
+                f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}"
+            )
         if isinstance(self.axis, bool) or not isinstance(self.axis, (str, int, np.integer)):
             raise UsageError(f"axis must be a name or an array axis 0/1/2, got {self.axis!r}")
 
@@ -161,11 +222,50 @@ class SegmentResult:
     key: str
     name: str
     mask: np.ndarray  # bool: the user's labels on labeled slices, the prediction elsewhere
-    probability: np.ndarray  # float32
     labeled_slices: List[int]
     predicted_slices: List[int]
     #: how unsure the propagation is on each slice (:mod:`suggest`; never sees a ground truth)
     uncertainty: Optional[SliceUncertainty] = None
+    #: fused probability of each predicted slice over its region (canonical frame)
+    probabilities: RegionProbabilities = field(default_factory=dict, repr=False)
+    _frame: Optional[SliceFrame] = field(default=None, repr=False)
+    _user: Optional[np.ndarray] = field(default=None, repr=False)
+    #: bool KJI: where the result may be foreground at all (None: everywhere; :meth:`keep_within`)
+    _within: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def probability(self) -> np.ndarray:
+        """float32 KJI probability (0/1 on labeled slices; 0 outside the region each predicted
+        slice was fused in, where nothing can be foreground). Built when asked for: a
+        clinical-size volume's would take four times the mask's memory."""
+        if self._frame is None:
+            return self.mask.astype(np.float32)
+        out = assemble_probability(self._frame, self._user, self.labeled_slices, self.probabilities)
+        if self._within is not None:
+            out[~self._within] = 0.0
+        return out
+
+    def keep_within(self, allowed: np.ndarray, painted: np.ndarray) -> None:
+        """Limit the result to the bool KJI voxels ``allowed`` (e.g. a scan's field of view),
+        keeping the ``painted`` voxels: the mask and, from then on, the probability are 0
+        elsewhere."""
+        allowed = np.asarray(allowed, dtype=bool)
+        painted = np.asarray(painted, dtype=bool)
+        self.mask = (np.asarray(self.mask, dtype=bool) & allowed) | painted
+        keep = allowed | painted
+        self._within = keep if self._within is None else (self._within & keep)
+
+    def probability_at(self, where: Tuple[np.ndarray, ...]) -> np.ndarray:
+        """:attr:`probability` at the KJI voxels ``where`` (one float32 per voxel), without
+        building the volume's probability."""
+        if self._frame is None:
+            return np.asarray(self.mask[tuple(where)], dtype=np.float32)
+        out = probability_at(
+            self._frame, self._user, self.labeled_slices, self.probabilities, where
+        )
+        if self._within is not None:
+            out[~self._within[tuple(where)]] = 0.0
+        return out
 
     @property
     def slice_uncertainty(self) -> Dict[int, float]:
@@ -193,6 +293,15 @@ class PropagationResult:
     network_reused: int = 0
     #: keys of the segments left out because they have no labeled slice (a note says so)
     skipped: List[str] = field(default_factory=list)
+    #: the engine's numeric precision (fp32, bf16, fp16) and why it was chosen
+    precision: str = ""
+    precision_reason: str = ""
+
+    def tags(self) -> Dict[str, str]:
+        """Segment tags recording how this result was computed (device, precision): written
+        into every predicted segment (``.seg.nrrd`` and MRML). Values avoid ``|`` and ``:``,
+        which Slicer's tag format reserves."""
+        return {TAG_DEVICE: _tag_value(self.device), TAG_PRECISION: _tag_value(self.precision)}
 
     def get(self, key: str) -> SegmentResult:
         """The result of the segment with this key (or, failing that, this name)."""
@@ -206,6 +315,10 @@ class PropagationResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _tag_value(text: str) -> str:
+    return str(text).replace("|", "/").replace(":", "-")
 
 
 def _same_device(requested: str, actual: str) -> bool:
@@ -224,30 +337,42 @@ def slice_fingerprint(plane: np.ndarray) -> str:
 
 
 class _ImageStack:
-    """A volume normalized once, viewed in the canonical frame, with its canvas slices cached."""
+    """A volume viewed in the canonical frame, normalized slice by slice as the canvas needs
+    it (its canvas slices are cached; no normalized copy of the volume is made)."""
+
+    #: slices normalized and put on the canvas at once (bounds the float32 working copy)
+    CHUNK = 32
 
     def __init__(self, volume: Volume, axis: AxisSpec):
         import torch
 
-        from .canvas import Canvas, intensity_window, scale_intensity
+        from .canvas import Canvas, intensity_window
 
         self._torch = torch
         self.frame = SliceFrame.of(volume, axis)
-        window = intensity_window(volume.array)
-        self.images = self.frame.to_frame(scale_intensity(volume.array, window))
-        n, r, c = self.images.shape
+        self.window = intensity_window(volume.array)
+        self.raw = self.frame.to_frame(volume.array)  # a view
+        n, r, c = self.raw.shape
         self.n = n
         self.canvas = Canvas.for_slices(r, c, self.frame.spacing[1], self.frame.spacing[2])
+        #: size of one canvas pixel (mm)
+        self.canvas_pixel_mm = max(r * self.frame.spacing[1], c * self.frame.spacing[2]) / float(
+            self.canvas.size
+        )
         self._cache: Dict[int, object] = {}
 
     def canvas_images(self, idx: Sequence[int]):
         """(N, 1, size, size) canvas images of slices ``idx`` (cached)."""
+        from .canvas import scale_intensity
+
         torch = self._torch
-        missing = [i for i in idx if i not in self._cache]
-        if missing:
-            t = self.canvas.to_canvas(torch.from_numpy(np.ascontiguousarray(self.images[missing])))
-            for i, x in zip(missing, t):
-                self._cache[i] = x
+        missing = sorted({int(i) for i in idx if i not in self._cache})
+        for b in range(0, len(missing), self.CHUNK):
+            chunk = missing[b : b + self.CHUNK]
+            images = scale_intensity(self.raw[chunk], self.window)
+            t = self.canvas.to_canvas(torch.from_numpy(images))
+            for i, x in zip(chunk, t):
+                self._cache[i] = x.clone()
         return torch.stack([self._cache[i] for i in idx])
 
     def canvas_masks(self, mask_stack: np.ndarray, idx: Sequence[int]):
@@ -255,6 +380,17 @@ class _ImageStack:
         return self.canvas.mask_to_canvas(
             self._torch.from_numpy(np.ascontiguousarray(mask_stack[list(idx)], dtype=np.float32))
         )
+
+    def native(self, inner: Sequence[np.ndarray], region: Region) -> List[np.ndarray]:
+        """Logits on the canvas' inner part -> float32 planes over ``region`` of the slice grid
+        (resized back whole, then cropped: the values are those of the whole slice)."""
+        torch = self._torch
+        out: List[np.ndarray] = []
+        for b in range(0, len(inner), 16):
+            x = torch.from_numpy(np.stack(inner[b : b + 16])[:, None])
+            full = self.canvas.from_inner(x).numpy()
+            out.extend(np.ascontiguousarray(region.crop(f)) for f in full)
+        return out
 
 
 @dataclass
@@ -265,6 +401,9 @@ class _Plan:
     fingerprints: Dict[int, str]  # labeled slice -> fingerprint of its label
     external: Optional[ExternalSupport]
     targets: List[int]
+    #: targets the network runs on; the others' logits are interpolated between ``between[t]``
+    computed: List[int] = field(default_factory=list)
+    between: Dict[int, Tuple[int, int]] = field(default_factory=dict)
 
 
 class _LRU:
@@ -308,7 +447,48 @@ def _nbytes(value) -> int:
         return int(value.nbytes)
     if isinstance(value, dict):
         return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, _Fused):
+        return _nbytes(value.probs) + _nbytes(value.prior.planes())
     return 64
+
+
+@dataclass
+class _Fused:
+    """A fused gap: its region, the probability of each of its targets there, the prior."""
+
+    region: Region
+    probs: Dict[int, np.ndarray]
+    prior: ShapePrior
+
+
+class _SlicePriors:
+    """The shape prior each predicted slice was fused with (for :mod:`suggest`)."""
+
+    def __init__(self) -> None:
+        self.by_slice: Dict[int, ShapePrior] = {}
+
+    def for_slice(self, t: int) -> ShapePrior:
+        return self.by_slice[t]
+
+
+def _gap_planes(region: Region, lo: int, hi: int, block) -> Dict[int, np.ndarray]:
+    """Fill between slices' result on each slice strictly between ``lo`` and ``hi``, over
+    ``region`` (``block``: (row, col, (hi - lo - 1, h, w) array) or None: empty)."""
+    planes = {t: np.zeros(region.shape, dtype=bool) for t in range(lo + 1, hi)}
+    if block is None:
+        return planes
+    r0, c0, arr = block
+    rs = slice(max(r0, region.r0), min(r0 + arr.shape[1], region.r1))
+    cs = slice(max(c0, region.c0), min(c0 + arr.shape[2], region.c1))
+    if rs.stop <= rs.start or cs.stop <= cs.start:
+        return planes
+    for t, plane in planes.items():
+        plane[
+            rs.start - region.r0 : rs.stop - region.r0, cs.start - region.c0 : cs.stop - region.c0
+        ] = arr[t - lo - 1, rs.start - r0 : rs.stop - r0, cs.start - c0 : cs.stop - c0]
+    return planes
 
 
 # ------------------------------------------------------------------------------------ session
@@ -321,7 +501,9 @@ class Propagator:
     from ``engines`` (an :class:`~UniverSegLogic.core.engines.EngineStore`, shared by the
     caller's sessions) or loaded for ``options.weights`` / ``options.device``. ``fusion``: the
     fusion parameters (default: those calibrated for the weights). ``support_volumes``: other
-    labeled volumes whose segments of the same name add support slices.
+    labeled volumes whose segments of the same name add support slices. ``regions=False``
+    fuses every slice whole instead of in a region around the painting (the same masks, slower:
+    for checks).
     """
 
     def __init__(
@@ -333,6 +515,7 @@ class Propagator:
         engines=None,
         fusion: Optional[FusionParams] = None,
         support_volumes: Sequence[SupportVolume] = (),
+        regions: bool = True,
     ):
         if not isinstance(image, Volume):
             raise UsageError("image must be a geometry.Volume")
@@ -347,7 +530,9 @@ class Propagator:
             from .engines import EngineStore
 
             store = engines if engines is not None else EngineStore()  # an empty store is falsy
-            loaded = store.get(self.options.weights, self.options.device)
+            loaded = store.get(
+                self.options.weights, self.options.device, precision=self.options.precision
+            )
             engine, self.weights_description = loaded.engine, loaded.description
         else:
             if engines is not None:
@@ -358,6 +543,12 @@ class Propagator:
                     f"{getattr(engine, 'device', 'cpu')!r}: ask for one device only"
                 )
             self.weights_description = "caller-provided engine"
+            given = getattr(engine, "precision", "fp32")  # a test double computes in fp32
+            if self.options.precision not in ("auto", given):
+                raise UsageError(
+                    f"the engine given computes in {given}, the options ask for "
+                    f"{self.options.precision}"
+                )
         self.engine = engine
         self.batch_size = int(self.options.batch_size or engine.batch_size)
         if fusion is None:
@@ -370,12 +561,30 @@ class Propagator:
         self.stack = _ImageStack(image, self.axis)
         self.frame = self.stack.frame
         self.n_slices = self.stack.n
+        #: the network runs on every ``step``-th slice (:attr:`PropagationOptions.network_step`)
+        self.step = int(
+            self.options.network_step
+            or network_step(self.frame.spacing[0], self.stack.canvas_pixel_mm)
+        )
+        rows, cols = self.stack.raw.shape[1:]
+        self._full = Region.full(rows, cols)
+        canvas = self.stack.canvas
+        #: regions smaller than the slice where each native pixel is a bilinear mix of canvas
+        #: pixels (so bounds on the canvas bound the slice)
+        self._regions = bool(regions) and canvas.upsamples
+        self._footprints = (
+            canvas_footprints(rows, canvas.inner[0]),
+            canvas_footprints(cols, canvas.inner[1]),
+        )
+        self._fbs_gaps = _LRU()
+        self._pending: Dict[tuple, object] = {}  # Fill between slices computing in the worker
+        self._executor = None
         self._support_volumes = list(support_volumes)
         self._support_stacks: Dict[int, _ImageStack] = {}
         self._external: Dict[str, Optional[ExternalSupport]] = {}
         self._logits = _LRU()
         self._gaps = _LRU()
-        self._sdf: Dict[str, np.ndarray] = {}
+        self._sdf: Dict[Tuple[str, Region], np.ndarray] = {}
         self._fbs_missing_note = False
 
     # -------------------------------------------------------------------------- public
@@ -393,7 +602,8 @@ class Propagator:
         opts = self.options
         total = sum(len(p.targets) for p in plans) * opts.ensemble or 1
         state = {"done": 0, "runs": 0, "reused": 0}
-        self._logits.used_this_call = self._gaps.used_this_call = 0
+        for cache in (self._logits, self._gaps, self._fbs_gaps):
+            cache.used_this_call = 0
 
         def tick(msg: str, slices: int) -> None:
             state["done"] += slices
@@ -404,29 +614,21 @@ class Propagator:
 
         tick("starting", 0)
         results = []
-        for plan in plans:
-            probs, prior = self._segment_probabilities(plan, tick, state)
-            tick(f"{plan.seg.name}: restacking", 0)
-            mask, prob = assemble(self.frame, plan.seg.mask, plan.labeled, probs)
-            results.append(
-                SegmentResult(
-                    plan.seg.key,
-                    plan.seg.name,
-                    mask,
-                    prob.astype(np.float32, copy=False),
-                    list(plan.labeled),
-                    sorted(probs),
-                    slice_uncertainty(probs, plan.mask_stack, plan.labeled, prior),
-                )
-            )
+        try:
+            self._prefetch_fill_between(plans)
+            results = self._results(plans, tick, state)
+        finally:
+            self._stop_prefetch()
         resolve_overlaps(
             [r.mask for r in results],
-            [r.probability for r in results],
+            [r.probability_at for r in results],
             [r.labeled_slices for r in results],
             self.axis,
         )
-        for cache in (self._logits, self._gaps):
+        for cache in (self._logits, self._gaps, self._fbs_gaps):
             cache.trim(max(MIN_CACHE_BYTES, 2 * cache.used_this_call))
+        live = {fp for plan in plans for fp in plan.fingerprints.values()}
+        self._sdf = {k: v for k, v in self._sdf.items() if k[0] in live}
         if progress is not None:
             progress(1.0, "done")
         notes = [] if self._notes_given else list(self.notes)
@@ -441,8 +643,72 @@ class Propagator:
             notes,
             state["runs"],
             state["reused"],
-            [seg.key for seg in skipped],
+            skipped=[seg.key for seg in skipped],
+            precision=getattr(self.engine, "precision", "fp32"),
+            precision_reason=getattr(self.engine, "precision_reason", "test double"),
         )
+
+    def _results(self, plans: List[_Plan], tick, state: Dict) -> List[SegmentResult]:
+        """Propagate, restack and score every segment."""
+        results = []
+        for plan in plans:
+            probs, priors = self._segment_probabilities(plan, tick, state)
+            tick(f"{plan.seg.name}: restacking", 0)
+            mask = assemble_mask(self.frame, plan.seg.mask, plan.labeled, probs)
+            planes = {t: p for t, (_, p) in probs.items()}
+            results.append(
+                SegmentResult(
+                    plan.seg.key,
+                    plan.seg.name,
+                    mask,
+                    list(plan.labeled),
+                    sorted(probs),
+                    slice_uncertainty(planes, plan.mask_stack, plan.labeled, priors),
+                    probs,
+                    self.frame,
+                    plan.seg.mask,
+                )
+            )
+        return results
+
+    def _fbs_key(self, plan: _Plan, lo: int, hi: int) -> tuple:
+        return (plan.fingerprints[lo], plan.fingerprints[hi], hi - lo, self.frame.spacing)
+
+    def _prefetch_fill_between(self, plans: List[_Plan]) -> None:
+        """Start Fill between slices of every gap not cached yet in a worker thread: it runs
+        while the network runs (the filter is mostly one thread and releases the GIL; on 2 cores
+        that hid about half of its time)."""
+        from . import fill_between
+
+        if not (self.options.use_prior and self.fusion.uses_fbs()):
+            return
+        if not fill_between.available():
+            return
+        jobs = []
+        for plan in plans:
+            if not plan.labeled:
+                continue
+            for lo, hi, _ in gaps_of(plan.labeled, plan.targets):
+                key = self._fbs_key(plan, lo, hi)
+                if key not in self._pending and self._fbs_gaps.get(key) is None:
+                    self._pending[key] = None
+                    jobs.append((key, plan.mask_stack, lo, hi))
+        if not jobs:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="universeg-fbs")
+        for key, stack, lo, hi in jobs:
+            self._pending[key] = self._executor.submit(
+                fill_between.fill_between_gap, stack, lo, hi, self.frame.spacing
+            )
+
+    def _stop_prefetch(self) -> None:
+        """Wait for the worker (a filter run cannot be interrupted) and drop what is left."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._pending.clear()
 
     def suggest_slices(self, result, n: int = 1):
         """Slices to paint next: for a :class:`SegmentResult`, up to ``n`` slice numbers (best
@@ -455,16 +721,21 @@ class Propagator:
         raise UsageError("suggest_slices takes a PropagationResult or a SegmentResult")
 
     def network_logits(self, segment: SegmentInput, extrapolation: int) -> Tuple[_Plan, Dict]:
-        """(plan, raw network logit of every target) for one segment, ``extrapolation`` slices
-        beyond each end and no extent rule: the raw material of the fusion's calibration."""
+        """(plan, network logit of every target on the whole slice) for one segment,
+        ``extrapolation`` slices beyond each end and no extent rule: the raw material of the
+        fusion's calibration."""
         plan = self._plans([segment], extrapolation=extrapolation)[0]
         state = {"done": 0, "runs": 0, "reused": 0}
-        return plan, self._network(plan, plan.targets, lambda m, k: None, state)
+        inner = self._network(plan, plan.targets, lambda m, k: None, state)
+        ts = sorted(inner)
+        return plan, dict(zip(ts, self.stack.native([inner[t] for t in ts], self._full)))
 
     def clear_cache(self) -> None:
-        """Forget every cached logit and fused gap (the next call recomputes everything)."""
+        """Forget every cached logit, fused gap and Fill-between-slices result (the next call
+        recomputes everything)."""
         self._logits.clear()
         self._gaps.clear()
+        self._fbs_gaps.clear()
         self._sdf.clear()
 
     # -------------------------------------------------------------------------- planning
@@ -510,7 +781,10 @@ class Propagator:
                 labeled = labeled_slices_of(mask_stack, seg.labeled_slices, seg.name)
             prints = {i: slice_fingerprint(mask_stack[i]) for i in labeled}
             targets = self._targets(labeled, mask_stack, external, extrapolation)
-            plans.append(_Plan(seg, mask_stack, labeled, prints, external, targets))
+            computed, between = network_slices(labeled, targets, self.step)
+            plans.append(
+                _Plan(seg, mask_stack, labeled, prints, external, targets, computed, between)
+            )
         if not plans:
             names = ", ".join(repr(seg.name) for seg in skipped or ())
             raise SupportError(
@@ -602,10 +876,33 @@ class Propagator:
     def _network(
         self, plan: _Plan, targets: Sequence[int], tick: Callable[[str, int], None], state: Dict
     ) -> Dict[int, np.ndarray]:
-        """Mean network logit (canonical native grid) of each target over the ensemble; cached
+        """Mean network logit over the ensemble of each target, on the canvas' inner part: run
+        for the targets the network runs on (:attr:`_Plan.computed`), interpolated linearly
+        between two of those for the others."""
+        need = set()
+        for t in targets:
+            need.update(plan.between.get(t, (t,)))
+        computed = self._run_network(plan, sorted(need), tick, state)
+        out = {}
+        for t in targets:
+            if t in computed:
+                out[t] = computed[t]
+                continue
+            a, b = plan.between[t]
+            out[t] = (computed[a] * np.float32(b - t) + computed[b] * np.float32(t - a)) / (
+                np.float32(b - a)
+            )
+            tick("", self.options.ensemble)
+        return out
+
+    def _run_network(
+        self, plan: _Plan, targets: Sequence[int], tick: Callable[[str, int], None], state: Dict
+    ) -> Dict[int, np.ndarray]:
+        """Mean network logit (canvas' inner part) of each target over the ensemble; cached
         per (target, support set). Targets sharing a support set run as one batch."""
         import torch
 
+        fresh = state.setdefault("fresh", set())  # computed in this call: not "reused"
         groups: Dict[tuple, Tuple[Tuple[int, ...], Tuple[int, ...], List[int]]] = {}
         members: Dict[int, List[tuple]] = {}
         for t in targets:
@@ -615,9 +912,10 @@ class Propagator:
         engine, stack = self.engine, self.stack
         for key, (subset, ext, group) in groups.items():
             todo = [t for t in group if self._logits.get((t, key)) is None]
-            state["reused"] += len(group) - len(todo)
-            if len(group) > len(todo):
-                tick("", len(group) - len(todo))
+            reused = sum(1 for t in group if t not in todo and (t, key) not in fresh)
+            state["reused"] += reused
+            if reused:
+                tick("", reused)
             if not todo:
                 continue
             s_img = [stack.canvas_images(subset)] if subset else []
@@ -633,9 +931,10 @@ class Propagator:
                 chunk = todo[b : b + self.batch_size]
                 tick(f"{plan.seg.name}: slices {chunk[0]}..{chunk[-1]}", 0)
                 logits = engine.logits(stack.canvas_images(chunk), s_img_t, s_lab_t)
-                native = stack.canvas.from_canvas(logits).numpy()
-                for t, lg in zip(chunk, native):
-                    self._logits.put((t, key), np.ascontiguousarray(lg, dtype=np.float32))
+                inner = stack.canvas.inner_part(logits)[:, 0].float().numpy()
+                for t, lg in zip(chunk, inner):
+                    self._logits.put((t, key), np.array(lg, dtype=np.float32))
+                    fresh.add((t, key))
                 state["runs"] += len(chunk)
                 tick("", len(chunk))
         out = {}
@@ -650,91 +949,215 @@ class Propagator:
     # -------------------------------------------------------------------------- fusion
     def _segment_probabilities(
         self, plan: _Plan, tick, state
-    ) -> Tuple[Dict[int, np.ndarray], Optional[ShapePrior]]:
-        """(probability (canonical native grid) of every target of one segment, the shape prior
-        it was fused with or None)."""
+    ) -> Tuple[RegionProbabilities, Optional[_SlicePriors]]:
+        """((region, fused probability) of every target of one segment, the shape priors they
+        were fused with, by slice; None without a prior)."""
 
         def network(ts: Sequence[int]) -> Dict[int, np.ndarray]:
             return self._network(plan, ts, tick, state)
 
         if not (self.options.use_prior and plan.labeled):
-            return {t: sigmoid(lg) for t, lg in network(plan.targets).items()}, None
-        fbs = None
-        if self.fusion.uses_fbs():
-            tick(f"{plan.seg.name}: fill between slices", 0)
-            fbs = self._fill_between(plan)
-        prior = ShapePrior(plan.mask_stack, plan.labeled, self.frame.spacing, fbs)
-        for i in plan.labeled:  # signed distances of labeled slices: computed once per label
-            cached = self._sdf.get(plan.fingerprints[i])
-            if cached is not None:
-                prior.set_sdf(i, cached)
-        probs = self._inside_probabilities(plan, prior, fbs, network, tick, state)
-        probs.update(self._outside_probabilities(plan, prior, network, tick))
-        for i in plan.labeled:
-            if prior.has_sdf(i):
-                self._sdf[plan.fingerprints[i]] = prior.sdf(i)
-        return probs, prior
+            inner = network(plan.targets)
+            ts = sorted(inner)
+            native = self.stack.native([inner[t] for t in ts], self._full)
+            return {t: (self._full, sigmoid(lg)) for t, lg in zip(ts, native)}, None
+        probs: RegionProbabilities = {}
+        priors = _SlicePriors()
+        uses_fbs = self.fusion.uses_fbs() and self._fbs_available()
+        for lo, hi, ts in gaps_of(plan.labeled, plan.targets):
+            gap = self._gap(plan, lo, hi, ts, uses_fbs, network, tick, state)
+            for t, p in gap.probs.items():
+                probs[t] = (gap.region, p)
+                priors.by_slice[t] = gap.prior
+        for end, side in outside_sides(plan.labeled, plan.targets):
+            if side:
+                fused = self._side(plan, end, side, network, tick, state)
+                for t, p in fused.probs.items():
+                    probs[t] = (fused.region, p)
+                    priors.by_slice[t] = fused.prior
+        return probs, priors
 
-    def _fill_between(self, plan: _Plan) -> Optional[np.ndarray]:
-        """Slicer's Fill between slices on the canonical stack, or None (and a note once) where
-        vtkITK is not importable or the painting is one it cannot take safely."""
+    def _prior(self, plan: _Plan, region: Region, fbs=None) -> ShapePrior:
+        """The shape prior of a segment over ``region`` (signed distances of labeled slices
+        computed once per label and region)."""
+        prior = ShapePrior(plan.mask_stack, plan.labeled, self.frame.spacing, fbs, region)
+        prior.sdf_cache = (self._sdf, plan.fingerprints)
+        return prior
+
+    def _fbs_available(self) -> bool:
+        """True when Slicer's vtkITK can be used (a note once where it cannot)."""
         from . import fill_between
 
-        if not fill_between.available():
-            if not self._fbs_missing_note:
-                self._fbs_missing_note = True
-                self.notes.append(
-                    "Fill between slices (Slicer's vtkITK) is not available: the "
-                    "shape prior uses the interpolated distance only"
-                )
-            return None
-        try:
-            return fill_between.fill_between_slices(
-                plan.mask_stack, plan.labeled, 0, self.frame.spacing
+        if fill_between.available():
+            return True
+        if not self._fbs_missing_note:
+            self._fbs_missing_note = True
+            self.notes.append(
+                "Fill between slices (Slicer's vtkITK) is not available: the "
+                "shape prior uses the interpolated distance only"
             )
+        return False
+
+    def _gap_fbs(self, plan: _Plan, lo: int, hi: int):
+        """Fill between slices of the gap's two slices (:func:`fill_between.fill_between_gap`;
+        cached by their labels): (row, col, block), None where it is empty, or the string
+        ``"refused"`` for a painting the filter cannot take (and a note)."""
+        from . import fill_between
+
+        key = self._fbs_key(plan, lo, hi)
+        hit = self._fbs_gaps.get(key)
+        if hit is not None:
+            return hit[0]
+        try:
+            future = self._pending.pop(key, None)
+            if future is not None:
+                result = future.result()
+            else:
+                result = fill_between.fill_between_gap(plan.mask_stack, lo, hi, self.frame.spacing)
         except fill_between.FillBetweenUnavailable as exc:
             note = f"{plan.seg.name}: {exc}; the shape prior uses the interpolated distance only"
             if note not in self.notes:
                 self.notes.append(note)
                 self._notes_given = False
-            return None
+            result = "refused"
+        self._fbs_gaps.put(key, [result])
+        return result
 
-    def _inside_probabilities(
-        self, plan: _Plan, prior: ShapePrior, fbs: Optional[np.ndarray], network, tick, state: Dict
-    ) -> Dict[int, np.ndarray]:
-        """Fused probabilities of the targets between labeled slices, one gap at a time (a gap
-        whose inputs did not change since an earlier call is taken from the cache)."""
-        probs: Dict[int, np.ndarray] = {}
-        rule = self.fusion.inside_rule(fbs is not None)
-        for lo, hi, ts in gaps_of(plan.labeled, plan.targets):
-            key = (
-                lo,
-                hi,
-                plan.fingerprints[lo],
-                plan.fingerprints[hi],
-                slice_fingerprint(fbs[lo + 1 : hi]) if fbs is not None else None,
-                self._logit_keys(plan, ts),
-                id(rule),
-            )
-            cached = self._gaps.get(key)
-            if cached is None:
-                cached = fuse_gap(prior, self.fusion, network(ts))
-                self._gaps.put(key, cached)
-            else:  # the gap's logits are not even looked at
-                state["reused"] += len(ts) * self.options.ensemble
-                tick("", len(ts) * self.options.ensemble)
-            probs.update(cached)
-        return probs
+    def _grow(self) -> Tuple[int, int]:
+        """The margin of a fusion region around what is painted (pixels along rows, cols)."""
+        mm = REGION_MARGIN_CANVAS_PIXELS * self.stack.canvas_pixel_mm
+        sp = self.frame.spacing
+        return int(np.ceil(mm / sp[1])), int(np.ceil(mm / sp[2]))
 
-    def _outside_probabilities(
-        self, plan: _Plan, prior: ShapePrior, network, tick
-    ) -> Dict[int, np.ndarray]:
-        """Fused probabilities beyond each painted end (see :func:`prior.fuse_outside`)."""
-        return fuse_outside(
-            prior,
-            self.fusion,
-            plan.targets,
-            network,
-            self.batch_size,
-            lambda k: tick("", k * self.options.ensemble),
+    def _gap(self, plan: _Plan, lo: int, hi: int, ts, uses_fbs: bool, network, tick, state):
+        """The fused gap between labeled ``lo`` and ``hi`` (cached: a gap whose labels, Fill
+        between slices and logits did not change since an earlier call is not recomputed)."""
+        fbs = self._gap_fbs(plan, lo, hi) if uses_fbs else "refused"
+        rule = self.fusion.inside_rule(fbs != "refused")
+        key = (
+            lo,
+            hi,
+            plan.fingerprints[lo],
+            plan.fingerprints[hi],
+            fbs != "refused",
+            self._logit_keys(plan, ts),
+            id(rule),
+            self.step,
         )
+        cached = self._gaps.get(key)
+        if cached is not None:  # the gap's logits are not even looked at
+            state["reused"] += len(ts) * self.options.ensemble
+            tick("", len(ts) * self.options.ensemble)
+            return cached
+        logits = network(ts)
+        block = fbs if isinstance(fbs, tuple) else None
+        box = None
+        region = self._full
+        if self._regions:
+            planes = [plan.mask_stack[lo], plan.mask_stack[hi]]
+            if block is not None:
+                planes.append((block[2].any(axis=0), block[0], block[1]))
+            box = bounding_box(planes)
+            region = Region.around(box, *self._full.shape, self._grow())
+        while True:
+            planes_fbs = None if fbs == "refused" else _gap_planes(region, lo, hi, block)
+            prior = self._prior(plan, region, planes_fbs)
+            if not region.is_full and not self._inside_exact(prior, rule, lo, hi, ts, logits, box):
+                region = self._full
+                continue
+            native = dict(zip(ts, self.stack.native([logits[t] for t in ts], region)))
+            probs = fuse_gap(prior, self.fusion, native)
+            if region.is_full or not any(region.touches_border(p >= 0.5) for p in probs.values()):
+                break
+            region = self._full  # cannot happen when the bound held; kept as a guard
+        gap = _Fused(region, probs, prior)
+        self._gaps.put(key, gap)
+        return gap
+
+    def _inside_exact(self, prior: ShapePrior, rule, lo: int, hi: int, ts, logits, box) -> bool:
+        """True when no pixel outside ``prior.region`` can come out foreground in the gap: the
+        inside rule's upper bound there (:func:`prior.inside_upper_bound`) is negative on every
+        target. Outside the region each native pixel is at least ``D`` mm from the painting and
+        Fill between slices (``box``), so its normalised distances are at least ``a (D - h) /
+        r``; its network logit is at most the largest of the canvas pixels it is mixed from."""
+        region = prior.region
+        (fr0, fr1), (fc0, fc1) = self._footprints
+        inside = ((fr0 >= region.r0) & (fr1 < region.r1))[:, None] & (
+            (fc0 >= region.c0) & (fc1 < region.c1)
+        )[None, :]
+        outside = ~inside
+        if not outside.any():
+            return True
+        sp = prior.in_plane
+        dist = box_distance_mm((fr0[:, None], fr1[:, None], fc0[None, :], fc1[None, :]), box, sp)
+        dist = np.minimum(dist - 0.25 * (sp[0] + sp[1]), EMPTY_DISTANCE_MM).astype(np.float32)
+        dist = dist[outside]  # only the canvas pixels that reach outside the region
+        painted_nb = np.where(dist > 0, -MODEL_CLIP, MODEL_CLIP).astype(np.float32)
+        tops = {t: max_filter3(np.clip(logits[t], -MODEL_CLIP, MODEL_CLIP))[outside] for t in ts}
+        labeled = set(prior.labeled)
+        for t in ts:
+            scale = prior.distance_scale(t, lo, hi)
+            if scale is None:
+                return False
+            _, r, gap, gap_r = prior.gap_scalars(t, lo, hi)
+            nbs = [painted_nb if u in labeled else tops.get(u, tops[t]) for u in (t - 1, t + 1)]
+            args = (tops[t], (nbs[0] + nbs[1]) / np.float32(2.0), scale * dist / r)
+            # the largest logit, the largest neighbours' and the smallest distance together
+            # first: when even that bound is negative, no pixel needs looking at
+            whole = inside_upper_bound(
+                rule,
+                *(np.float32(a.max()) for a in args[:2]),
+                np.float32(args[2].min()),
+                gap,
+                gap_r,
+            )
+            if float(whole) < -BOUND_SLACK:
+                continue
+            if bool((inside_upper_bound(rule, *args, gap, gap_r) >= -BOUND_SLACK).any()):
+                return False
+        return True
+
+    def _side(self, plan: _Plan, end: int, side: List[int], network, tick, state) -> _Fused:
+        """The fused targets beyond painted ``end`` (cached like a gap): in a region around the
+        end slice, again on the whole slice when a slice came out foreground on an inner side
+        of the region (where it may go on outside it)."""
+        key = (
+            "side",
+            end,
+            plan.fingerprints[end],
+            tuple(side),
+            self._logit_keys(plan, side),
+            id(self.fusion.outside),
+            self.step,
+        )
+        cached = self._gaps.get(key)
+        if cached is not None:
+            state["reused"] += len(side) * self.options.ensemble
+            tick("", len(side) * self.options.ensemble)
+            return cached
+        region = self._full
+        if self._regions:
+            box = bounding_box([plan.mask_stack[end]])
+            region = Region.around(box, *self._full.shape, self._grow())
+        while True:
+            prior = self._prior(plan, region)
+
+            def native(ts: Sequence[int], region=region) -> Dict[int, np.ndarray]:
+                inner = network(ts)
+                return dict(zip(ts, self.stack.native([inner[t] for t in ts], region)))
+
+            result = fuse_side(
+                prior,
+                self.fusion,
+                end,
+                side,
+                native,
+                self.batch_size,
+                lambda k: tick("", k * self.options.ensemble),
+            )
+            if not result.touched or region.is_full:
+                break
+            region = self._full
+        fused = _Fused(region, result.probs, prior)
+        self._gaps.put(key, fused)
+        return fused

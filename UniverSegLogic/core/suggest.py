@@ -94,13 +94,17 @@ def slice_features(
     probabilities: Mapping[int, np.ndarray], labeled: Sequence[int], prior=None
 ) -> Dict[int, Tuple[str, Dict[str, float]]]:
     """``{slice: (region, {feature: voxels})}`` of every predicted slice (see the module
-    docstring); ``prior``: the segment's :class:`~UniverSegLogic.core.prior.ShapePrior`, or None
-    when the propagation used none (then only the margin)."""
+    docstring); ``prior``: the segment's :class:`~UniverSegLogic.core.prior.ShapePrior` (or an
+    object whose ``for_slice(t)`` gives slice ``t``'s, over the region that slice's probability
+    covers), or None when the propagation used none (then only the margin)."""
     lab = sorted(int(i) for i in labeled)
     out: Dict[int, Tuple[str, Dict[str, float]]] = {}
+    priors = prior
     for t, p in probabilities.items():
         t = int(t)
         feats = {"margin": expected_wrong_voxels(p)}
+        # one prior, or one per slice (``for_slice``): each covers the region of its slices' p
+        prior = priors.for_slice(t) if hasattr(priors, "for_slice") else priors
         if prior is None or not lab:
             inside = bool(lab) and lab[0] < t < lab[-1]
             out[t] = ("inside_no_prior" if inside else "outside_no_prior", feats)

@@ -293,6 +293,7 @@ class PropagationJob:
         self.check_unchanged()
         writes = []
         segmentation = self.segmentationNode.GetSegmentation()
+        run_tags = self.result.tags()  # device and precision of the run
         for sid, mask, status in zip(self.source_ids, self.masks, self.statuses):
             res = self.result.get(sid)
             labeled = list(res.labeled_slices)
@@ -310,7 +311,7 @@ class PropagationJob:
                 for t in region:
                     take[self.axis] = t
                     code[tuple(take)] = np.where(res.mask[tuple(take)], FOREGROUND, BACKGROUND)
-                writes.append(SegmentWrite(sid, code, False, {}, rec))
+                writes.append(SegmentWrite(sid, code, False, dict(run_tags), rec))
             else:
                 source = segmentation.GetSegment(sid)
                 code = np.where(res.mask, FOREGROUND, BACKGROUND).astype(np.uint8)
@@ -320,7 +321,7 @@ class PropagationJob:
                         out_id,
                         code,
                         True,
-                        {TAG_SOURCE: sid},
+                        {TAG_SOURCE: sid, **run_tags},
                         rec,
                         new_name=source.GetName() + OUTPUT_SUFFIX,
                         new_color=tuple(source.GetColor()),

@@ -98,7 +98,9 @@ class Runner:
         When Apple's GPU lacks an operation the run needs, it runs once more on the CPU and the
         job gets a note saying so (``auto`` means the CPU from then on). Returns ``job``."""
         options = job.options
-        loaded = self.engines.get(options.weights, options.device, progress, cancel)
+        loaded = self.engines.get(
+            options.weights, options.device, progress, cancel, precision=options.precision
+        )
         try:
             job.run(progress, cancel)
         except Exception as exc:  # noqa: BLE001 - only the Apple-GPU case is handled
@@ -108,7 +110,7 @@ class Runner:
             self.engines.mps_failed = True
             self.sessions.discard_device("mps")
             job.use_device("cpu")
-            self.engines.get(options.weights, "cpu", progress, cancel)
+            self.engines.get(options.weights, "cpu", progress, cancel, precision=options.precision)
             job.run(progress, cancel)
             job.notes.append(MPS_FALLBACK_MESSAGE)
         return job
