@@ -313,6 +313,17 @@ def _error_cases(d, tmp):
         "missing weights": ["--image", img, "--labels", lab, "--weights", str(tmp / "none.pt")],
         "offline official": ["--image", img, "--labels", lab, "--weights", "official"],
         "bad option": ["--image", img, "--labels", lab, "--support-size", "0", "--weights", w],
+        "bad fusion": ["--image", img, "--labels", lab, "--fusion-model", "neural", "--weights", w],
+        "missing fusion file": [
+            "--image",
+            img,
+            "--labels",
+            lab,
+            "--fusion-model",
+            str(tmp / "none_fusion.pt"),
+            "--weights",
+            w,
+        ],
     }, base
 
 

@@ -681,7 +681,8 @@ def copy(tmp_path):
     (root / "Resources" / "Icons" / "UniverSeg.png").write_bytes(b"png")
     for name in ("starter_fusion.json", "MODEL_CARD.md"):
         shutil.copy(ROOT / "Resources" / name, root / "Resources" / name)
-    (root / "Resources" / "starter_weights.pt").write_bytes(b"weights")
+    for name in ("starter_weights.pt", "starter_fusion_net.pt"):
+        (root / "Resources" / name).write_bytes(b"weights")
     for check in CHECKS:
         if check is not check_torch_free_imports:  # (slower: runs an interpreter; own tests)
             assert check(root) == [], check.__name__

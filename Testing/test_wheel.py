@@ -81,7 +81,12 @@ def wheel(tmp_path_factory):
 
 def test_the_wheel_carries_the_shipped_resources_and_no_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for resource in ("starter_weights.pt", "starter_fusion.json", "MODEL_CARD.md"):
+    for resource in (
+        "starter_weights.pt",
+        "starter_fusion.json",
+        "starter_fusion_net.pt",
+        "MODEL_CARD.md",
+    ):
         assert f"UniverSegLogic/resources/{resource}" in names
     assert not [n for n in names if n.startswith(("Testing/", "docs/", "UniverSegSlicer/"))]
     assert any(n.endswith("licenses/LICENSE") for n in names)

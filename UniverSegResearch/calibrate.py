@@ -239,8 +239,11 @@ def _prior(ep: Episode, uses_fbs: bool, priors: Optional[Dict] = None) -> ShapeP
     return p
 
 
-def predict_episode(ep: Episode, fusion: FusionParams, priors: Optional[Dict] = None) -> np.ndarray:
-    """The fused segmentation (canonical stack) of an episode: what propagate would return."""
+def predict_episode(
+    ep: Episode, fusion: FusionParams, priors: Optional[Dict] = None, refine=None
+) -> np.ndarray:
+    """The fused segmentation (canonical stack) of an episode: what propagate would return
+    (``refine``: a learned fusion on the episode's canvas, :mod:`~UniverSegLogic.core.fusion_net`)."""
     prior = _prior(ep, fusion.uses_fbs(), priors)
     n = ep.truth.shape[0]
     extra = extrapolation_slices(
@@ -248,7 +251,7 @@ def predict_episode(ep: Episode, fusion: FusionParams, priors: Optional[Dict] = 
     )
     ends = (bool(prior.masks[ep.labeled[0]].any()), bool(prior.masks[ep.labeled[-1]].any()))
     targets = prediction_targets(n, ep.labeled, ends, extra)
-    probs = fused_probabilities(prior, fusion, targets, _EpisodeLogits(ep))
+    probs = fused_probabilities(prior, fusion, targets, _EpisodeLogits(ep), refine=refine)
     out = np.zeros(ep.truth.shape, dtype=bool)
     for t, p in probs.items():
         out[t] = p >= 0.5

@@ -12,6 +12,8 @@ Sources (fetched at run time into a cache folder; nothing here is committed):
 * ``mricron`` -- Debian ``mricron-data``: Colin27 T1 (``ch2``) with the ``aal`` and ``brodmann``
   label maps on the same grid.
 * ``nilearn`` -- the nilearn wheel: MNI152 2009 T1 with grey/white matter from its probability maps.
+* ``itk_examples`` -- Debian ``insighttoolkit5-examples`` (Apache-2.0): the examples' brain T1 with
+  a brain mask (its skull-strip labels), the head, and k-means grey / white matter in the brain.
 
 Split (:func:`split_aal`, :data:`CASES`): validation = the whole TotalSegmentator MR case plus the
 held-out AAL regions (every 4th AAL region, both hemispheres; zeroed out of the training AAL map).
@@ -79,6 +81,12 @@ _NILEARN_FILES = {
     "wm": "nilearn/datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 _MRICRON_DIR = "usr/share/mricron/templates"
+_ITK_DATA_DIR = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+_ITK_FILES = {
+    "t1": "KmeansTest_T1UCharRaw.nii.gz",
+    "kmeans": "KmeansTest_T1KmeansPrelimSegmentation.nii.gz",
+    "skullstrip": "KmeansTest_T1RawSkullStrip.nii.gz",
+}
 
 
 class DataError(InputError):
@@ -135,6 +143,13 @@ CASES: Tuple[CaseSpec, ...] = (
         "nilearn",
         "train",
         "MNI152 2009c T1 + grey/white matter (probability >= 50%, white wins ties)",
+    ),
+    CaseSpec(
+        "itk_brain_t1",
+        "itk_examples",
+        "train",
+        "ITK examples' brain T1 (KmeansTest_T1UCharRaw) + brain mask, head, k-means grey and "
+        "white matter inside the brain",
     ),
     CaseSpec(
         "slicerio_chest_ct",
@@ -449,29 +464,30 @@ def fetch_nilearn(cache: str) -> str:
     return dest
 
 
-def fetch_mricron(cache: str) -> str:
-    """Folder of mricron-data's templates (``apt-get download`` + ``dpkg -x``, once)."""
-    dest = os.path.join(cache, "mricron-data")
-    templates = os.path.join(dest, _MRICRON_DIR)
-    if os.path.exists(os.path.join(templates, "aal.nii.txt")):
-        return templates
+def _fetch_deb(package: str, cache: str, dest_name: str, check: str) -> str:
+    """``cache/dest_name``: the Debian package ``package`` unpacked (``apt-get download`` +
+    ``dpkg -x``, once; a .deb already in ``cache`` is reused); ``check`` (a path inside it) must
+    exist afterwards."""
+    dest = os.path.join(cache, dest_name)
+    if os.path.exists(os.path.join(dest, check)):
+        return dest
     os.makedirs(cache, exist_ok=True)
-    debs = sorted(glob.glob(os.path.join(cache, "mricron-data_*.deb")))
+    debs = sorted(glob.glob(os.path.join(cache, f"{package}_*.deb")))
     if not debs:
-        tmp = tempfile.mkdtemp(prefix="mricron-")
+        tmp = tempfile.mkdtemp(prefix=f"{package}-")
         try:
             try:
-                _run(["apt-get", "download", "mricron-data"], "download mricron-data", cwd=tmp)
+                _run(["apt-get", "download", package], f"download {package}", cwd=tmp)
             except DataError:
                 _run(["apt-get", "update"], "update the apt package lists")
-                _run(["apt-get", "download", "mricron-data"], "download mricron-data", cwd=tmp)
-            got = glob.glob(os.path.join(tmp, "mricron-data_*.deb"))
+                _run(["apt-get", "download", package], f"download {package}", cwd=tmp)
+            got = glob.glob(os.path.join(tmp, f"{package}_*.deb"))
             if not got:
-                raise DataError("apt-get download mricron-data left no .deb file")
+                raise DataError(f"apt-get download {package} left no .deb file")
             shutil.move(got[0], os.path.join(cache, os.path.basename(got[0])))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        debs = sorted(glob.glob(os.path.join(cache, "mricron-data_*.deb")))
+        debs = sorted(glob.glob(os.path.join(cache, f"{package}_*.deb")))
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=cache)
     try:
         _run(["dpkg", "-x", debs[-1], tmp], f"unpack {os.path.basename(debs[-1])}")
@@ -480,9 +496,28 @@ def fetch_mricron(cache: str) -> str:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.exists(os.path.join(templates, "aal.nii.txt")):
-        raise DataError(f"{os.path.basename(debs[-1])} has no {_MRICRON_DIR}/aal.nii.txt")
-    return templates
+    if not os.path.exists(os.path.join(dest, check)):
+        raise DataError(f"{os.path.basename(debs[-1])} has no {check}")
+    return dest
+
+
+def fetch_mricron(cache: str) -> str:
+    """Folder of mricron-data's templates (``apt-get download`` + ``dpkg -x``, once)."""
+    dest = _fetch_deb(
+        "mricron-data", cache, "mricron-data", os.path.join(_MRICRON_DIR, "aal.nii.txt")
+    )
+    return os.path.join(dest, _MRICRON_DIR)
+
+
+def fetch_itk_examples(cache: str) -> str:
+    """Folder of the ITK examples' data files (Debian ``insighttoolkit5-examples``, once)."""
+    dest = _fetch_deb(
+        "insighttoolkit5-examples",
+        cache,
+        "insighttoolkit5-examples",
+        os.path.join(_ITK_DATA_DIR, _ITK_FILES["t1"]),
+    )
+    return os.path.join(dest, _ITK_DATA_DIR)
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,6 +667,38 @@ def load_nilearn(folder: str) -> List[LabeledCase]:
     ]
 
 
+def load_itk_examples(folder: str) -> List[LabeledCase]:
+    """The ITK examples' brain T1 (128x128x62) with four structures from its label files: the
+    brain (skull-strip labels), the head (k-means class other than the background class 1), and
+    grey / white matter (k-means classes 5 / 6 inside the brain). Structures overlap (the head
+    holds the brain), so each keeps its own mask; the npz label map holds grey matter, white
+    matter, the rest of the brain and the rest of the head."""
+    t1 = _read_sitk(os.path.join(folder, _ITK_FILES["t1"]))
+    kmeans = labels_on_grid(_read_sitk(os.path.join(folder, _ITK_FILES["kmeans"])), t1)
+    strip = labels_on_grid(_read_sitk(os.path.join(folder, _ITK_FILES["skullstrip"])), t1)
+    brain = np.isin(strip, (5, 6))
+    head = (kmeans != 1) & (kmeans != 0) | brain
+    grey, white = brain & (kmeans == 5), brain & (kmeans == 6)
+    labels = np.zeros(brain.shape, np.uint16)
+    labels[head] = 4
+    labels[brain] = 3
+    labels[grey] = 1
+    labels[white] = 2
+    names = ["grey_matter", "white_matter", "brain_other", "head_other"]
+    return [
+        LabeledCase(
+            case_spec("itk_brain_t1"),
+            _volume(t1),
+            labels,
+            names,
+            t1,
+            "Debian insighttoolkit5-examples (Apache-2.0): examples/Data/"
+            + " + ".join(_ITK_FILES.values()),
+            masks={"brain": brain, "head": head, "grey_matter": grey, "white_matter": white},
+        )
+    ]
+
+
 def load_slicerio(folder: str) -> List[LabeledCase]:
     """slicerio's chest CT with its 7 segments (the unseen demo sample; evaluation only)."""
     from UniverSegLogic.core.io import read_segmentation
@@ -662,6 +729,7 @@ SOURCES: Dict[str, Tuple[Callable[[str], str], Callable[[str], List[LabeledCase]
     "totalsegmentator": (fetch_totalsegmentator, load_totalsegmentator),
     "mricron": (fetch_mricron, load_mricron),
     "nilearn": (fetch_nilearn, load_nilearn),
+    "itk_examples": (fetch_itk_examples, load_itk_examples),
 }
 
 
@@ -845,9 +913,10 @@ def source_versions(cache: str, sources: Sequence[str]) -> Dict[str, str]:
             out[s] = f"totalsegmentator=={TOTALSEG_VERSION} (sdist)"
         elif s == "nilearn":
             out[s] = f"nilearn=={NILEARN_VERSION} (wheel)"
-        elif s == "mricron":
-            debs = sorted(glob.glob(os.path.join(cache, "mricron-data_*.deb")))
-            out[s] = os.path.basename(debs[-1]) if debs else "mricron-data (unpacked earlier)"
+        elif s in ("mricron", "itk_examples"):
+            package = {"mricron": "mricron-data", "itk_examples": "insighttoolkit5-examples"}[s]
+            debs = sorted(glob.glob(os.path.join(cache, f"{package}_*.deb")))
+            out[s] = os.path.basename(debs[-1]) if debs else f"{package} (unpacked earlier)"
         elif s == "slicerio":
             from importlib import metadata
 

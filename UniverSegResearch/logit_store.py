@@ -80,13 +80,17 @@ class DiskLogits:
 
 
 def session_folder(root: str, session, weights_tag: str) -> str:
-    """The store's folder for a session: image voxels + geometry, weights, axis."""
+    """The store's folder for a session: image voxels + geometry, weights, axis, the engine's
+    precision and the layout of the cached logits (the canvas' inner part since the propagator
+    caches logits on the canvas; the earlier stores held native slices)."""
     image = session.image
     tag = _digest(
         np.asarray(image.array, dtype=np.float32),
         np.round(np.asarray(image.ijk_to_ras, dtype=np.float64), 6),
         str(weights_tag),
         int(session.axis),
+        "canvas-inner",
+        str(getattr(session.engine, "precision", "fp32")),
     )
     return os.path.join(root, tag)
 

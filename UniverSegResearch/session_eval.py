@@ -452,7 +452,9 @@ def run_cli(args, cases, axis: int) -> int:
         raise UsageError(f"--target-dice must be in (0, 1], got {args.target_dice}")
     if args.max_painted < START_K:
         raise UsageError(f"--max-painted must be at least {START_K}, got {args.max_painted}")
-    options = PropagationOptions(device=args.device, weights=args.weights)
+    options = PropagationOptions(
+        device=args.device, weights=args.weights, fusion_model=args.fusion_model
+    )
     if args.support_size is not None:
         if args.support_size < 1:
             raise UsageError("--support-size must be at least 1")
@@ -493,6 +495,7 @@ def run_cli(args, cases, axis: int) -> int:
         "axis": int(axis),
         "weights": args.weights,
         "fusion": args.fusion or "shipped for the weights",
+        "fusion_model": args.fusion_model,
         "support_size": options.support_size,
         "median_censoring": f"a session that never reaches the target counts as "
         f"{args.max_painted + 1} slices",

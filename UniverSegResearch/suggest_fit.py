@@ -78,10 +78,11 @@ def fit_beyond(rows: Sequence[Dict]) -> Tuple[float, float]:
 
 
 def episode_rows(
-    ep: cal.Episode, fusion: FusionParams, use_fbs: bool = True
+    ep: cal.Episode, fusion: FusionParams, use_fbs: bool = True, refine=None
 ) -> Tuple[List[Dict], List[Dict]]:
     """(per predicted slice: region, features, error; per open side: areas beyond) of one
-    episode, with the real fusion (``use_fbs`` False: as where vtkITK is missing)."""
+    episode, with the real fusion (``use_fbs`` False: as where vtkITK is missing; ``refine``: the
+    learned fusion on the episode's canvas)."""
     fbs = ep.fbs if fusion.uses_fbs() and use_fbs else None
     prior = ShapePrior(ep.painted, ep.labeled, ep.spacing, fbs)
     n = ep.truth.shape[0]
@@ -90,7 +91,7 @@ def episode_rows(
     )
     ends = (bool(ep.painted[ep.labeled[0]].any()), bool(ep.painted[ep.labeled[-1]].any()))
     targets = prediction_targets(n, ep.labeled, ends, extra)
-    probs = fused_probabilities(prior, fusion, targets, cal._EpisodeLogits(ep))
+    probs = fused_probabilities(prior, fusion, targets, cal._EpisodeLogits(ep), refine=refine)
     rows = []
     for t, (region, feats) in suggest.slice_features(probs, ep.labeled, prior).items():
         err = int(np.count_nonzero((probs[t] >= 0.5) ^ ep.truth[t]))
@@ -125,16 +126,24 @@ def episode_rows(
     return rows, beyond
 
 
-def fit(episodes: Sequence[cal.Episode], fusion: FusionParams) -> Dict:
-    """The weights and beyond-range constants (and fit statistics) from ``episodes``."""
+def fit(
+    episodes: Sequence[cal.Episode],
+    fusion: FusionParams,
+    refine_by_case: Optional[Dict[str, object]] = None,
+) -> Dict:
+    """The weights and beyond-range constants (and fit statistics) from ``episodes``
+    (``refine_by_case``: {case: learned fusion} or None for the logistic rule)."""
     rows: List[Dict] = []
     beyond: List[Dict] = []
     for ep in episodes:
-        r, b = episode_rows(ep, fusion)
+        refine = refine_by_case[ep.case] if refine_by_case else None
+        r, b = episode_rows(ep, fusion, True, refine)
         rows += r
         beyond += b
         if fusion.uses_fbs():  # the fallback without Fill between slices: its inside rule
-            rows += [x for x in episode_rows(ep, fusion, False)[0] if x["region"] != "outside"]
+            rows += [
+                x for x in episode_rows(ep, fusion, False, refine)[0] if x["region"] != "outside"
+            ]
     weights: Dict[str, Dict[str, float]] = {}
     stats: Dict[str, Dict[str, float]] = {}
     for region in sorted({r["region"] for r in rows}):
@@ -181,6 +190,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--roles", default="val")
     p.add_argument("--weights", default="starter")
     p.add_argument("--fusion", default=None, help="fusion JSON (default: shipped)")
+    p.add_argument(
+        "--fusion-model",
+        default="auto",
+        help="auto, learned, logistic or a learned-fusion .pt (default auto: the shipped one)",
+    )
     p.add_argument("--cache", default=os.path.join(".data", "calibration"))
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -197,7 +211,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cases, engine, os.path.join(args.cache, cal.weights_key(w.path)), log=print
     )
     fusion = FusionParams.load(args.fusion) if args.fusion else fusion_for(args.weights)[0]
-    result = fit(episodes, fusion)
+    from dataclasses import replace
+
+    from UniverSegLogic.core.fusion_net import describe, fusion_net_for
+
+    from .fusion_train import refiners
+
+    net, _ = fusion_net_for(args.weights, args.fusion_model)
+    if net is not None and net.extrapolation_gaps is not None:
+        fusion = replace(fusion, extrapolation_gaps=net.extrapolation_gaps)
+    result = fit(episodes, fusion, refiners(cases, net, engine) if net is not None else None)
+    result["fusion_model"] = describe(net)
     print("WEIGHTS =", json.dumps(result["weights"], indent=1))
     print("BEYOND =", result["beyond"])
     print(json.dumps(result["stats"], indent=1))

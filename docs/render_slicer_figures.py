@@ -38,6 +38,7 @@ EXAMPLES = {
     "ensembleSpinBox": "1",
     "deviceComboBox": "auto",
     "weightsComboBox": "starter",
+    "fusionComboBox": "logistic",
     "weightsPathLineEdit": "",
     "supportList": [("atlas  (CT-atlas)", None, False)],
     "progressBar": 40,

@@ -569,8 +569,10 @@ class OutsideChain:
     slices further out are empty and need not be computed.
     """
 
-    def __init__(self, prior: ShapePrior, params: FusionParams, end: int):
-        self.prior, self.params = prior, params
+    def __init__(
+        self, prior: ShapePrior, params: FusionParams, end: int, refine: Optional[Refine] = None
+    ):
+        self.prior, self.params, self.refine = prior, params, refine
         self.prev = np.asarray(prior.masks[end], dtype=bool)
         self.stopped = params.chain_outside and not self.prev.any()
         self.seen: Dict[int, np.ndarray] = {}
@@ -590,7 +592,10 @@ class OutsideChain:
         if neighbours:
             nb.update(neighbours)
         _, feats = self.prior.features(t, model_logit, nb)
-        p = sigmoid(self.params.outside.logit(feats)).astype(np.float32)
+        z = self.params.outside.logit(feats)
+        if self.refine is not None:
+            z = self.refine(self.prior, {t: ("outside", feats, z)})[t]
+        p = sigmoid(z).astype(np.float32)
         if not self.prior.region.is_full and self.prior.region.touches_border(p >= 0.5):
             self.touched = True
         if self.params.chain_outside:
@@ -641,15 +646,32 @@ def fusion_for(weights_source: str) -> Tuple[FusionParams, Optional[str]]:
 # ------------------------------------------------------------------------------- fusion
 
 
+#: The seam for a learned fusion (:class:`~UniverSegLogic.core.fusion_net.LearnedFusion`):
+#: ``refine(prior, {t: (region, features, logistic logit)}) -> {t: fused logit}``, on the
+#: prior's planes (its region of the slice).
+Refine = Callable[[ShapePrior, Dict[int, Tuple[str, FeatureSource, np.ndarray]]], Dict]
+
+
 def fuse_gap(
-    prior: ShapePrior, params: FusionParams, logits: Dict[int, np.ndarray]
+    prior: ShapePrior,
+    params: FusionParams,
+    logits: Dict[int, np.ndarray],
+    refine: Optional[Refine] = None,
 ) -> Dict[int, np.ndarray]:
     """Fused probabilities (float32) of the targets of one gap between two labeled slices, from
     their network logits (``logits`` holds every target of the gap: they are each other's
-    neighbours)."""
-    return {
-        t: fuse_inside(prior, params, t, lg, logits).astype(np.float32) for t, lg in logits.items()
-    }
+    neighbours); ``refine`` corrects the logistic logits of the whole gap at once."""
+    if refine is None:
+        return {
+            t: fuse_inside(prior, params, t, lg, logits).astype(np.float32)
+            for t, lg in logits.items()
+        }
+    rule = params.inside_rule(prior.fbs is not None)
+    items = {}
+    for t, lg in logits.items():
+        _, feats = prior.features(t, lg, logits)
+        items[t] = ("inside", feats, rule.logit(feats))
+    return {t: sigmoid(z).astype(np.float32) for t, z in refine(prior, items).items()}
 
 
 def fuse_outside(
@@ -659,13 +681,14 @@ def fuse_outside(
     network: Callable[[Sequence[int]], Dict[int, np.ndarray]],
     batch: int = 8,
     skip: Optional[Callable[[int], None]] = None,
+    refine: Optional[Refine] = None,
 ) -> Dict[int, np.ndarray]:
     """Fused probabilities of the targets beyond each painted end, computed outwards in batches
     of ``batch``; once a side stops (:class:`OutsideChain`), its remaining targets are not
     computed (``skip(count)`` is told how many)."""
     probs: Dict[int, np.ndarray] = {}
     for end, side in outside_sides(prior.labeled, targets):
-        probs.update(fuse_side(prior, params, end, side, network, batch, skip).probs)
+        probs.update(fuse_side(prior, params, end, side, network, batch, skip, refine).probs)
     return probs
 
 
@@ -695,10 +718,11 @@ def fuse_side(
     network: Callable[[Sequence[int]], Dict[int, np.ndarray]],
     batch: int = 8,
     skip: Optional[Callable[[int], None]] = None,
+    refine: Optional[Refine] = None,
 ) -> SideResult:
     """Fused probabilities of the targets ``side`` beyond the painted ``end`` (outwards)."""
     probs: Dict[int, np.ndarray] = {}
-    chain = OutsideChain(prior, params, end)
+    chain = OutsideChain(prior, params, end, refine)
     for b in range(0, len(side), batch):
         if chain.stopped:  # the structure has ended: the rest stays empty
             if skip is not None:
@@ -730,12 +754,13 @@ def fused_probabilities(
     network: Callable[[Sequence[int]], Dict[int, np.ndarray]],
     batch: int = 8,
     skip: Optional[Callable[[int], None]] = None,
+    refine: Optional[Refine] = None,
 ) -> Dict[int, np.ndarray]:
     """Fused probability of every target: :func:`fuse_gap` for each gap inside the painted
     range, :func:`fuse_outside` beyond it (what a propagation computes; the calibration scores
     candidate parameters with it on cached logits)."""
     probs: Dict[int, np.ndarray] = {}
     for _lo, _hi, ts in gaps_of(prior.labeled, targets):
-        probs.update(fuse_gap(prior, params, network(ts)))
-    probs.update(fuse_outside(prior, params, targets, network, batch, skip))
+        probs.update(fuse_gap(prior, params, network(ts), refine))
+    probs.update(fuse_outside(prior, params, targets, network, batch, skip, refine))
     return probs

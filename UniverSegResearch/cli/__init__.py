@@ -12,7 +12,7 @@ from UniverSegLogic import cli as runtime_cli
 
 PROG = "python -m UniverSegResearch"
 #: Modules that register sub-commands, in help order.
-COMMAND_MODULES = ("data", "train", "calibrate", "evaluate")
+COMMAND_MODULES = ("data", "train", "calibrate", "evaluate", "fusion")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -43,6 +43,13 @@ def register(sub) -> None:
         default=os.path.join(".data", "calibration"),
         help="folder caching the network's logits per episode",
     )
+    p.add_argument(
+        "--features",
+        default=None,
+        metavar="INSIDE+OUTSIDE",
+        help="only this candidate feature-set pair (e.g. sdf_fbs_nb+model_nb; default: choose "
+        "among all on leave-one-case-out Dice)",
+    )
     p.add_argument("--out", required=True, help="fusion JSON to write")
     p.add_argument("--report", default=None, help="JSON report of the candidates' scores")
     p.set_defaults(func=run)
@@ -65,6 +72,15 @@ def run(args) -> int:
             raise UsageError("--report and --out name the same file")
         check_output_path(args.report, [*inputs, args.out], option="--report")
     ks = parse_ints(args.k, "--k")
+    inside_sets = outside_sets = None
+    if args.features:
+        inside_sets, _, outside = args.features.partition("+")
+        if inside_sets not in cal.INSIDE_SETS or outside not in cal.OUTSIDE_SETS:
+            raise UsageError(
+                f"--features: expected INSIDE+OUTSIDE of {', '.join(cal.INSIDE_SETS)} and "
+                f"{', '.join(cal.OUTSIDE_SETS)}, got {args.features!r}"
+            )
+        inside_sets, outside_sets = [inside_sets], [outside]
     support = args.support_size or PropagationOptions().support_size
     if support < 1:
         raise UsageError("--support-size must be at least 1")
@@ -78,7 +94,12 @@ def run(args) -> int:
         cases, engine, cache, ks, 0, support, log=lambda s: print(s, flush=True)
     )
     print(f"{len(episodes)} episodes ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    params, report = cal.calibrate(episodes, log=lambda s: print(s, flush=True))
+    params, report = cal.calibrate(
+        episodes,
+        log=lambda s: print(s, flush=True),
+        inside_sets=inside_sets,
+        outside_sets=outside_sets,
+    )
     params.save(args.out, {"weights": desc, "support_size": support, "ks": ks})
     print(f"wrote {args.out}: {params.source}")
     if args.report:

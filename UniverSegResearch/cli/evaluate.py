@@ -71,6 +71,12 @@ def register(sub) -> None:
         default=None,
         help="fusion parameters JSON (default: the one shipped for the weights)",
     )
+    p.add_argument(
+        "--fusion-model",
+        default="auto",
+        help="auto (the learned fusion where the weights have one), learned, logistic, or a "
+        "learned-fusion .pt file (default: auto)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--support-size",
@@ -184,7 +190,9 @@ def run(args) -> int:
         return session_eval.run_cli(args, cases, axis)
 
     engine = None
-    options = PropagationOptions(device=args.device, weights=args.weights)
+    options = PropagationOptions(
+        device=args.device, weights=args.weights, fusion_model=args.fusion_model
+    )
     if args.support_size is not None:
         if args.support_size < 1:
             raise UsageError("--support-size must be at least 1")
