@@ -34,7 +34,7 @@ is, never a timing; ``UNIVERSEG_CPU_BF16=0/1`` or an explicit precision override
 sub-batches sized from a memory budget, optional ``torch.compile`` for large calls.
 
 Every target's logits are the same bit for bit whatever the batch it runs in and the number of
-threads (checked in ``Testing/test_engine.py``): a lone target runs beside a copy of itself, and
+threads (checked in ``Testing/core/test_engine.py``): a lone target runs beside a copy of itself, and
 the output layer is a fixed-order sum (:func:`_out_conv`), so cached re-runs equal fresh runs and
 a cohort worker on one thread equals the CLI on two.
 """

@@ -4,7 +4,7 @@ The Slicer side of the first run (in the spirit of SlicerTotalSegmentator): the 
 installed PyTorch against :data:`TORCH_REQUIREMENT` from the package metadata (so an old torch can
 be replaced before it is imported) and, after asking, runs light-the-torch through
 :func:`run_install`, which reports pip's progress and can be stopped until pip starts replacing
-files. Plain Python, tested headless (``Testing/test_slicer_logic.py``); the runtime package
+files. Plain Python, tested headless (``Testing/slicer/test_slicer_logic.py``); the runtime package
 ``UniverSegLogic`` never installs anything.
 """
 
@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from UniverSegLogic.errors import DeviceError, UsageError
 
 #: The PyTorch versions the logic works with (first with every API it uses). One home: the Slicer
-#: module's install check and the package metadata agree with it (Testing/test_slicer_logic.py).
+#: module's install check and the package metadata agree with it (Testing/slicer/test_slicer_logic.py).
 TORCH_REQUIREMENT = ">=2.1"
 
 

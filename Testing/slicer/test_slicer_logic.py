@@ -30,10 +30,10 @@ from UniverSegLogic.errors import Cancelled, DeviceError, UsageError
 from UniverSegLogic.mrml import panel
 from UniverSegLogic.mrml.vtkglue import image_scalars, oriented_image, vtk_matrix
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "UniverSegSlicer"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "UniverSegSlicer"))
 from UniverSegSlicerLib import torch_install  # noqa: E402  (the module's Qt-free helpers)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
 
 # --------------------------------------------------------------------------------------------

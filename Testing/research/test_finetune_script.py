@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREPARED = Path(os.environ.get("UNIVERSEG_PREPARED", "/work/data/prepared"))
 
 

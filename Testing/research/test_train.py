@@ -16,7 +16,7 @@ from UniverSegLogic.core.support import select_support
 from UniverSegLogic.core.weights import verify_state_dict
 from UniverSegResearch import train as tr
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

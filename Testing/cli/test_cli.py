@@ -18,7 +18,7 @@ from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
 from UniverSegLogic.core.io import Segment, Segmentation, read_image, write_segmentation
 from UniverSegLogic.core.model import UniverSeg
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_image(path, vol: Volume):

@@ -7,7 +7,7 @@ import torch
 
 from UniverSegLogic.core.model import EmptySupportError, UniverSeg, parameter_count
 
-TSV = Path(__file__).parent / "reference" / "universeg_v1_state_dict.tsv"
+TSV = Path(__file__).resolve().parents[1] / "reference" / "universeg_v1_state_dict.tsv"
 
 
 def _official_layout():

@@ -26,7 +26,7 @@ from UniverSegLogic.core.propagator import PropagationOptions, Propagator, Segme
 from UniverSegLogic.core.slices import evaluation_slices
 from UniverSegResearch import calibrate as cal
 
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
+RESOURCES = Path(__file__).resolve().parents[2] / "Resources"
 needs_vtkitk = pytest.mark.skipif(not available(), reason="slicer-core / vtkITK not importable")
 
 
