@@ -52,6 +52,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .rss import proc_status_kb, reset_rss_peak
+
 Echo = Callable[[str], None]
 
 #: (slices, rows, cols) of the clinical volume, and of the ``--quick`` variant.
@@ -171,17 +173,6 @@ def edited_slice(labeled: Sequence[int]) -> int:
 
 
 # ------------------------------------------------------------------------------ memory
-def _status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="ignore") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _cpu_seconds() -> float:
     import resource
 
@@ -189,22 +180,13 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class _Peak:
     """Resident memory before a block and its peak during it (MiB; -1 where unreadable), its
     wall time and the CPU time of all of the process's threads during it."""
 
     def __enter__(self):
-        self.ok = _reset_peak()
-        self.before = _status_kb("VmRSS")
+        self.ok = reset_rss_peak()
+        self.before = proc_status_kb("VmRSS")
         self.cpu0 = _cpu_seconds()
         self.t0 = time.perf_counter()
         return self
@@ -212,7 +194,7 @@ class _Peak:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
         self.cpu_seconds = _cpu_seconds() - self.cpu0
-        hwm = _status_kb("VmHWM") if self.ok else None
+        hwm = proc_status_kb("VmHWM") if self.ok else None
         self.peak_mb = hwm / 1024 if hwm is not None else -1.0
         self.before_mb = self.before / 1024 if self.before is not None else -1.0
         return False

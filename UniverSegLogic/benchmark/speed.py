@@ -28,6 +28,7 @@ import torch
 
 from ..core.engine import InferenceEngine, engine_flops, reference_flops, resolve_device
 from ..core.model import UniverSeg
+from .rss import proc_status_kb, reset_rss_peak
 
 Echo = Callable[[str], None]
 #: Segments of the sample used for the exactness check (all of them unless quick).
@@ -73,26 +74,6 @@ def benchmark_model(seed: int = 0) -> Tuple[UniverSeg, str]:
 
 
 # --------------------------------------------------------------------------- memory probes
-def _proc_status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="ignore") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakMemory:
     """Peak memory added while the block runs (MiB): CUDA allocator or process RSS (Linux)."""
 
@@ -106,8 +87,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._ok = _reset_rss_peak()
-            self._base = _proc_status_kb("VmRSS")
+            self._ok = reset_rss_peak()
+            self._base = proc_status_kb("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -115,7 +96,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
         elif self._ok and self._base is not None:
-            hwm = _proc_status_kb("VmHWM")
+            hwm = proc_status_kb("VmHWM")
             if hwm is not None:
                 self.mb = max(0.0, (hwm - self._base) / 1024)
         return False
