@@ -208,7 +208,7 @@ def test_precision_comes_from_what_the_machine_is_and_explicit_options(monkeypat
     """No timing: the rule reads CPU features; UNIVERSEG_CPU_BF16=0/1 sets what auto means; an
     explicit precision overrides both."""
     assert eng_mod.cpu_bf16_rule({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})[0] is True
-    assert eng_mod.cpu_bf16_rule({"avx512f", "avx512_bf16"})[0] is False
+    assert eng_mod.cpu_bf16_rule({"avx512f", "avx512_bf16"})[0] is True
     assert eng_mod.cpu_bf16_rule({"avx2"})[0] is False
     assert eng_mod.cpu_bf16_rule(set())[0] is False
     monkeypatch.delenv("UNIVERSEG_CPU_BF16", raising=False)
