@@ -1077,3 +1077,28 @@ def test_the_widget_before_the_fixes_fails_the_conventions(tmp_path):
         "lists labelmaps",
     ):
         assert any(expected in p for p in problems), expected
+
+
+def test_the_runtime_package_imports_no_research_module():
+    """What users install never pulls in the developer tools (UniverSegResearch): the modules
+    the CLI, the Slicer bridge, the propagation and the benchmark load at run time, as
+    ``python -X importtime`` lists them in a fresh interpreter."""
+    modules = (
+        "UniverSegLogic.cli",
+        "UniverSegLogic.cli.propagate",
+        "UniverSegLogic.cli.demo",
+        "UniverSegLogic.core.propagator",
+        "UniverSegLogic.mrml",
+        "UniverSegLogic.benchmark.clinical",
+    )
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import " + ", ".join(modules)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line]
+    assert "UniverSegLogic.core.propagator" in imported  # the listing is what it seems
+    assert not [m for m in imported if m.startswith("UniverSegResearch")]

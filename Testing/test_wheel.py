@@ -88,7 +88,11 @@ def test_the_wheel_carries_the_shipped_resources_and_no_tests(wheel):
         "MODEL_CARD.md",
     ):
         assert f"UniverSegLogic/resources/{resource}" in names
-    assert not [n for n in names if n.startswith(("Testing/", "docs/", "UniverSegSlicer/"))]
+    assert not [
+        n
+        for n in names
+        if n.startswith(("Testing/", "docs/", "UniverSegSlicer/", "UniverSegResearch/"))
+    ]
     assert any(n.endswith("licenses/LICENSE") for n in names)
     assert any(n.endswith("licenses/NOTICE") for n in names)
 
