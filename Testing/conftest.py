@@ -26,6 +26,20 @@ def rotation(axis: int, degrees: float) -> np.ndarray:
     return r
 
 
+def write_volume_file(path, vol: Volume) -> None:
+    """Write ``vol`` as an image file with SimpleITK directly (the tests' own writer, kept apart
+    from the product's ``core.io``, so a geometry bug there cannot hide in both directions)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(vol.array)
+    lps = np.diag([-1.0, -1, 1, 1]) @ vol.ijk_to_ras
+    sp = np.linalg.norm(lps[:3, :3], axis=0)
+    img.SetSpacing(sp.tolist())
+    img.SetOrigin(lps[:3, 3].tolist())
+    img.SetDirection((lps[:3, :3] / sp).ravel().tolist())
+    sitk.WriteImage(img, str(path))
+
+
 class ThresholdEngineDouble:
     """Test double for InferenceEngine: logit = 40 * (target - 0.5); ignores the support.
 

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
-from conftest import ThresholdEngineDouble, rotation, runner_with
+from conftest import ThresholdEngineDouble, rotation, runner_with, write_volume_file
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -399,16 +399,6 @@ def test_bridge_keeps_painted_voxels_and_other_segments_on_any_grid(capsys):
 # ---------------------------------------------------------------------------- command line
 
 
-def _write_image(path, vol: Volume):
-    img = sitk.GetImageFromArray(vol.array)
-    lps = np.diag([-1.0, -1, 1, 1]) @ vol.ijk_to_ras
-    sp = np.linalg.norm(lps[:3, :3], axis=0)
-    img.SetSpacing(sp.tolist())
-    img.SetOrigin(lps[:3, 3].tolist())
-    img.SetDirection((lps[:3, :3] / sp).ravel().tolist())
-    sitk.WriteImage(img, str(path))
-
-
 NAMES = st.sampled_from(["ball", "Läsion 日本 ü", "box", "ü", "a b", "Läsion 日本 ü", "ball"])
 
 
@@ -488,7 +478,7 @@ def test_cli_keeps_painted_slices_names_and_inputs_or_fails_in_one_line(tmp_path
             make_ijk_to_ras(case["spacing"], (3.0, -4.0, 5.0), rotation(2, case["angle"])),
         )
         image_path = d / f"image{case['image_format']}"
-        _write_image(image_path, vol)
+        write_volume_file(image_path, vol)
         masks = []
         for painting in case["paintings"]:
             m = np.zeros(shape, bool)

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 import slicer
 import torch
 import vtk
-from conftest import ThresholdEngineDouble, rotation, runner_with
+from conftest import ThresholdEngineDouble, rotation, runner_with, write_volume_file
 
 from UniverSegLogic import mrml
 from UniverSegLogic.cli import main
@@ -56,16 +56,6 @@ NAME = "Läsion 日本 ü"
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def _write_image(path, vol: Volume):
-    img = sitk.GetImageFromArray(vol.array)
-    lps = np.diag([-1.0, -1, 1, 1]) @ vol.ijk_to_ras
-    sp = np.linalg.norm(lps[:3, :3], axis=0)
-    img.SetSpacing(sp.tolist())
-    img.SetOrigin(lps[:3, 3].tolist())
-    img.SetDirection((lps[:3, :3] / sp).ravel().tolist())
-    sitk.WriteImage(img, str(path))
 
 
 def _digest(path) -> str:
@@ -121,7 +111,7 @@ def files(tmp_path_factory):
     vol.array[ball] = 800
     vol.array[box] = 300
     vol.array += np.random.default_rng(0).normal(0, 10, SHAPE).astype(np.float32)
-    _write_image(d / "image.nrrd", vol)
+    write_volume_file(d / "image.nrrd", vol)
     ref = read_image(str(d / "image.nrrd"))
     painted = np.zeros(SHAPE, bool)
     painted[[3, 6, 9]] = ball[[3, 6, 9]]
@@ -266,7 +256,7 @@ def test_default_cli_run_with_too_many_islands_does_not_abort(painting, tmp_path
     mask = _squares() if painting == "squares" else _sideways()
     rng = np.random.default_rng(0)
     vol = Volume(rng.normal(0, 50, mask.shape).astype(np.float32), make_ijk_to_ras((1, 1, 2)))
-    _write_image(tmp_path / "image.nrrd", vol)
+    write_volume_file(tmp_path / "image.nrrd", vol)
     ref = read_image(str(tmp_path / "image.nrrd"))
     write_segmentation(str(tmp_path / "noisy.seg.nrrd"), Segmentation(ref, [Segment("t", mask)]))
     out = tmp_path / "out.seg.nrrd"

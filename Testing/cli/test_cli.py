@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 import torch
+from conftest import write_volume_file
 
 from UniverSegLogic.cli import main
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
@@ -19,16 +20,6 @@ from UniverSegLogic.core.io import Segment, Segmentation, read_image, write_segm
 from UniverSegLogic.core.model import UniverSeg
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _write_image(path, vol: Volume):
-    img = sitk.GetImageFromArray(vol.array)
-    lps = np.diag([-1.0, -1, 1, 1]) @ vol.ijk_to_ras
-    sp = np.linalg.norm(lps[:3, :3], axis=0)
-    img.SetSpacing(sp.tolist())
-    img.SetOrigin(lps[:3, 3].tolist())
-    img.SetDirection((lps[:3, :3] / sp).ravel().tolist())
-    sitk.WriteImage(img, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def case(tmp_path_factory):
     vol.array[ball] = 800
     vol.array[box] = 300
     vol.array += np.random.default_rng(0).normal(0, 10, shape).astype(np.float32)
-    _write_image(d / "image.nrrd", vol)
+    write_volume_file(d / "image.nrrd", vol)
     ref = read_image(str(d / "image.nrrd"))
     sparse = np.zeros(shape, bool)
     sparse[[4, 7, 10]] = ball[[4, 7, 10]]
