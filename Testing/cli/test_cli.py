@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 import torch
-from conftest import write_volume_file
+from conftest import labeled_only, write_volume_file
 
 from UniverSegLogic.cli import main
 from UniverSegLogic.core.geometry import Volume, make_ijk_to_ras
@@ -504,18 +504,9 @@ def _masks(path):
     }
 
 
-def _slices(mask, axis, idx):
-    out = np.zeros_like(mask)
-    take = [slice(None)] * 3
-    for t in idx:
-        take[axis] = t
-        out[tuple(take)] = mask[tuple(take)]
-    return out
-
-
 def test_axis_auto_is_the_axis_the_painted_slices_lie_on(case, capsys, tmp_path):
     d, ball, box = case
-    painted = _slices(ball, 1, [5, 9, 13])  # coronal slices
+    painted = labeled_only(ball, 1, [5, 9, 13])  # coronal slices
     labels = _labels(d, tmp_path, "coronal", [("ball", painted)])
     out = tmp_path / "out.seg.nrrd"
     code, stdout, err = _run(_propagate(d, labels, out, weights="weights.pt"), capsys)
@@ -533,7 +524,7 @@ def test_segments_painted_on_two_axes_are_one_line_and_write_nothing(case, capsy
         d,
         tmp_path,
         "two",
-        [("ball", _slices(ball, 0, [4, 7, 10])), ("box", _slices(box, 2, [3, 5]))],
+        [("ball", labeled_only(ball, 0, [4, 7, 10])), ("box", labeled_only(box, 2, [3, 5]))],
     )
     out = tmp_path / "out.seg.nrrd"
     code, stdout, err = _run(_propagate(d, labels, out, weights="weights.pt"), capsys)
@@ -544,7 +535,7 @@ def test_segments_painted_on_two_axes_are_one_line_and_write_nothing(case, capsy
 
 def test_a_segment_without_labeled_slice_is_skipped_with_a_note(case, capsys, tmp_path):
     d, ball, box = case
-    painted = _slices(ball, 0, [4, 7, 10])
+    painted = labeled_only(ball, 0, [4, 7, 10])
     labels = _labels(d, tmp_path, "fresh", [("ball", painted), ("fresh", np.zeros_like(ball))])
     out = tmp_path / "out.seg.nrrd"
     code, stdout, err = _run(_propagate(d, labels, out, weights="weights.pt"), capsys)
@@ -559,7 +550,7 @@ def test_a_segment_without_labeled_slice_is_skipped_with_a_note(case, capsys, tm
 
 def test_a_fully_labeled_run_is_written_back_bit_for_bit(case, capsys, tmp_path):
     d, ball, box = case
-    labels = _labels(d, tmp_path, "full", [("ball", ball), ("box", _slices(box, 0, [3, 9]))])
+    labels = _labels(d, tmp_path, "full", [("ball", ball), ("box", labeled_only(box, 0, [3, 9]))])
     out = tmp_path / "out.seg.nrrd"
     code, stdout, err = _run(_propagate(d, labels, out), capsys)
     assert code == 0, err
@@ -570,7 +561,7 @@ def test_a_fully_labeled_run_is_written_back_bit_for_bit(case, capsys, tmp_path)
 def test_predicted_segments_do_not_overlap_and_a_single_layer_stays_single(case, capsys, tmp_path):
     d, ball, box = case
     # two segments painted on different slices of one structure: both predict all of it
-    first, second = _slices(ball, 0, [3, 11]), _slices(ball, 0, [7])
+    first, second = labeled_only(ball, 0, [3, 11]), labeled_only(ball, 0, [7])
     labels = _labels(d, tmp_path, "halves", [("first", first), ("second", second)])
     assert slicerio.read_segmentation(str(labels))["voxels"].ndim == 3  # one layer in
     out = tmp_path / "out.seg.nrrd"

@@ -19,7 +19,7 @@ import slicer
 import slicerio
 import torch
 import vtk
-from conftest import ConstantLogitEngineDouble, runner_with
+from conftest import ConstantLogitEngineDouble, labeled_only, runner_with
 
 from UniverSegLogic import mrml
 from UniverSegLogic.core.engine import Cancelled, InferenceEngine
@@ -137,11 +137,7 @@ def case(tmp_path):
     ellipsoid = (d**2).sum(axis=0) <= 1.0
     present = nonempty_slices(ellipsoid, axis)
     labeled = [present[1], present[len(present) // 2], present[-2]]
-    user = np.zeros(SHAPE, bool)
-    take = [slice(None)] * 3
-    for t in labeled:
-        take[axis] = t
-        user[tuple(take)] = ellipsoid[tuple(take)]
+    user = labeled_only(ellipsoid, axis, labeled)
     other = np.zeros(SHAPE, bool)
     other[:, 2:12, 3:14] = True
 

@@ -18,7 +18,7 @@ import pytest
 import slicer
 import torch
 import vtk
-from conftest import runner_with
+from conftest import labeled_only, runner_with
 
 from UniverSegLogic import mrml
 from UniverSegLogic.core import device
@@ -353,12 +353,7 @@ def _painted(slices, axis, shape=SHAPE, blob=None):
     full = d <= 1.0
     if blob is not None:
         full |= blob
-    out = np.zeros(shape, bool)
-    take = [slice(None)] * 3
-    for t in slices:
-        take[axis] = t
-        out[tuple(take)] = full[tuple(take)]
-    return out
+    return labeled_only(full, axis, slices)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
